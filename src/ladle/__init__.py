@@ -1,0 +1,1 @@
+"""ladle: a model server."""

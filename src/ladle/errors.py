@@ -1,0 +1,61 @@
+"""Errors a request or a model can raise, each with the HTTP status it maps to.
+
+The core raises these; the API adapters turn them into their protocol's error shape. A message
+says what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class LadleError(Exception):
+    """Base class: `status` is the HTTP status the API layer answers with."""
+
+    status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(LadleError):
+    """The request is malformed or does not fit the model's inputs."""
+
+    status = 400
+
+
+class NotFound(LadleError):
+    """No such model, version or route."""
+
+    status = 404
+
+
+class PayloadTooLarge(LadleError):
+    """The request body is over the configured limit."""
+
+    status = 413
+
+
+class Unprocessable(LadleError):
+    """The request is well-formed but cannot be processed (e.g. a model rejected the values)."""
+
+    status = 422
+
+
+class Unavailable(LadleError):
+    """The model exists but cannot take this request now (not ready, queue full, unloading)."""
+
+    status = 503
+
+
+class QueueFull(Unavailable):
+    """The model's bounded queue is full; the client should retry later."""
+
+
+class QueueTimeout(Unavailable):
+    """The request waited in the queue past its timeout and was not run."""
+
+
+class ModelError(LadleError):
+    """The model itself raised while running a batch."""
+
+    status = 500

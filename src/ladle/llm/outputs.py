@@ -1,0 +1,84 @@
+"""The typed contracts between the engine's stages: what the scheduler asks to run, what comes out.
+
+Scheduler -> runner: SchedulerOutput (plain ints and lists, no tensors).
+Engine -> API: RequestOutput per request per step (new token ids and, when done, why).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One request's share of a step: feed `token_ids` at positions start_pos, start_pos+1, ...
+
+    `block_ids` is the request's whole block table after this step's allocation (enough blocks
+    for start_pos + len(token_ids) tokens). `sample` is true when the last fed token is the last
+    known token of the request, so its logits pick the next token; false for a prefill chunk that
+    does not yet reach the end of the prompt.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_ids: list[int]
+    sample: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def context_len(self) -> int:
+        """Tokens in the KV cache once this step has run."""
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """Everything one engine step runs, in the scheduler's order (the runner may regroup
+    internally, but returns logits rows in `sampled_ids` order)."""
+
+    seqs: list[ScheduledSeq]
+    num_batched_tokens: int
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.seqs
+
+    @property
+    def sampled_ids(self) -> list[str]:
+        """Request ids whose logits the runner returns, in row order."""
+        return [s.request_id for s in self.seqs if s.sample]
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprob of the sampled token, and the top-k alternatives (token id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    """One row per sampled request, in SchedulerOutput.sampled_ids order."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request, as token ids (the output processor detokenizes)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs | None]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
