@@ -1,0 +1,35 @@
+# ladle — two commands on a fresh machine: `make serve` and `make test`.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+TORCH  := torch==2.13.0
+
+.PHONY: install serve test lint demo bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@# torch first and pinned: the CPU wheel here (a CUDA build of the same version from PyPI on a GPU box)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) demo
+
+demo: $(STAMP)
+	$(PY) examples/build_demo.py
+
+serve: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ladle serve examples/models --host 127.0.0.1 --port 8000
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: install lint
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The HTTP edge: app factory, protocol adapters (KServe v2, OpenAI), health, metrics."""

@@ -1,0 +1,59 @@
+"""Reading request bodies under a size limit, and watching for the client to go away.
+
+Invariant: no more than `limit` bytes of a body are ever buffered; an oversized request is a 413
+before the server reads it (Content-Length) or as soon as it crosses the limit (chunked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TypeVar
+
+from starlette.requests import Request
+
+from ladle.errors import InvalidInput, PayloadTooLarge
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its response was ready."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidInput(f"invalid Content-Length header {declared!r}")
+        if int(declared) > limit:
+            raise PayloadTooLarge(_too_large(int(declared), limit))
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(_too_large(size, limit))
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"request body of {size} bytes is over the server's limit of {limit} bytes (--max-request-bytes)"
+
+
+async def until_disconnect(request: Request, work: asyncio.Future[T]) -> T:
+    """Await `work`; raise ClientDisconnected if the client goes away first (the caller then
+    cancels what it queued). Call after the body has been read: the next ASGI message can then
+    only be `http.disconnect`."""
+    watcher = asyncio.ensure_future(request.receive())
+    try:
+        while True:
+            await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                return work.result()
+            if watcher.result().get("type") == "http.disconnect":
+                raise ClientDisconnected
+            watcher = asyncio.ensure_future(request.receive())
+    finally:
+        if not watcher.done():
+            watcher.cancel()

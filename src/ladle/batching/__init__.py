@@ -1,0 +1,1 @@
+"""Dynamic batching: bounded priority queues, batch assembly, and model instances."""

@@ -1,0 +1,225 @@
+"""The dynamic batcher of one model version: gathers queued requests into batches for instances.
+
+Invariants: at most one batch per instance runs at a time; every submitted request's future is
+resolved exactly once (result, model error, queue timeout, or cancelled by its client); a request
+whose client went away or whose deadline passed never starts running. The event loop only moves
+references: concatenating, running and splitting happen on the instance's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ladle.batching.batch import concat_inputs, shape_key, split_outputs
+from ladle.batching.instances import Instance
+from ladle.batching.queue import PendingRequest, RequestQueue
+from ladle.errors import InvalidInput, LadleError, ModelError, QueueFull, QueueTimeout, Unavailable
+from ladle.repository.model_config import DynamicBatching, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """A request's own outputs, and how long it queued and computed."""
+
+    outputs: dict[str, np.ndarray]
+    queue_s: float
+    compute_s: float
+    batch_rows: int
+
+
+class BatchObserver(Protocol):
+    """Receives per-batch facts for metrics; called on the event loop."""
+
+    def on_batch(self, rows: int, requests: int) -> None: ...
+    def on_queue_depth(self, depth: int) -> None: ...
+
+
+class Batcher:
+    def __init__(
+        self, label: str, config: ModelConfig, instances: Sequence[Instance], observer: BatchObserver | None = None
+    ) -> None:
+        self.label = label
+        self.config = config
+        self.instances = list(instances)
+        self.observer = observer
+        self._policy = config.dynamic_batching or DynamicBatching()
+        self._merge = config.dynamic_batching is not None
+        self._max_rows = max(config.max_batch_size, 1)
+        self.queue = RequestQueue(self._policy.max_queue_size, self._policy.priority_levels)
+        self._idle: asyncio.Queue[Instance] = asyncio.Queue()
+        for instance in self.instances:
+            self._idle.put_nowait(instance)
+        self._wakeup = asyncio.Event()
+        self._running: set[asyncio.Task] = set()
+        self._closing = False
+        self._loop = asyncio.get_running_loop()
+        self._dispatcher = self._loop.create_task(self._dispatch_loop(), name=f"batcher-{label}")
+
+    # -- the request side -------------------------------------------------------------------
+    def submit(
+        self, inputs: dict[str, np.ndarray], rows: int, priority: int = 0, timeout_s: float | None = None
+    ) -> PendingRequest:
+        """Queue a request; await `.future` for its InferResult. Raises at once when it can't queue."""
+        if self._closing:
+            raise Unavailable(f"model {self.label} is unloading; retry against another version or later")
+        if self.queue.full:
+            raise QueueFull(f"model {self.label}: queue is full ({self.queue.max_size} requests); retry later")
+        level = self._priority_level(priority)
+        if timeout_s is None and self._policy.default_queue_timeout_ms:
+            timeout_s = self._policy.default_queue_timeout_ms / 1000.0
+        now = time.monotonic()
+        pending = PendingRequest(
+            inputs=inputs, rows=rows, priority=level, future=self._loop.create_future(),
+            deadline=None if timeout_s is None else now + timeout_s,
+            shape_key=shape_key(inputs) if self._merge else (), enqueued_at=now,
+        )
+        if timeout_s is not None:
+            pending.timer = self._loop.call_later(timeout_s, self._expire, pending)
+        self.queue.push(pending)
+        self._queue_changed()
+        self._wakeup.set()
+        return pending
+
+    def cancel(self, pending: PendingRequest) -> None:
+        """The client went away: drop the request if it has not started."""
+        if self.queue.discard(pending):
+            self._queue_changed()
+            if pending.timer is not None:
+                pending.timer.cancel()
+        if not pending.future.done():
+            pending.future.cancel()
+
+    def _priority_level(self, priority: int) -> int:
+        if priority == 0:
+            return self._policy.default_priority_level
+        if not 1 <= priority <= self._policy.priority_levels:
+            raise InvalidInput(
+                f"priority {priority} is out of range: model {self.label} has priority levels "
+                f"1 (highest) to {self._policy.priority_levels}, or 0 for the default"
+            )
+        return priority
+
+    def _expire(self, pending: PendingRequest) -> None:
+        if self.queue.discard(pending):
+            self._queue_changed()
+            _resolve(pending, QueueTimeout(f"model {self.label}: request timed out in the queue before it could run"))
+
+    def _queue_changed(self) -> None:
+        if self.observer is not None:
+            self.observer.on_queue_depth(len(self.queue))
+
+    # -- the dispatch side ------------------------------------------------------------------
+    async def _dispatch_loop(self) -> None:
+        while True:
+            instance = await self._idle.get()
+            batch = await self._next_batch()
+            task = self._loop.create_task(self._run(instance, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _next_batch(self) -> list[PendingRequest]:
+        while True:
+            if not len(self.queue):
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            max_rows = self._ready_rows()
+            if max_rows is None:
+                await self._wait_for_more()
+                continue
+            batch = self.queue.take_batch(
+                max_rows, group=self._policy.ragged == "group", max_requests=0 if self._merge else 1
+            )
+            self._queue_changed()
+            if batch:
+                return batch
+
+    def _ready_rows(self) -> int | None:
+        """How many rows to take now, or None to keep waiting for a fuller batch."""
+        if not self._merge:
+            return self._max_rows
+        queued = self.queue.rows
+        if queued >= self._max_rows:
+            return self._max_rows
+        fitting = [p for p in self._policy.preferred_batch_sizes if p <= queued]
+        if fitting:
+            return fitting[-1]
+        oldest = self.queue.oldest_arrival()
+        delay = self._policy.max_queue_delay_ms / 1000.0
+        if oldest is None or time.monotonic() >= oldest + delay:
+            return self._max_rows
+        return None
+
+    async def _wait_for_more(self) -> None:
+        oldest = self.queue.oldest_arrival() or time.monotonic()
+        remaining = oldest + self._policy.max_queue_delay_ms / 1000.0 - time.monotonic()
+        self._wakeup.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), max(remaining, 0.0))
+
+    async def _run(self, instance: Instance, batch: list[PendingRequest]) -> None:
+        started = time.monotonic()
+        for pending in batch:
+            if pending.timer is not None:
+                pending.timer.cancel()
+        try:
+            pieces = await self._loop.run_in_executor(instance.executor, self._execute, instance, batch)
+        except LadleError as exc:
+            pieces = [exc] * len(batch)
+        except Exception as exc:  # a model's own failure must not take the batcher down
+            log.exception("model %s failed on a batch of %d requests", self.label, len(batch))
+            pieces = [ModelError(f"model {self.label} failed: {type(exc).__name__}: {exc}")] * len(batch)
+        finally:
+            self._idle.put_nowait(instance)
+        compute_s = time.monotonic() - started
+        rows = sum(p.rows for p in batch)
+        for pending, piece in zip(batch, pieces, strict=True):
+            if isinstance(piece, LadleError):
+                _resolve(pending, piece)
+            else:
+                _resolve(pending, InferResult(piece, started - pending.enqueued_at, compute_s, rows))
+        if self.observer is not None:
+            self.observer.on_batch(rows, len(batch))
+
+    def _execute(self, instance: Instance, batch: list[PendingRequest]) -> list[dict[str, np.ndarray]]:
+        """On the instance thread: assemble, run, split."""
+        if not self.config.batched:
+            return [instance.predict(batch[0].inputs)]
+        inputs = concat_inputs(
+            [p.inputs for p in batch], pad=self._policy.ragged == "pad", padding_value=self._policy.padding_value
+        )
+        return split_outputs(instance.predict(inputs), [p.rows for p in batch])
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop taking requests, let queued and running ones finish (up to the timeout), free instances."""
+        self._closing = True
+        deadline = time.monotonic() + drain_timeout_s
+        while (len(self.queue) or self._running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self._dispatcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._dispatcher
+        for pending in self.queue.drain():
+            _resolve(pending, Unavailable(f"model {self.label} was unloaded before the request could run"))
+        for instance in self.instances:
+            await asyncio.to_thread(instance.close)
+
+
+def _resolve(pending: PendingRequest, outcome: InferResult | LadleError) -> None:
+    if pending.future.done():
+        return
+    if isinstance(outcome, LadleError):
+        pending.future.set_exception(outcome)
+    else:
+        pending.future.set_result(outcome)

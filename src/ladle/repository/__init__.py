@@ -1,0 +1,1 @@
+"""The versioned model repository: layout on disk, per-model config, and the live registry."""

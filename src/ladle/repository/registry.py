@@ -1,0 +1,203 @@
+"""The live registry: which model versions are loaded, loading or unavailable, and why.
+
+Invariants: a request only ever reaches a READY version; a (re)load swaps the new versions in
+only after they loaded, and the old versions drain their queues before they are closed, so
+loading or unloading a model never drops requests (to it or to any other model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ladle.batching.batcher import Batcher
+from ladle.batching.instances import create_instances
+from ladle.errors import NotFound, Unavailable
+from ladle.metrics import Metrics, VersionMetrics
+from ladle.repository.layout import model_names, version_numbers
+from ladle.repository.model_config import ConfigError, ModelConfig, load_model_config, load_version_config
+from ladle.tensors import TensorSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelVersion:
+    """One loaded version: its effective config, served signature, batcher and metrics."""
+
+    name: str
+    version: int
+    config: ModelConfig
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batcher: Batcher
+    metrics: VersionMetrics
+    load_seconds: float
+
+
+@dataclass
+class VersionStatus:
+    state: str
+    reason: str = ""
+
+
+@dataclass
+class ModelRecord:
+    """Everything known about one model name."""
+
+    name: str
+    config: ModelConfig | None = None
+    ready: dict[int, ModelVersion] = field(default_factory=dict)
+    status: dict[int, VersionStatus] = field(default_factory=dict)
+    state: str = "UNAVAILABLE"
+    reason: str = ""
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class ModelRegistry:
+    def __init__(self, root: Path | None, metrics: Metrics) -> None:
+        self.root = root
+        self.metrics = metrics
+        self.models: dict[str, ModelRecord] = {}
+        self.wanted: set[str] = set()  # models that should be loaded (readiness)
+
+    # -- lookups (hot path) -------------------------------------------------------------------
+    def get(self, name: str, version: int | None = None) -> ModelVersion:
+        """The version to serve: the one asked for, or the newest READY one."""
+        record = self.models.get(name)
+        if record is None:
+            raise NotFound(f"unknown model '{name}'; GET /v2/repository/index lists the models")
+        if version is None:
+            if record.ready:
+                return record.ready[max(record.ready)]
+            raise Unavailable(f"model '{name}' is not ready (state {record.state}{_why(record.reason)})")
+        served = record.ready.get(version)
+        if served is not None:
+            return served
+        status = record.status.get(version)
+        if status is None:
+            known = ", ".join(str(v) for v in sorted(record.status)) or "none"
+            raise NotFound(f"model '{name}' has no version {version} (versions: {known})")
+        raise Unavailable(f"model '{name}' version {version} is not ready (state {status.state}{_why(status.reason)})")
+
+    def is_ready(self) -> bool:
+        return all(self.models.get(n) is not None and self.models[n].ready for n in self.wanted)
+
+    def index(self, ready_only: bool = False) -> list[dict]:
+        rows = []
+        for name in sorted(set(self.models) | set(self._on_disk())):
+            record = self.models.get(name)
+            if record is None or not record.status:
+                state, reason = (record.state, record.reason) if record else ("UNAVAILABLE", "not loaded")
+                rows.append({"name": name, "state": state, "reason": reason})
+                continue
+            for version, status in sorted(record.status.items()):
+                rows.append({"name": name, "version": str(version), "state": status.state, "reason": status.reason})
+        return [r for r in rows if r["state"] == "READY"] if ready_only else rows
+
+    def _on_disk(self) -> list[str]:
+        if self.root is None:
+            return []
+        try:
+            return model_names(self.root)
+        except FileNotFoundError:
+            return []
+
+    # -- load / unload ------------------------------------------------------------------------
+    async def load_all(self, names: list[str] | None = None) -> None:
+        """Load the given models (default: all in the repository), a few at a time."""
+        names = names or self._on_disk()
+        await asyncio.gather(*(self.load(name) for name in names))
+
+    async def load(self, name: str) -> None:
+        """Load (or reload) a model; failures are recorded as UNAVAILABLE with the reason."""
+        if self.root is None or not (self.root / name / "config.yaml").is_file():
+            raise NotFound(f"no model '{name}' in the repository (expected {self.root}/{name}/config.yaml)")
+        self.wanted.add(name)
+        record = self.models.setdefault(name, ModelRecord(name))
+        async with record.lock:
+            await self._load_locked(record)
+
+    async def _load_locked(self, record: ModelRecord) -> None:
+        record.state, record.reason = "LOADING", ""
+        model_dir = self.root / record.name
+        try:
+            config = load_model_config(model_dir)
+            versions = config.version_policy.select(version_numbers(model_dir))
+        except ConfigError as exc:
+            log.error("model %s: bad config: %s", record.name, exc)
+            record.state, record.reason = "UNAVAILABLE", str(exc)
+            return
+        if not versions:
+            record.state = "UNAVAILABLE"
+            record.reason = f"no version directory in {model_dir} matches the version policy"
+            return
+        loaded = await asyncio.gather(*(self._load_version(record, config, v) for v in versions))
+        old = record.ready
+        record.config = config
+        record.ready = {mv.version: mv for mv in loaded if mv is not None}
+        for version in set(record.status) - set(versions):
+            del record.status[version]
+        record.state = "READY" if record.ready else "UNAVAILABLE"
+        record.reason = "" if record.ready else "no version loaded; see the version reasons"
+        await self._retire(old.values())
+
+    async def _load_version(self, record: ModelRecord, config: ModelConfig, version: int) -> ModelVersion | None:
+        name = record.name
+        record.status[version] = VersionStatus("LOADING")
+        self.metrics.set_state(name, version, "LOADING")
+        log.info("loading model %s version %d ...", name, version)
+        started = time.monotonic()
+        try:
+            effective = load_version_config(config, self.root / name / str(version))
+            version_dir = self.root / name / str(version)
+            instances = await asyncio.to_thread(create_instances, name, version, version_dir, effective)
+        except Exception as exc:  # any load failure becomes a reason the index shows
+            log.error("model %s version %d failed to load: %s", name, version, exc)
+            record.status[version] = VersionStatus("UNAVAILABLE", f"{type(exc).__name__}: {exc}")
+            self.metrics.set_state(name, version, "UNAVAILABLE")
+            return None
+        seconds = time.monotonic() - started
+        vm = self.metrics.for_version(name, version)
+        vm.load_duration.set(seconds)
+        batcher = Batcher(f"{name}:{version}", effective, instances, observer=vm)
+        first = instances[0]
+        record.status[version] = VersionStatus("READY")
+        self.metrics.set_state(name, version, "READY")
+        log.info("loaded model %s version %d in %.2fs (%d instance(s))", name, version, seconds, len(instances))
+        return ModelVersion(name, version, effective, first.inputs, first.outputs, batcher, vm, seconds)
+
+    async def unload(self, name: str) -> None:
+        """Stop serving a model; queued requests finish first."""
+        record = self.models.get(name)
+        if record is None:
+            raise NotFound(f"unknown model '{name}'")
+        self.wanted.discard(name)
+        async with record.lock:
+            old = record.ready
+            record.ready = {}
+            for version in record.status:
+                record.status[version] = VersionStatus("UNLOADING")
+                self.metrics.set_state(name, version, "UNLOADING")
+            record.state, record.reason = "UNLOADING", ""
+            await self._retire(old.values())
+            for version in record.status:
+                record.status[version] = VersionStatus("UNAVAILABLE", "unloaded")
+                self.metrics.set_state(name, version, "UNAVAILABLE")
+            record.state, record.reason = "UNAVAILABLE", "unloaded"
+            log.info("unloaded model %s", name)
+
+    async def _retire(self, versions) -> None:
+        await asyncio.gather(*(mv.batcher.close() for mv in versions))
+
+    async def close(self) -> None:
+        for name in list(self.models):
+            if self.models[name].ready:
+                await self.unload(name)
+
+
+def _why(reason: str) -> str:
+    return f": {reason}" if reason else ""

@@ -1,0 +1,210 @@
+"""The async batcher: batches form, bounds hold, deadlines and priorities are honoured, errors stay local."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from ladle.batching.batcher import Batcher, InferResult
+from ladle.batching.instances import Instance
+from ladle.errors import ModelError, QueueFull, QueueTimeout
+from ladle.repository.model_config import DynamicBatching, ModelConfig
+
+
+class RecordingInstance(Instance):
+    """Doubles its input; records each batch's first-column values; can block until released."""
+
+    def __init__(self, name: str = "rec", delay: float = 0.0, fail_on: float | None = None) -> None:
+        super().__init__(name)
+        self.batches: list[list[float]] = []
+        self.delay = delay
+        self.fail_on = fail_on
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.gate.wait(5)
+        x = inputs["x"]
+        self.batches.append(x[:, 0].tolist())
+        if self.fail_on is not None and self.fail_on in x[:, 0]:
+            raise ValueError("boom")
+        time.sleep(self.delay)
+        return {"y": x * 2}
+
+
+def config(max_batch: int = 8, **batching) -> ModelConfig:
+    return ModelConfig(name="m", backend="python", max_batch_size=max_batch,
+                       dynamic_batching=DynamicBatching(**batching) if batching is not None else None)
+
+
+def row(v: float) -> dict[str, np.ndarray]:
+    return {"x": np.array([[v]], dtype=np.float32)}
+
+
+async def gather_results(batcher: Batcher, values: list[float], **kw) -> list[InferResult]:
+    pendings = [batcher.submit(row(v), 1, **kw) for v in values]
+    return await asyncio.gather(*(p.future for p in pendings))
+
+
+def test_requests_arriving_while_busy_are_batched_and_each_gets_its_own_rows() -> None:
+    async def main() -> None:
+        inst = RecordingInstance()
+        inst.gate.clear()
+        b = Batcher("m:1", config(max_batch=8, max_queue_delay_ms=0), [inst])
+        first = b.submit(row(100), 1)
+        await asyncio.sleep(0.05)  # the first request is now running, blocked on the gate
+        rest = [b.submit(row(float(i)), 1) for i in range(10)]
+        inst.gate.set()
+        results = await asyncio.gather(first.future, *(p.future for p in rest))
+        for i, r in enumerate(results[1:]):
+            assert r.outputs["y"].tolist() == [[2.0 * i]]
+        assert inst.batches[0] == [100.0]
+        assert inst.batches[1] == [float(i) for i in range(8)]  # capped at max_batch_size
+        assert inst.batches[2] == [8.0, 9.0]
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_max_queue_delay_gathers_a_batch_from_an_idle_start() -> None:
+    async def main() -> None:
+        inst = RecordingInstance()
+        b = Batcher("m:1", config(max_batch=16, max_queue_delay_ms=50), [inst])
+        pend = [b.submit(row(float(i)), 1) for i in range(3)]
+        await asyncio.sleep(0.01)
+        pend += [b.submit(row(float(i)), 1) for i in range(3, 5)]
+        await asyncio.gather(*(p.future for p in pend))
+        assert inst.batches == [[0.0, 1.0, 2.0, 3.0, 4.0]]
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_preferred_batch_size_dispatches_without_waiting_out_the_delay() -> None:
+    async def main() -> None:
+        inst = RecordingInstance()
+        b = Batcher("m:1", config(max_batch=16, max_queue_delay_ms=5000, preferred_batch_sizes=(4,)), [inst])
+        started = time.monotonic()
+        await gather_results(b, [1.0, 2.0, 3.0, 4.0])
+        assert time.monotonic() - started < 1.0
+        assert inst.batches == [[1.0, 2.0, 3.0, 4.0]]
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_full_queue_rejects_at_once() -> None:
+    async def main() -> None:
+        inst = RecordingInstance()
+        inst.gate.clear()
+        b = Batcher("m:1", config(max_batch=1, max_queue_size=2), [inst])
+        running = b.submit(row(0), 1)
+        await asyncio.sleep(0.05)
+        queued = [b.submit(row(1), 1), b.submit(row(2), 1)]
+        with pytest.raises(QueueFull, match="queue is full"):
+            b.submit(row(3), 1)
+        inst.gate.set()
+        await asyncio.gather(running.future, *(p.future for p in queued))
+        assert [v for batch in inst.batches for v in batch] == [0.0, 1.0, 2.0]
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_queue_timeout_fails_the_request_and_it_never_runs() -> None:
+    async def main() -> None:
+        inst = RecordingInstance()
+        inst.gate.clear()
+        b = Batcher("m:1", config(max_batch=1), [inst])
+        running = b.submit(row(0), 1)
+        await asyncio.sleep(0.05)
+        doomed = b.submit(row(7), 1, timeout_s=0.05)
+        with pytest.raises(QueueTimeout):
+            await doomed.future
+        inst.gate.set()
+        await running.future
+        await asyncio.sleep(0.05)
+        assert 7.0 not in [v for batch in inst.batches for v in batch]
+        assert len(b.queue) == 0
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_higher_priority_runs_first() -> None:
+    async def main() -> None:
+        inst = RecordingInstance()
+        inst.gate.clear()
+        b = Batcher("m:1", config(max_batch=1, priority_levels=2, default_priority_level=2), [inst])
+        running = b.submit(row(0), 1)
+        await asyncio.sleep(0.05)
+        low = [b.submit(row(float(i)), 1) for i in (1, 2)]
+        high = b.submit(row(9), 1, priority=1)
+        inst.gate.set()
+        await asyncio.gather(running.future, high.future, *(p.future for p in low))
+        assert [batch[0] for batch in inst.batches] == [0.0, 9.0, 1.0, 2.0]
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_cancelled_request_never_runs() -> None:
+    async def main() -> None:
+        inst = RecordingInstance()
+        inst.gate.clear()
+        b = Batcher("m:1", config(max_batch=1), [inst])
+        running = b.submit(row(0), 1)
+        await asyncio.sleep(0.05)
+        gone = b.submit(row(5), 1)
+        kept = b.submit(row(6), 1)
+        b.cancel(gone)
+        inst.gate.set()
+        await asyncio.gather(running.future, kept.future)
+        assert [batch[0] for batch in inst.batches] == [0.0, 6.0]
+        assert gone.future.cancelled()
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_failing_batch_errors_its_requests_and_the_batcher_keeps_serving() -> None:
+    async def main() -> None:
+        inst = RecordingInstance(fail_on=3.0)
+        b = Batcher("m:1", config(max_batch=1), [inst])
+        bad = b.submit(row(3), 1)
+        with pytest.raises(ModelError, match="boom"):
+            await bad.future
+        (good,) = await gather_results(b, [4.0])
+        assert good.outputs["y"].tolist() == [[8.0]]
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_two_instances_run_batches_concurrently() -> None:
+    async def main() -> None:
+        insts = [RecordingInstance("a", delay=0.2), RecordingInstance("b", delay=0.2)]
+        b = Batcher("m:1", ModelConfig(name="m", backend="python", max_batch_size=1), insts)
+        started = time.monotonic()
+        await gather_results(b, [1.0, 2.0])
+        assert time.monotonic() - started < 0.35
+        assert insts[0].batches and insts[1].batches
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_close_drains_queued_requests() -> None:
+    async def main() -> None:
+        inst = RecordingInstance(delay=0.02)
+        b = Batcher("m:1", config(max_batch=1), [inst])
+        pend = [b.submit(row(float(i)), 1) for i in range(5)]
+        await b.close()
+        results = [p.future.result() for p in pend]
+        assert [r.outputs["y"][0, 0] for r in results] == [0.0, 2.0, 4.0, 6.0, 8.0]
+
+    asyncio.run(main())
