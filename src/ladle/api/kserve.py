@@ -130,7 +130,7 @@ class KServeAPI:
 
     async def _infer(self, request: Request, mv: ModelVersion) -> Response:
         body = await read_body(request, self.max_request_bytes)
-        body = codec.decode_content(body, request.headers.get("content-encoding"))
+        body = codec.decode_content(body, request.headers.get("content-encoding"), self.max_request_bytes)
         header_length = _header_length(request)
         req = codec.decode_infer_request(body, header_length)
         inputs = {t.name: t.data for t in req.inputs}
@@ -183,8 +183,9 @@ class KServeAPI:
         await self.registry.load(name)
         record = self.registry.models[name]
         if not record.ready:
-            reasons = "; ".join(f"version {v}: {s.reason}" for v, s in sorted(record.status.items()) if s.reason)
-            return codec_error(f"failed to load model '{name}': {record.reason or reasons}", 400)
+            reasons = [f"version {v}: {s.reason}" for v, s in sorted(record.status.items()) if s.reason]
+            detail = "; ".join(reasons) or record.reason
+            return codec_error(f"failed to load model '{name}': {detail}", 400)
         return _json({})
 
     async def unload(self, request: Request) -> Response:

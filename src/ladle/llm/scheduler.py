@@ -1,0 +1,256 @@
+"""Continuous-batching scheduler: each step hands a token budget to running requests, then waiting ones.
+
+Invariant: an unfinished request is in exactly one of `waiting` (holding no blocks) or `running` (its
+table covers its computed tokens); finishing, aborting or preempting frees its blocks at once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from ladle.llm.kv_cache import KVCacheManager
+from ladle.llm.outputs import RequestOutput, SamplerOutput, ScheduledSeq, SchedulerOutput, TokenLogprobs
+from ladle.llm.request import Request, RequestStatus
+
+_RUNNING = RequestStatus.RUNNING
+_STOPPED = RequestStatus.FINISHED_STOPPED
+_LENGTH = RequestStatus.FINISHED_LENGTH
+
+
+class Scheduler:
+    """Schedules tokens, not phases (DESIGN rule 3): a request's next tokens are
+    all_token_ids[num_computed_tokens:], so prefill, chunked prefill, prefix hits and decode are one case.
+    """
+
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enable_chunked_prefill: bool = True,
+        long_prefill_token_threshold: int = 0,
+    ) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1 or long_prefill_token_threshold < 0:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1, long_prefill_token_threshold >= 0")
+        if max_model_len > kv.max_model_len:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the KV cache manager's {kv.max_model_len}")
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        # Caps one request's prefill chunk so a long prompt can't crowd out others' (chunking only).
+        self.long_prefill_token_threshold = long_prefill_token_threshold if enable_chunked_prefill else 0
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last one is the newest
+        self._requests: dict[str, Request] = {}  # every unfinished request
+        self.num_preemptions_total = 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request (FCFS). Raises ValueError for one this scheduler could never run."""
+        rid, n = request.request_id, request.num_tokens
+        if rid in self._requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        if n > self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens, more than max_model_len={self.max_model_len}")
+        if not self.enable_chunked_prefill and n > self.max_num_batched_tokens:
+            raise ValueError(
+                f"the prompt has {n} tokens, more than max_num_batched_tokens={self.max_num_batched_tokens}, "
+                "and chunked prefill is off; enable chunked prefill or raise max_num_batched_tokens"
+            )
+        request.status = RequestStatus.WAITING
+        self._requests[rid] = request
+        self.waiting.append(request)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[RequestOutput]:
+        """Finish the requests as aborted and free their blocks now; unknown or finished ids are ignored."""
+        outputs = []
+        for rid in request_ids:
+            req = self._requests.get(rid)
+            if req is not None:
+                self._finish_unscheduled(req, RequestStatus.FINISHED_ABORTED, None)
+                outputs.append(self._output(req, [], []))
+        return outputs
+
+    def finish_requests(
+        self, request_ids: Iterable[str], status: RequestStatus, stop_reason: int | str | None = None
+    ) -> None:
+        """Finish requests stopped outside the scheduler (e.g. a stop string) and free their blocks."""
+        assert status.finished, f"{status.name} is not a finished status"
+        for rid in request_ids:
+            req = self._requests.get(rid)
+            if req is not None:
+                self._finish_unscheduled(req, status, stop_reason)
+
+    def _finish_unscheduled(self, req: Request, status: RequestStatus, stop_reason: int | str | None) -> None:
+        # Rare (client gone, stop string): O(queue length) removal is fine here.
+        if req.status == _RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self._finish(req, status, stop_reason)
+
+    def _finish(self, req: Request, status: RequestStatus, stop_reason: int | str | None) -> None:
+        req.status = status
+        req.stop_reason = stop_reason
+        self.kv.free(req.request_id)
+        del self._requests[req.request_id]
+
+    # ----------------------------------------------------------------- schedule
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's tokens: running requests first (in order), then waiting ones (FCFS)."""
+        seqs: list[ScheduledSeq] = []
+        preempted: list[str] = []
+        budget = self._schedule_running(seqs, preempted)
+        if not preempted:  # blocks are short: admitting now would only preempt again
+            budget = self._schedule_waiting(seqs, budget)
+        return SchedulerOutput(seqs, self.max_num_batched_tokens - budget, preempted)
+
+    def _schedule_running(self, seqs: list[ScheduledSeq], preempted: list[str]) -> int:
+        budget = self.max_num_batched_tokens
+        running = self.running
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            n = self._num_new_tokens(req.num_tokens - req.num_computed_tokens, budget)
+            if n:
+                if not self._allocate_or_preempt(req, n, preempted):
+                    break
+                seqs.append(self._scheduled_seq(req, n))
+                budget -= n
+            i += 1
+        return budget
+
+    def _allocate_or_preempt(self, req: Request, n: int, preempted: list[str]) -> bool:
+        """Allocate n slots for req, preempting the newest running requests until they fit; False when
+        req itself was the newest and got preempted."""
+        while not self.kv.allocate_slots(req, n):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        # Recompute on resumption: all_token_ids (prompt + outputs so far) is prefilled again.
+        self.kv.free(req.request_id)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(req)
+
+    def _schedule_waiting(self, seqs: list[ScheduledSeq], budget: int) -> int:
+        waiting, running, kv = self.waiting, self.running, self.kv
+        while waiting and budget > 0 and len(running) < self.max_num_seqs:
+            req = waiting[0]
+            hit_blocks, num_hit = kv.get_computed_blocks(req)
+            n = self._num_new_tokens(req.num_tokens - num_hit, budget)
+            if not n or not kv.allocate_slots(req, n, hit_blocks, num_hit):
+                break  # FCFS: nobody overtakes the head of the queue
+            waiting.popleft()
+            if req.status == RequestStatus.WAITING:
+                req.num_cached_tokens = num_hit
+            req.num_computed_tokens = num_hit
+            req.status = _RUNNING
+            running.append(req)
+            seqs.append(self._scheduled_seq(req, n))
+            budget -= n
+        return budget
+
+    def _num_new_tokens(self, remaining: int, budget: int) -> int:
+        """Tokens to schedule for a request with `remaining` unfed tokens; 0 means not this step."""
+        if self.enable_chunked_prefill:
+            threshold = self.long_prefill_token_threshold
+            if threshold and remaining > threshold:
+                remaining = threshold
+            return remaining if remaining <= budget else budget
+        if remaining <= budget:
+            return remaining
+        # Without chunking a prompt waits for a budget it fits in; but a preempted request's prompt plus
+        # outputs can outgrow the whole budget, and must then be fed in chunks or it never resumes.
+        return budget if remaining > self.max_num_batched_tokens else 0
+
+    def _scheduled_seq(self, req: Request, n: int) -> ScheduledSeq:
+        start = req.num_computed_tokens
+        end = start + n
+        assert req.num_tokens <= self.max_model_len, f"{req.request_id}: exceeds max_model_len"
+        return ScheduledSeq(
+            req.request_id, req.all_token_ids[start:end], start, list(self.kv.block_table(req.request_id)),
+            end == req.num_tokens,
+        )
+
+    # ------------------------------------------------------------------- update
+
+    def update(self, sched: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
+        """Advance computed tokens, cache full blocks, append sampled tokens and apply stop conditions.
+
+        Rows of `sampled` align with sched.sampled_ids. Requests finished (or aborted) since `sched`
+        was made are skipped. Returns one RequestOutput per request that got a token or finished.
+        """
+        outputs: list[RequestOutput] = []
+        token_ids, logprobs = sampled.token_ids, sampled.logprobs
+        requests, kv = self._requests, self.kv
+        row = 0
+        finished = False
+        for seq in sched.seqs:
+            r = row
+            row += seq.sample
+            req = requests.get(seq.request_id)
+            if req is None or req.status != _RUNNING:
+                continue
+            assert req.num_computed_tokens == seq.start_pos, f"{req.request_id}: update out of step"
+            req.num_computed_tokens += len(seq.token_ids)
+            kv.cache_blocks(req, req.num_computed_tokens)
+            if not seq.sample:
+                continue
+            token = token_ids[r]
+            req.append_output_token(token)
+            status, stop_reason = self._check_stop(req, token)
+            if status is not None:
+                self._finish(req, status, stop_reason)
+                finished = True
+            outputs.append(RequestOutput(
+                req.request_id, [token], [logprobs[r] if logprobs else None],
+                status.finish_reason if status is not None else None, stop_reason,
+                req.num_prompt_tokens, req.num_cached_tokens,
+            ))
+        if finished:  # continuous batching: finished requests leave the batch before the next step
+            self.running = [req for req in self.running if req.status == _RUNNING]
+        return outputs
+
+    def _check_stop(self, req: Request, token: int) -> tuple[RequestStatus | None, int | None]:
+        """Stop token, then EOS, then length. min_tokens means at least that many tokens precede a stop
+        or EOS token (the sampler masks them until then, as in vLLM); before that they are ordinary."""
+        params = req.sampling_params
+        num_output = req.num_output_tokens
+        if num_output > params.min_tokens:
+            if token in params.stop_token_ids:
+                return _STOPPED, token
+            if token == req.eos_token_id and not params.ignore_eos:
+                return _STOPPED, None
+        if num_output >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            return _LENGTH, None
+        return None, None
+
+    @staticmethod
+    def _output(req: Request, token_ids: list[int], logprobs: list[TokenLogprobs | None]) -> RequestOutput:
+        return RequestOutput(
+            req.request_id, token_ids, logprobs, req.status.finish_reason, req.stop_reason,
+            req.num_prompt_tokens, req.num_cached_tokens,
+        )

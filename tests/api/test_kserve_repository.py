@@ -1,0 +1,111 @@
+"""Versions and the repository API: version policies, load/unload/reload without restart, and no
+dropped requests to other models while that happens."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from tests.repos import PROBE_SOURCE, write_model, write_probe
+from tests.server import LadleServer
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    write_probe(tmp_path, "latest", versions=(1, 2, 3), version_policy={"latest": 2})
+    write_probe(tmp_path, "specific", versions=(1, 2, 3), version_policy={"specific": [1, 3]})
+    write_probe(tmp_path, "steady")
+    write_probe(tmp_path, "churn", versions=(1,))
+    return tmp_path
+
+
+def x(v: float) -> dict:
+    return {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [v]}]}
+
+
+def test_version_policies_and_default_version(repo) -> None:
+    with LadleServer([repo]) as server:
+        c = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+        assert c.get_model_metadata("latest")["versions"] == ["2", "3"]
+        assert not c.is_model_ready("latest", "1")
+        assert c.get_model_metadata("specific")["versions"] == ["1", "3"]
+        r = httpx.post(server.url + "/v2/models/specific/infer", json=x(1.0)).json()
+        assert r["model_version"] == "3", "no version given: the newest ready one serves"
+        r = httpx.post(server.url + "/v2/models/specific/versions/1/infer", json=x(1.0)).json()
+        assert r["model_version"] == "1"
+        r = httpx.post(server.url + "/v2/models/specific/versions/2/infer", json=x(1.0))
+        assert r.status_code == 404
+
+
+def test_load_unload_reload_during_traffic_drops_nothing(repo) -> None:
+    with LadleServer([repo, "--load-model", "steady", "--load-model", "churn"]) as server:
+        c = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+        failures: list[str] = []
+        sent = [0]
+        stop = threading.Event()
+
+        def traffic() -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    r = client.post("/v2/models/steady/infer", json=x(float(i)))
+                    if r.status_code != 200 or r.json()["outputs"][0]["data"] != [2.0 * i]:
+                        failures.append(f"{r.status_code} {r.text}")
+                    sent[0] += 1
+
+        threads = [threading.Thread(target=traffic) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            assert not c.is_model_ready("latest")  # not asked for at start-up
+            c.load_model("latest")
+            assert c.is_model_ready("latest", "3")
+            c.unload_model("churn")
+            assert not c.is_model_ready("churn")
+            with pytest.raises(InferenceServerException, match="not ready"):
+                c.infer("churn", [_input(1.0)])
+            # a new version appears on disk: reloading picks it up without a restart
+            write_model(repo, "churn", {}, {2: {"model.py": PROBE_SOURCE}})
+            write_probe(repo, "churn", versions=(1, 2), version_policy={"all": True})
+            c.load_model("churn")
+            assert c.get_model_metadata("churn")["versions"] == ["1", "2"]
+            c.load_model("steady")  # reload the model under traffic
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert sent[0] > 20
+        assert failures == []
+        assert c.is_server_ready()
+
+
+def test_load_of_unknown_or_broken_model_reports_why(repo) -> None:
+    write_model(repo, "broken", {"backend": "python", "max_batch_size": 2,
+                                 "inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}],
+                                 "outputs": [{"name": "y", "datatype": "FP32", "shape": [1]}]},
+                {1: {"model.py": "class Nothing:\n    pass\n"}})
+    with LadleServer([repo, "--load-model", "steady"]) as server:
+        r = httpx.post(server.url + "/v2/repository/models/nosuch/load")
+        assert r.status_code == 404
+        r = httpx.post(server.url + "/v2/repository/models/broken/load")
+        assert r.status_code == 400 and "predict" in r.json()["error"]
+        index = {row["name"]: row for row in httpx.post(server.url + "/v2/repository/index").json()}
+        assert index["broken"]["state"] == "UNAVAILABLE" and "predict" in index["broken"]["reason"]
+        assert index["latest"]["state"] == "UNAVAILABLE"  # on disk, not loaded
+        ready = httpx.post(server.url + "/v2/repository/index", json={"ready": True}).json()
+        assert [row["name"] for row in ready] == ["steady"]
+
+
+def _input(v: float) -> httpclient.InferInput:
+    import numpy as np
+
+    inp = httpclient.InferInput("x", [1, 1], "FP32")
+    inp.set_data_from_numpy(np.array([[v]], dtype=np.float32))
+    return inp

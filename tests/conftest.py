@@ -1,0 +1,23 @@
+"""Session-wide fixtures: the demo repository's artifacts and one shared demo server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.repos import DEMO, build_demo_module
+from tests.server import LadleServer
+
+
+@pytest.fixture(scope="session")
+def demo_repository():
+    """examples/models with its artifacts built (what `make install` does)."""
+    build_demo_module().build(DEMO, log=lambda _msg: None)
+    return DEMO
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_repository) -> Iterator[LadleServer]:
+    with LadleServer([demo_repository]) as server:
+        yield server
