@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ladle import __version__
-from ladle.config import HTTPConfig, RepositoryConfig, ServerConfig
+from ladle.bench import add_bench_parser
+from ladle.config import HTTPConfig, LLMConfig, RepositoryConfig, ServerConfig
 
 log = logging.getLogger("ladle")
 
@@ -70,20 +71,30 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
         "serve", help="serve a model repository over HTTP",
-        description="Serve every model of a repository over the KServe v2 REST protocol.",
+        description="Serve a model repository over the KServe v2 REST protocol and LLMs (--model, or "
+        "`backend: llm` in the repository) over an OpenAI-compatible API.",
     )
     add_dataclass_options(serve, RepositoryConfig, "model repository")
+    add_dataclass_options(serve, LLMConfig, "LLM engine")
     add_dataclass_options(serve, HTTPConfig, "HTTP server")
     serve.set_defaults(handler=run_serve)
+    add_bench_parser(commands)
     return parser
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from ladle.server import serve
 
-    config = ServerConfig(http=build_dataclass(HTTPConfig, args), repository=build_dataclass(RepositoryConfig, args))
+    config = ServerConfig(
+        http=build_dataclass(HTTPConfig, args),
+        repository=build_dataclass(RepositoryConfig, args),
+        llm=build_dataclass(LLMConfig, args),
+    )
     if config.repository.repository is not None and not Path(config.repository.repository).is_dir():
         print(f"ladle serve: model repository {config.repository.repository} is not a directory", file=sys.stderr)
+        return 2
+    if config.repository.repository is None and config.llm.model is None:
+        print("ladle serve: give a model repository directory, --model CHECKPOINT, or both", file=sys.stderr)
         return 2
     return serve(config)
 

@@ -41,7 +41,51 @@ class RepositoryConfig:
     )
 
 
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """One LLM engine: the checkpoint, its numeric format, and the scheduler's and KV cache's budgets."""
+
+    model: str | None = option(
+        None, "serve this Hugging Face checkpoint directory (or hub id, where a network exists) over the OpenAI API"
+    )
+    served_model_name: str | None = option(None, "the name clients put in `model` (default: the directory's name)")
+    dtype: str = option(
+        "auto", "weights and KV cache dtype; auto = bfloat16", choices=("auto", "float32", "bfloat16", "float16")
+    )
+    device: str = option("auto", "where the model runs; auto = cuda when available", choices=("auto", "cpu", "cuda"))
+    kv_cache_memory: str = option("1GiB", "memory for the paged KV cache, e.g. 512MiB or 4GiB")
+    num_kv_blocks: int | None = option(None, "size the KV cache in blocks instead of --kv-cache-memory")
+    block_size: int = option(16, "tokens per KV-cache block")
+    max_num_seqs: int = option(64, "most requests decoded together in one step")
+    max_num_batched_tokens: int = option(2048, "token budget of one engine step (prefill chunks + decodes)")
+    max_model_len: int | None = option(None, "context window (default: the model's max_position_embeddings)")
+    enable_prefix_caching: bool = option(True, "reuse the KV cache of shared prompt prefixes across requests")
+    enable_chunked_prefill: bool = option(True, "split long prompts over several steps so decodes keep flowing")
+    num_threads: int | None = option(None, "torch CPU threads for the engine (default: torch's choice)")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def parse_bytes(text: str) -> int:
+    """'512MiB' -> 536870912; plain integers are bytes. ValueError names the accepted units."""
+    cleaned = text.strip().upper().replace(" ", "")
+    number = cleaned.rstrip("KMGIB")
+    unit = cleaned[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size; use e.g. 1073741824, 512MiB or 2GiB") from None
+    if unit not in _UNITS or value <= 0:
+        raise ValueError(f"cannot read {text!r} as a size; units are B, KB, MB, GB, KiB, MiB, GiB")
+    return int(value * _UNITS[unit])
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     http: HTTPConfig = field(default_factory=HTTPConfig)
     repository: RepositoryConfig = field(default_factory=RepositoryConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)

@@ -12,9 +12,10 @@ class LadleError(Exception):
 
     status: int = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param  # the request field at fault, where one is (OpenAI's error "param")
 
 
 class InvalidInput(LadleError):

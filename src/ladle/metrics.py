@@ -48,6 +48,7 @@ class Metrics:
         self.state = Gauge(
             "ladle_model_state", "1 for the version's current state, 0 for the others", (*labels, "state"), registry=r
         )
+        self.llm = LLMMetricFamilies(r)
 
     def for_version(self, model: str, version: int | str) -> VersionMetrics:
         return VersionMetrics(self, model, str(version))
@@ -86,3 +87,54 @@ class VersionMetrics:
 
     def on_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
+
+
+TOKEN_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)
+REQUEST_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+
+
+class LLMMetricFamilies:
+    """The LLM engine's metric families (one set per server; engines bind their model label)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        m = ("model",)
+        r = registry
+        self.ttft = Histogram("ladle_llm_time_to_first_token_seconds", "Time to first token", m,
+                              buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("ladle_llm_inter_token_latency_seconds", "Time between consecutive output tokens", m,
+                             buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("ladle_llm_e2e_request_latency_seconds", "Arrival to last token", m,
+                             buckets=REQUEST_LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("ladle_llm_queue_time_seconds", "Arrival to first scheduled step", m,
+                               buckets=(*TOKEN_LATENCY_BUCKETS, 20.0, 60.0), registry=r)
+        self.running = Gauge("ladle_llm_requests_running", "Requests in the running batch", m, registry=r)
+        self.waiting = Gauge("ladle_llm_requests_waiting", "Requests waiting to be scheduled", m, registry=r)
+        self.kv_usage = Gauge("ladle_llm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", m, registry=r)
+        self.prompt_tokens = Counter("ladle_llm_prompt_tokens", "Prompt tokens processed", m, registry=r)
+        self.generation_tokens = Counter("ladle_llm_generation_tokens", "Tokens generated", m, registry=r)
+        self.preemptions = Counter("ladle_llm_preemptions", "Requests preempted to free KV blocks", m, registry=r)
+        self.prefix_hits = Counter("ladle_llm_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
+                                   m, registry=r)
+        self.prefix_queries = Counter("ladle_llm_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix "
+                                      "cache", m, registry=r)
+        self.finished = Counter("ladle_llm_requests", "Finished requests by reason", (*m, "finish_reason"),
+                                registry=r)
+        self.batch_tokens = Histogram("ladle_llm_step_tokens", "Tokens per engine step", m,
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+                                      registry=r)
+
+
+class LLMMetrics:
+    """One engine's label-bound children; recorded from the engine thread (prometheus_client is thread-safe)."""
+
+    def __init__(self, families: LLMMetricFamilies, model: str) -> None:
+        self.families = families
+        self.model = model
+        for name in ("ttft", "itl", "e2e", "queue", "running", "waiting", "kv_usage", "prompt_tokens",
+                     "generation_tokens", "preemptions", "prefix_hits", "prefix_queries", "batch_tokens"):
+            setattr(self, name, getattr(families, name).labels(model))
+
+    def finished(self, reason: str) -> None:
+        self.families.finished.labels(self.model, reason).inc()

@@ -1,10 +1,13 @@
-"""The application factory: one Starlette app holding the registry, metrics and protocol adapters.
+"""The application factory: one Starlette app holding the registry, LLM engines, metrics and the
+protocol adapters (KServe v2 and OpenAI).
 
-Startup loads the repository (model work off the event loop); shutdown drains every batcher.
+Startup loads the repository (model work off the event loop) and starts the LLM engine threads;
+shutdown drains every batcher and engine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -17,23 +20,39 @@ from starlette.routing import Route
 
 from ladle.api.errors import EXCEPTION_HANDLERS
 from ladle.api.kserve import KServeAPI
+from ladle.api.openai import OpenAIAPI
 from ladle.config import ServerConfig
+from ladle.llm.async_engine import AsyncEngine
 from ladle.metrics import Metrics
-from ladle.repository.registry import ModelRegistry
+from ladle.repository.registry import LLMLoader, ModelRegistry
 
 log = logging.getLogger(__name__)
 
 
-def create_app(config: ServerConfig) -> Starlette:
-    metrics = Metrics()
-    registry = ModelRegistry(config.repository.repository, metrics)
+def create_app(
+    config: ServerConfig,
+    metrics: Metrics | None = None,
+    engines: dict[str, AsyncEngine] | None = None,
+    llm_loader: LLMLoader | None = None,
+) -> Starlette:
+    """`engines` are LLMs loaded before start-up (--model); `llm_loader` builds `backend: llm` models."""
+    metrics = metrics or Metrics()
+    engines = engines or {}
+    registry = ModelRegistry(config.repository.repository, metrics, llm_loader)
     kserve = KServeAPI(registry, metrics, config.http.max_request_bytes)
+    openai = OpenAIAPI(engines, registry, config.http.max_request_bytes)
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    async def health(request: Request) -> Response:
+        return Response(status_code=200 if registry.is_ready() else 503)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        for engine in engines.values():
+            engine.start(loop)
         if config.repository.repository is not None:
             await registry.load_all(list(config.repository.load_model) or None)
             if not config.repository.strict_readiness:
@@ -42,9 +61,16 @@ def create_app(config: ServerConfig) -> Starlette:
         log.info("ladle is %s on http://%s:%d", ready, config.http.host, config.http.port)
         yield
         await registry.close()
+        await asyncio.gather(*(engine.close() for engine in engines.values()))
 
-    routes = [*kserve.routes(), Route("/metrics", metrics_endpoint, methods=["GET"])]
+    routes = [
+        *kserve.routes(),
+        *openai.routes(),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.engines = engines
     return app

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ladle.api.body import ClientDisconnected
 from ladle.errors import LadleError
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,13 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> Response
     return error_response(request, f"internal server error: {type(exc).__name__}: {exc}", 500)
 
 
+async def disconnect_handler(request: Request, exc: Exception) -> Response:
+    # nobody is listening; 499 (nginx's "client closed request") keeps access logs honest
+    return Response(status_code=499)
+
+
 EXCEPTION_HANDLERS = {
+    ClientDisconnected: disconnect_handler,
     LadleError: ladle_error_handler,
     HTTPException: http_error_handler,
     Exception: unexpected_error_handler,

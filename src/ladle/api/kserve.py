@@ -129,6 +129,8 @@ class KServeAPI:
         return response
 
     async def _infer(self, request: Request, mv: ModelVersion) -> Response:
+        if mv.batcher is None:
+            raise InvalidInput(f"model '{mv.name}' is an LLM: use the OpenAI API (POST /v1/completions)")
         body = await read_body(request, self.max_request_bytes)
         body = codec.decode_content(body, request.headers.get("content-encoding"), self.max_request_bytes)
         header_length = _header_length(request)

@@ -15,7 +15,7 @@ import yaml
 
 from ladle.tensors import DATATYPES, TensorSpec
 
-BACKENDS = ("onnx", "sklearn", "torchscript", "torch_export", "python", "sentence_transformers")
+BACKENDS = ("onnx", "sklearn", "torchscript", "torch_export", "python", "sentence_transformers", "llm")
 PLATFORMS = {
     "onnx": "onnxruntime_onnx",
     "sklearn": "sklearn",
@@ -23,6 +23,7 @@ PLATFORMS = {
     "torch_export": "pytorch_export",
     "python": "python",
     "sentence_transformers": "sentence_transformers",
+    "llm": "ladle_llm",
 }
 INSTANCE_KINDS = ("thread", "process")
 RAGGED_MODES = ("group", "pad")
@@ -88,6 +89,11 @@ class ModelConfig:
     @property
     def platform(self) -> str:
         return PLATFORMS[self.backend]
+
+    @property
+    def is_llm(self) -> bool:
+        """Served by an LLM engine over the OpenAI API rather than by a batcher over KServe."""
+        return self.backend == "llm"
 
     @property
     def batched(self) -> bool:

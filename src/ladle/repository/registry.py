@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from ladle.batching.batcher import Batcher
 from ladle.batching.instances import create_instances
@@ -24,18 +26,37 @@ from ladle.tensors import TensorSpec
 log = logging.getLogger(__name__)
 
 
+class LLMEngine(Protocol):
+    """What the registry needs of an LLM engine (ladle.llm.async_engine.AsyncEngine)."""
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
+    async def close(self) -> None: ...
+
+
+#: builds an LLM engine for one version directory (blocking); injected so the repository never imports llm
+LLMLoader = Callable[[str, int, Path, ModelConfig], Any]
+
+
 @dataclass
 class ModelVersion:
-    """One loaded version: its effective config, served signature, batcher and metrics."""
+    """One loaded version: its effective config, served signature, metrics, and what runs it —
+    a batcher (classic models) or an LLM engine (backend: llm)."""
 
     name: str
     version: int
     config: ModelConfig
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    batcher: Batcher
+    batcher: Batcher | None
     metrics: VersionMetrics
     load_seconds: float
+    engine: LLMEngine | None = None
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self.engine is not None:
+            await self.engine.close()
 
 
 @dataclass
@@ -58,9 +79,10 @@ class ModelRecord:
 
 
 class ModelRegistry:
-    def __init__(self, root: Path | None, metrics: Metrics) -> None:
+    def __init__(self, root: Path | None, metrics: Metrics, llm_loader: LLMLoader | None = None) -> None:
         self.root = root
         self.metrics = metrics
+        self.llm_loader = llm_loader
         self.models: dict[str, ModelRecord] = {}
         self.wanted: set[str] = set()  # models that should be loaded (readiness)
 
@@ -153,22 +175,31 @@ class ModelRegistry:
         started = time.monotonic()
         try:
             effective = load_version_config(config, self.root / name / str(version))
-            version_dir = self.root / name / str(version)
-            instances = await asyncio.to_thread(create_instances, name, version, version_dir, effective)
+            loaded = await self._build(name, version, self.root / name / str(version), effective)
         except Exception as exc:  # any load failure becomes a reason the index shows
             log.error("model %s version %d failed to load: %s", name, version, exc)
             record.status[version] = VersionStatus("UNAVAILABLE", f"{type(exc).__name__}: {exc}")
             self.metrics.set_state(name, version, "UNAVAILABLE")
             return None
-        seconds = time.monotonic() - started
-        vm = self.metrics.for_version(name, version)
-        vm.load_duration.set(seconds)
-        batcher = Batcher(f"{name}:{version}", effective, instances, observer=vm)
-        first = instances[0]
+        loaded.load_seconds = time.monotonic() - started
+        loaded.metrics.load_duration.set(loaded.load_seconds)
         record.status[version] = VersionStatus("READY")
         self.metrics.set_state(name, version, "READY")
-        log.info("loaded model %s version %d in %.2fs (%d instance(s))", name, version, seconds, len(instances))
-        return ModelVersion(name, version, effective, first.inputs, first.outputs, batcher, vm, seconds)
+        log.info("loaded model %s version %d in %.2fs", name, version, loaded.load_seconds)
+        return loaded
+
+    async def _build(self, name: str, version: int, version_dir: Path, config: ModelConfig) -> ModelVersion:
+        vm = self.metrics.for_version(name, version)
+        if config.is_llm:
+            if self.llm_loader is None:
+                raise RuntimeError("this server was started without LLM support")
+            engine = await asyncio.to_thread(self.llm_loader, name, version, version_dir, config)
+            engine.start(asyncio.get_running_loop())
+            return ModelVersion(name, version, config, (), (), None, vm, 0.0, engine=engine)
+        instances = await asyncio.to_thread(create_instances, name, version, version_dir, config)
+        batcher = Batcher(f"{name}:{version}", config, instances, observer=vm)
+        first = instances[0]
+        return ModelVersion(name, version, config, first.inputs, first.outputs, batcher, vm, 0.0)
 
     async def unload(self, name: str) -> None:
         """Stop serving a model; queued requests finish first."""
@@ -191,7 +222,7 @@ class ModelRegistry:
             log.info("unloaded model %s", name)
 
     async def _retire(self, versions) -> None:
-        await asyncio.gather(*(mv.batcher.close() for mv in versions))
+        await asyncio.gather(*(mv.close() for mv in versions))
 
     async def close(self) -> None:
         for name in list(self.models):

@@ -1,0 +1,196 @@
+"""The async client of one LLM engine: the API awaits token deltas while EngineCore runs in its own thread.
+
+Invariants: only the engine thread touches the core; the event loop only enqueues commands and
+receives one batched callback per step. A request whose consumer goes away (client disconnect,
+cancelled task) is aborted and its KV blocks freed at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from ladle.errors import InvalidInput, Unavailable
+from ladle.llm.engine import EngineCore
+from ladle.llm.output_processor import OutputProcessor, StreamDelta
+from ladle.llm.request import Request
+from ladle.llm.sampling_params import SamplingParams
+from ladle.llm.tokenizer import Tokenizer
+from ladle.metrics import LLMMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the API needs to know about a served LLM."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int
+    created: int
+
+
+class AsyncEngine:
+    def __init__(self, name: str, core: EngineCore, tokenizer: Tokenizer, metrics: LLMMetrics | None = None) -> None:
+        self.core = core
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        runner = core.runner
+        self.info = EngineInfo(name, core.scheduler.max_model_len, runner.vocab_size, int(time.time()))
+        self.processor = OutputProcessor(tokenizer, metrics)
+        self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[StreamDelta]] = {}
+        self._ids = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+        self._dead: str | None = None
+        self._counts = (0, 0, 0)  # preemptions, prefix hits, prefix queries already exported
+        self._closing = False
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread.start()
+
+    # -- the API side ----------------------------------------------------------------------------
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[StreamDelta]:
+        """Stream the request's deltas; leaving the iteration early aborts the request."""
+        if self._dead is not None:
+            raise Unavailable(f"the engine for {self.info.name} stopped: {self._dead}")
+        if self._closing:
+            raise Unavailable(f"model {self.info.name} is shutting down; retry later")
+        self.check_length(len(prompt_token_ids), params.max_tokens)
+        request_id = request_id or f"req-{next(self._ids)}"
+        request = self._request(request_id, prompt_token_ids, params)
+        stream: asyncio.Queue[StreamDelta] = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._commands.put(("add", request))
+        finished = False
+        try:
+            while not finished:
+                delta = await stream.get()
+                finished = delta.finished
+                yield delta
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int, prompt_param: str = "prompt") -> None:
+        """A prompt plus max_tokens over the context window is the client's error (400), never a crash."""
+        limit = self.info.max_model_len
+        if num_prompt_tokens >= limit:
+            raise InvalidInput(
+                f"the prompt is {num_prompt_tokens} tokens, but this model's context window is {limit} tokens",
+                param=prompt_param,
+            )
+        if num_prompt_tokens + max_tokens > limit:
+            raise InvalidInput(
+                f"this model's context window is {limit} tokens, but {num_prompt_tokens + max_tokens} were requested "
+                f"({num_prompt_tokens} in the prompt + {max_tokens} max_tokens); shorten the prompt or lower "
+                "max_tokens", param="max_tokens",
+            )
+
+    def _request(self, request_id: str, prompt: list[int], params: SamplingParams) -> Request:
+        eos = self.tokenizer.eos_token_id
+        extra_eos = [t for t in self.tokenizer.eos_token_ids if t != eos]
+        if extra_eos and not params.ignore_eos:
+            # every EOS of the checkpoint stops generation; the scheduler knows one, the rest become stop tokens
+            params = replace(params, stop_token_ids=tuple(dict.fromkeys([*params.stop_token_ids, *extra_eos])))
+        return Request(request_id, prompt, params, eos_token_id=eos)
+
+    def _deliver(self, deltas: list[StreamDelta]) -> None:
+        for delta in deltas:
+            stream = self._streams.get(delta.request_id)
+            if stream is not None:
+                stream.put_nowait(delta)
+
+    # -- the engine thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                if not self._apply_commands(block=not self.core.has_unfinished_requests()):
+                    continue
+                self._step()
+        except Exception as exc:  # the engine is broken: fail every open stream rather than hang them
+            log.exception("engine %s crashed", self.info.name)
+            self._dead = f"{type(exc).__name__}: {exc}"
+            self._fail_all(self._dead)
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply queued adds/aborts; when idle, wait for one. Returns whether there is work to step."""
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return self.core.has_unfinished_requests()
+        while True:
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return self.core.has_unfinished_requests()
+
+    def _apply(self, command: tuple[str, object]) -> None:
+        kind, payload = command
+        if kind == "add":
+            request = payload
+            self.processor.add_request(request)
+            try:
+                self.core.add_request(request)
+            except ValueError as exc:
+                self.processor.abort(request.request_id)
+                self._post([StreamDelta(request.request_id, "", [], [], error=str(exc))])
+        elif kind == "abort":
+            self.processor.abort(str(payload))
+            self.core.abort([str(payload)])
+
+    def _step(self) -> None:
+        outputs = self.core.step()
+        deltas, stopped = self.processor.process(outputs, self.core.first_scheduled)
+        if stopped:
+            self.core.finish(list(stopped), stopped)
+        if deltas:
+            self._post(deltas)
+        self._record_gauges()
+
+    def _post(self, deltas: list[StreamDelta]) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, deltas)
+
+    def _record_gauges(self) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        scheduler, kv = self.core.scheduler, self.core.scheduler.kv
+        m.running.set(scheduler.num_running)
+        m.waiting.set(scheduler.num_waiting)
+        m.kv_usage.set(kv.usage)
+        m.batch_tokens.observe(self.core.last_step_tokens)
+        counts = (scheduler.num_preemptions_total, kv.prefix_cache_hits, kv.prefix_cache_queries)
+        for counter, now, before in zip((m.preemptions, m.prefix_hits, m.prefix_queries), counts, self._counts,
+                                        strict=True):
+            if now > before:
+                counter.inc(now - before)
+        self._counts = counts
+
+    def _fail_all(self, message: str) -> None:
+        self._post([StreamDelta(rid, "", [], [], error=message) for rid in list(self._streams)])
+
+    async def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop taking requests, let open streams finish (up to the timeout), then stop the thread."""
+        self._closing = True
+        deadline = time.monotonic() + drain_timeout_s
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._stopping.set()
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join, 10)

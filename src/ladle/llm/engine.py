@@ -1,0 +1,84 @@
+"""EngineCore: one engine step is schedule -> execute -> sample -> update, and nothing else.
+
+Invariant: the core is single-threaded (only the engine thread calls it) and owns every
+per-request object; seeded requests keep one torch.Generator for their whole life, so their
+tokens do not depend on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ladle.llm.outputs import RequestOutput, SchedulerOutput
+from ladle.llm.request import Request, RequestStatus
+from ladle.llm.runner import ModelRunner
+from ladle.llm.sampler import SamplingMetadata, SamplingRow, make_generator, sample
+from ladle.llm.scheduler import Scheduler
+
+
+class EngineCore:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.requests: dict[str, Request] = {}
+        self.generators: dict[str, torch.Generator] = {}
+        self.first_scheduled: dict[str, float] = {}  # request id -> when its first step began (queue time)
+        self.last_step_tokens = 0
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+        self.requests[request.request_id] = request
+        if request.sampling_params.seed is not None:
+            self.generators[request.request_id] = make_generator(request.sampling_params.seed, self.runner.device)
+
+    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        outputs = self.scheduler.abort_requests([r for r in request_ids if r in self.requests])
+        self._forget(outputs)
+        return outputs
+
+    def finish(self, request_ids: list[str], stop_reason: dict[str, str]) -> None:
+        """Finish requests the output processor stopped (a stop string): free their blocks now."""
+        for request_id in request_ids:
+            self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_STOPPED, stop_reason.get(request_id))
+            self._drop(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        self._note_first_schedule(sched)
+        self.last_step_tokens = sched.num_batched_tokens
+        logits = self.runner.execute(sched)
+        sampled = sample(logits, self._sampling_metadata(sched))
+        outputs = self.scheduler.update(sched, sampled)
+        self._forget(outputs)
+        return outputs
+
+    def _sampling_metadata(self, sched: SchedulerOutput) -> SamplingMetadata:
+        rows = []
+        for request_id in sched.sampled_ids:
+            request = self.requests[request_id]
+            rows.append(SamplingRow(
+                request.sampling_params, request.prompt_token_ids, request.output_token_ids,
+                self.generators.get(request_id), request.eos_token_id,
+            ))
+        return SamplingMetadata.build(rows, device=self.runner.device)
+
+    def _note_first_schedule(self, sched: SchedulerOutput) -> None:
+        now = time.monotonic()
+        for seq in sched.seqs:
+            self.first_scheduled.setdefault(seq.request_id, now)
+
+    def _forget(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            if output.finish_reason is not None:
+                self._drop(output.request_id)
+
+    def _drop(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
+        self.generators.pop(request_id, None)

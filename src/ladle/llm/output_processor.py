@@ -1,0 +1,123 @@
+"""Turns the core's token outputs into text deltas: incremental detokenization, stop strings,
+and the per-request latency metrics (TTFT, inter-token latency, end-to-end, queue time).
+
+Invariant: text is emitted only when it is complete UTF-8 and can no longer turn out to be part
+of a stop string; a stop string match finishes the request in the same step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ladle.llm.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from ladle.llm.outputs import RequestOutput, TokenLogprobs
+from ladle.llm.request import Request
+from ladle.llm.tokenizer import Tokenizer
+from ladle.metrics import LLMMetrics
+
+
+@dataclass
+class StreamDelta:
+    """What one step adds to one request, as the API layer streams it."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+@dataclass
+class _State:
+    detokenizer: IncrementalDetokenizer
+    stop: StopStringMatcher | None
+    arrival: float
+    num_prompt_tokens: int
+    num_output_tokens: int = 0
+    last_token_at: float | None = None
+    stopped_by_string: bool = False
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer, metrics: LLMMetrics | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self._states: dict[str, _State] = {}
+
+    def add_request(self, request: Request) -> None:
+        params = request.sampling_params
+        stop = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
+        self._states[request.request_id] = _State(detok, stop, request.arrival_time, request.num_prompt_tokens)
+
+    def process(
+        self, outputs: list[RequestOutput], first_scheduled: dict[str, float]
+    ) -> tuple[list[StreamDelta], dict[str, str]]:
+        """Deltas for the API, and {request id: stop string} for requests a stop string just finished."""
+        now = time.monotonic()
+        deltas: list[StreamDelta] = []
+        stopped: dict[str, str] = {}
+        for output in outputs:
+            state = self._states.get(output.request_id)
+            if state is None:
+                continue
+            delta = self._delta(state, output, now, first_scheduled.get(output.request_id))
+            if state.stopped_by_string and output.finish_reason is None:
+                stopped[output.request_id] = delta.stop_reason
+            if delta.finished:
+                self._finish(state, delta, now)
+                first_scheduled.pop(output.request_id, None)
+                del self._states[output.request_id]
+            deltas.append(delta)
+        return deltas, stopped
+
+    def abort(self, request_id: str) -> None:
+        self._states.pop(request_id, None)
+
+    def _delta(self, state: _State, output: RequestOutput, now: float, scheduled_at: float | None) -> StreamDelta:
+        if output.new_token_ids:
+            self._time_tokens(state, output, now, scheduled_at)
+        text = state.detokenizer.push(output.new_token_ids) if output.new_token_ids else ""
+        finish, stop_reason = output.finish_reason, output.stop_reason
+        if finish is not None:
+            text += state.detokenizer.flush()
+        if state.stop is not None:
+            text = state.stop.push(text)
+            if state.stop.matched is not None:
+                state.stopped_by_string = True
+                finish, stop_reason = "stop", state.stop.matched
+            elif finish is not None:
+                text += state.stop.flush()
+        return StreamDelta(
+            output.request_id, text, list(output.new_token_ids), list(output.new_logprobs), finish, stop_reason,
+            output.num_prompt_tokens or state.num_prompt_tokens, state.num_output_tokens, output.num_cached_tokens,
+        )
+
+    def _time_tokens(self, state: _State, output: RequestOutput, now: float, scheduled_at: float | None) -> None:
+        count = len(output.new_token_ids)
+        state.num_output_tokens += count
+        m = self.metrics
+        if m is not None:
+            m.generation_tokens.inc(count)
+            if state.last_token_at is None:
+                m.ttft.observe(now - state.arrival)
+                m.queue.observe(max((scheduled_at or now) - state.arrival, 0.0))
+                m.prompt_tokens.inc(state.num_prompt_tokens)
+            else:
+                m.itl.observe((now - state.last_token_at) / count)
+        state.last_token_at = now
+
+    def _finish(self, state: _State, delta: StreamDelta, now: float) -> None:
+        if self.metrics is not None:
+            self.metrics.e2e.observe(now - state.arrival)
+            self.metrics.finished(delta.finish_reason or "error")
