@@ -119,6 +119,7 @@ class AsyncEngine:
         try:
             while not self._stopping.is_set():
                 if not self._apply_commands(block=not self.core.has_unfinished_requests()):
+                    self._record_state()  # idle now (e.g. the last request was aborted): gauges say so
                     continue
                 self._step()
         except Exception as exc:  # the engine is broken: fail every open stream rather than hang them
@@ -150,8 +151,8 @@ class AsyncEngine:
                 self.processor.abort(request.request_id)
                 self._post([StreamDelta(request.request_id, "", [], [], error=str(exc))])
         elif kind == "abort":
-            self.processor.abort(str(payload))
-            self.core.abort([str(payload)])
+            # nobody reads this stream any more; processing the abort output still records its metrics
+            self.processor.process(self.core.abort([str(payload)]), self.core.first_scheduled)
 
     def _step(self) -> None:
         outputs = self.core.step()
@@ -160,13 +161,15 @@ class AsyncEngine:
             self.core.finish(list(stopped), stopped)
         if deltas:
             self._post(deltas)
-        self._record_gauges()
+        if self.metrics is not None:
+            self.metrics.batch_tokens.observe(self.core.last_step_tokens)
+        self._record_state()
 
     def _post(self, deltas: list[StreamDelta]) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._deliver, deltas)
 
-    def _record_gauges(self) -> None:
+    def _record_state(self) -> None:
         m = self.metrics
         if m is None:
             return
@@ -174,7 +177,6 @@ class AsyncEngine:
         m.running.set(scheduler.num_running)
         m.waiting.set(scheduler.num_waiting)
         m.kv_usage.set(kv.usage)
-        m.batch_tokens.observe(self.core.last_step_tokens)
         counts = (scheduler.num_preemptions_total, kv.prefix_cache_hits, kv.prefix_cache_queries)
         for counter, now, before in zip((m.preemptions, m.prefix_hits, m.prefix_queries), counts, self._counts,
                                         strict=True):

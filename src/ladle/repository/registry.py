@@ -85,6 +85,9 @@ class ModelRegistry:
         self.llm_loader = llm_loader
         self.models: dict[str, ModelRecord] = {}
         self.wanted: set[str] = set()  # models that should be loaded (readiness)
+        # one load at a time: loads are CPU-bound anyway, and frameworks' lazy imports (transformers)
+        # are not safe to race from two threads
+        self._load_slot = asyncio.Lock()
 
     # -- lookups (hot path) -------------------------------------------------------------------
     def get(self, name: str, version: int | None = None) -> ModelVersion:
@@ -189,6 +192,10 @@ class ModelRegistry:
         return loaded
 
     async def _build(self, name: str, version: int, version_dir: Path, config: ModelConfig) -> ModelVersion:
+        async with self._load_slot:
+            return await self._build_locked(name, version, version_dir, config)
+
+    async def _build_locked(self, name: str, version: int, version_dir: Path, config: ModelConfig) -> ModelVersion:
         vm = self.metrics.for_version(name, version)
         if config.is_llm:
             if self.llm_loader is None:

@@ -1,0 +1,90 @@
+"""`ladle bench`: the load generators' command line — one frozen config dataclass per tool, whose fields
+are its flags (as for `ladle serve`). Importing this stays light (no HTTP client, numpy or tqdm):
+`ladle serve` builds the same parser, so the engines (infer.py, ...) load only when a bench runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ladle.config import option
+
+
+@dataclass(frozen=True)
+class InferBenchConfig:
+    """One `ladle bench infer` run. Unset load/stop options resolve to concurrency 1 and 100 requests."""
+
+    url: str = option("http://127.0.0.1:8000", "base URL of the KServe v2 server")
+    model: str | None = option(None, "model to load-test (required)")
+    model_version: int | None = option(None, "model version (default: the server's choice, usually the newest)")
+    input: Path | None = option(  # noqa: RUF009 (option() returns a dataclasses.field)
+        None, "JSON file holding a v2 inference request (or a list of them, sent in turn); "
+        "default: random batch-1 data generated from the model's metadata"
+    )
+    binary: bool = option(False, "send inputs with Triton's binary tensor extension instead of JSON data")
+    concurrency: int | None = option(None, "closed loop: this many requests in flight at all times (default 1)")
+    request_rate: float | None = option(None, "open loop: Poisson arrivals at this many requests/s")
+    num_requests: int | None = option(None, "measured requests to send (default 100 unless --duration)")
+    duration: float | None = option(None, "send requests for this many seconds instead of a fixed count")
+    warmup: int = option(10, "unmeasured requests sent first")
+    result_json: Path | None = option(  # noqa: RUF009
+        None, "write config, per-request records and the summary to this file"
+    )
+    seed: int = option(0, "random seed for generated inputs and Poisson arrivals")
+    timeout: float = option(60.0, "per-request timeout in seconds (a timed-out request counts as an error)")
+    progress: bool = option(True, "show a progress bar on stderr")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("--model is required")
+        if self.concurrency is not None and self.request_rate is not None:
+            raise ValueError("--concurrency and --request-rate are exclusive: pick a closed or an open loop")
+        if self.num_requests is not None and self.duration is not None:
+            raise ValueError("--num-requests and --duration are exclusive: stop after a count or after a time")
+        # Frozen: resolving the defaults here means every later reader sees one settled config.
+        if self.request_rate is None and self.concurrency is None:
+            object.__setattr__(self, "concurrency", 1)
+        if self.duration is None and self.num_requests is None:
+            object.__setattr__(self, "num_requests", 100)
+        _check_positive(concurrency=self.concurrency, request_rate=self.request_rate,
+                        num_requests=self.num_requests, duration=self.duration, timeout=self.timeout)
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be 0 or more, got {self.warmup}")
+
+
+def _check_positive(**values: float | None) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def add_bench_parser(commands: argparse._SubParsersAction) -> None:
+    """Add `bench` and its tools to the `ladle` command's subparsers."""
+    # Imported here, not at the top: ladle.cli imports this module while it is itself loading.
+    from ladle.cli import add_dataclass_options
+
+    bench = commands.add_parser("bench", help="load-test a running server",
+                                description="Load generators for a running ladle (or any compatible) server.")
+    tools = bench.add_subparsers(dest="tool", required=True, metavar="TOOL")
+    infer = tools.add_parser(
+        "infer", help="KServe v2 inference load (closed or open loop)",
+        description="Send KServe v2 inference requests to one model and report throughput and latency.",
+    )
+    add_dataclass_options(infer, InferBenchConfig, "bench infer")
+    infer.set_defaults(handler=_run_infer)
+
+
+def _run_infer(args: argparse.Namespace) -> int:
+    from ladle.cli import build_dataclass
+
+    try:
+        config = build_dataclass(InferBenchConfig, args)
+    except ValueError as exc:
+        print(f"ladle bench infer: {exc}", file=sys.stderr)
+        return 2
+    from ladle.bench.infer import main
+
+    return main(config)

@@ -1,0 +1,172 @@
+"""Paged attention over a block-structured KV cache: write the step's K/V by slot, attend through block tables.
+
+Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]; slot = block_id * block_size + offset.
+Flat batch rows: all single-token (decode) sequences first, rows [0, num_decodes), then each multi-token span.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Below this many decode sequences the fused SDPA kernel wins; above it, its per-head overhead loses to two bmm
+# calls (measured on a 2-core AVX512 CPU, see benchmarks/llm/step_time.py).
+_SDPA_MAX_DECODES = 4
+
+
+@dataclass(frozen=True)
+class PrefillSpan:
+    """One multi-token sequence: rows [start, end) of the flat batch at positions start_pos, start_pos+1, ...
+
+    When start_pos > 0 (a later chunk or a prefix-cache hit) earlier context is read back from the cache through
+    `block_ids`, and `bias` ([n, len(block_ids) * block_size], 0 or -inf) is the causal mask offset by start_pos.
+    """
+
+    start: int
+    end: int
+    start_pos: int
+    block_ids: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Built once per step by the runner and shared by every layer."""
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot each new token's K/V goes to
+    num_decodes: int  # rows [0, num_decodes) are one-token sequences, attended as one batch
+    decode_block_ids: torch.Tensor | None  # [num_decodes * max_blocks] int64, padded block tables, flattened
+    decode_bias: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size]: 0 for context, -inf for padding
+    prefills: tuple[PrefillSpan, ...]
+
+
+def build_attention_metadata(
+    positions: np.ndarray,
+    token_seq: np.ndarray,
+    num_tokens: np.ndarray,
+    block_table: np.ndarray,
+    num_decodes: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> AttentionMetadata:
+    """Precompute slot mapping, gather indices and masks for a batch ordered decodes-first.
+
+    positions/token_seq: per token (position, sequence index); num_tokens: per sequence; block_table: [S, max_blocks]
+    int64, padded with block 0 (its contents are finite, and padded keys are masked out).
+    """
+    slots = block_table[token_seq, positions // block_size] * block_size + positions % block_size
+    context = positions[np.cumsum(num_tokens) - 1] + 1  # tokens in the cache after this step, per sequence
+    dec_ids = dec_bias = None
+    if num_decodes:
+        max_blocks = int(-(-context[:num_decodes].max() // block_size))
+        dec_ids = _to(block_table[:num_decodes, :max_blocks].reshape(-1), device)
+        keys = np.arange(max_blocks * block_size)
+        dec_bias = _bias(keys[None, :] < context[:num_decodes, None], dtype, device)[:, None, None, :]
+    spans, row = [], int(num_tokens[:num_decodes].sum())
+    for seq in range(num_decodes, len(num_tokens)):
+        n, start_pos = int(num_tokens[seq]), int(positions[row])
+        ids = bias = None
+        if start_pos > 0:
+            num_blocks = -(-(start_pos + n) // block_size)
+            ids = _to(block_table[seq, :num_blocks], device)
+            allowed = np.arange(num_blocks * block_size)[None, :] <= (start_pos + np.arange(n))[:, None]
+            bias = _bias(allowed, dtype, device)
+        spans.append(PrefillSpan(row, row + n, start_pos, ids, bias))
+        row += n
+    return AttentionMetadata(_to(slots, device), num_decodes, dec_ids, dec_bias, tuple(spans))
+
+
+def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(device, non_blocking=True)
+
+
+def _bias(allowed: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Additive masks (0 / -inf) serve both SDPA and the bmm path; built on the host once per step.
+    bias = torch.from_numpy(np.where(allowed, np.float32(0.0), np.float32(-np.inf)))
+    return bias.to(device=device, dtype=dtype, non_blocking=True)
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Store the step's keys/values ([T, kv_heads, head_dim]) at their cache slots."""
+    _, _, kv_heads, head_dim = k_cache.shape
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of q [T, heads, head_dim] over each sequence's cached context plus the new k/v
+    ([T, kv_heads, head_dim], written to the cache first). Returns [T, heads * head_dim]."""
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    num_tokens, num_heads, head_dim = q.shape
+    if not meta.prefills:
+        return _decode(q, k_cache, v_cache, meta, scale)
+    if meta.num_decodes == 0 and len(meta.prefills) == 1:
+        return _prefill(q, k, v, k_cache, v_cache, meta.prefills[0], scale)
+    out = q.new_empty(num_tokens, num_heads * head_dim)
+    if meta.num_decodes:
+        out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
+    for span in meta.prefills:
+        out[span.start : span.end] = _prefill(q, k, v, k_cache, v_cache, span, scale)
+    return out
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Copy whole blocks out of the cache: [len(block_ids) * block_size, kv_heads, head_dim]."""
+    num_blocks, _, kv_heads, head_dim = cache.shape
+    rows = cache.view(num_blocks, -1).index_select(0, block_ids)
+    return rows.view(-1, kv_heads, head_dim)
+
+
+def _decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """One query per sequence. Queries are grouped per KV head ([B, kv_heads, group, D]) so GQA needs no
+    repeated K/V and SDPA sees `group` query rows instead of one."""
+    batch, num_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    q = q.view(batch, kv_heads, num_heads // kv_heads, head_dim)
+    k = _gather(k_cache, meta.decode_block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
+    v = _gather(v_cache, meta.decode_block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
+    if batch <= _SDPA_MAX_DECODES:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_bias, scale=scale)
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(meta.decode_bias)
+        out = torch.matmul(torch.softmax(scores, dim=-1), v)
+    return out.reshape(batch, num_heads * head_dim)
+
+
+def _prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    span: PrefillSpan,
+    scale: float,
+) -> torch.Tensor:
+    """A multi-token sequence. From position 0 its own k/v are the whole context (top-left causal = SDPA's
+    is_causal); later chunks read the context back from the cache with a start_pos-offset mask."""
+    q_seq = q[span.start : span.end].transpose(0, 1)
+    gqa = q.shape[1] != k.shape[1]
+    if span.block_ids is None:
+        k_seq, v_seq = k[span.start : span.end].transpose(0, 1), v[span.start : span.end].transpose(0, 1)
+        out = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        k_seq = _gather(k_cache, span.block_ids).transpose(0, 1)
+        v_seq = _gather(v_cache, span.block_ids).transpose(0, 1)
+        out = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, attn_mask=span.bias, scale=scale, enable_gqa=gqa)
+    return out.transpose(0, 1).reshape(span.end - span.start, -1)

@@ -1,0 +1,1 @@
+"""Model implementations over the paged KV cache; `registry` maps HF architecture names to them."""
