@@ -21,6 +21,7 @@ from starlette.routing import Route
 from ladle.api.errors import EXCEPTION_HANDLERS
 from ladle.api.kserve import KServeAPI
 from ladle.api.openai import OpenAIAPI
+from ladle.api.openai_embeddings import EmbeddingsAPI
 from ladle.config import ServerConfig
 from ladle.llm.async_engine import AsyncEngine
 from ladle.metrics import Metrics
@@ -41,6 +42,7 @@ def create_app(
     registry = ModelRegistry(config.repository.repository, metrics, llm_loader)
     kserve = KServeAPI(registry, metrics, config.http.max_request_bytes)
     openai = OpenAIAPI(engines, registry, config.http.max_request_bytes)
+    embeddings = EmbeddingsAPI(registry, config.http.max_request_bytes)
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -66,6 +68,7 @@ def create_app(
     routes = [
         *kserve.routes(),
         *openai.routes(),
+        *embeddings.routes(),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]

@@ -14,14 +14,13 @@ from dataclasses import replace
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from ladle.api.body import ClientDisconnected, read_body, until_disconnect
 from ladle.api.openai_format import Choice, chat_logprobs, completion_logprobs, usage
-from ladle.api.openai_protocol import ChatCompletionRequest, CompletionRequest
+from ladle.api.openai_protocol import ChatCompletionRequest, CompletionRequest, Schema, parse_request
 from ladle.api.sse import DONE, merge, sse
 from ladle.errors import InvalidInput, LadleError, ModelError, NotFound
 from ladle.llm.async_engine import AsyncEngine
@@ -216,20 +215,8 @@ class OpenAIAPI:
         yield DONE
 
     # -- shared ------------------------------------------------------------------------------------
-    async def _parse(self, request: Request, schema: type[BaseModel]) -> Any:
-        body = await read_body(request, self.max_request_bytes)
-        try:
-            raw = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidInput(f"request body is not valid JSON: {exc}") from None
-        if not isinstance(raw, dict):
-            raise InvalidInput("request body must be a JSON object")
-        try:
-            return schema.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            raise InvalidInput(f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+    async def _parse(self, request: Request, schema: type[Schema]) -> Schema:
+        return parse_request(await read_body(request, self.max_request_bytes), schema)
 
     def _engine(self, model: str | None) -> AsyncEngine:
         engine = self.engines.get(model or "")

@@ -4,11 +4,32 @@ SamplingParams. Unknown fields are ignored like OpenAI does; wrong values are 40
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ladle.errors import InvalidInput
 from ladle.llm.sampling_params import SamplingParams
+
+Schema = TypeVar("Schema", bound=BaseModel)
+
+
+def parse_request(body: bytes, schema: type[Schema]) -> Schema:
+    """JSON body -> validated request; every problem is a 400 naming the field (OpenAI's `param`)."""
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidInput("request body must be a JSON object")
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        param = str(first["loc"][0]) if first["loc"] else None  # the top-level field, as OpenAI reports it
+        raise InvalidInput(f"{where}: {first['msg']}" if where else first["msg"], param=param) from None
 
 
 class StreamOptions(BaseModel):

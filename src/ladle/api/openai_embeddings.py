@@ -1,0 +1,84 @@
+"""`POST /v1/embeddings`: the OpenAI embeddings API over the repository's sentence-transformers models.
+
+The texts go through the model's own batcher, so embedding requests batch dynamically with KServe
+requests to the same model; the API only reshapes input and output.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Literal
+
+import numpy as np
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ladle.api.body import ClientDisconnected, read_body, until_disconnect
+from ladle.api.openai_protocol import parse_request
+from ladle.errors import InvalidInput, NotFound
+from ladle.repository.registry import ModelRegistry, ModelVersion
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | Annotated[list[str], Field(min_length=1)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class EmbeddingsAPI:
+    def __init__(self, registry: ModelRegistry, max_request_bytes: int) -> None:
+        self.registry = registry
+        self.max_request_bytes = max_request_bytes
+
+    def routes(self) -> list[Route]:
+        return [Route("/v1/embeddings", self.embeddings, methods=["POST"])]
+
+    async def embeddings(self, request: Request) -> Response:
+        req = parse_request(await read_body(request, self.max_request_bytes), EmbeddingRequest)
+        mv = self._encoder(req.model)
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if req.dimensions is not None:
+            raise InvalidInput("dimensions is not supported: the model's embedding size is fixed", param="dimensions")
+        vectors = await self._embed(request, mv, texts)
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encode(vector, req.encoding_format)}
+            for i, vector in enumerate(vectors)
+        ]
+        body = {"object": "list", "data": data, "model": req.model,
+                "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+        return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+
+    def _encoder(self, name: str) -> ModelVersion:
+        mv = self.registry.get(name)
+        if mv.config.backend != "sentence_transformers":
+            raise NotFound(f"model '{name}' is not an embedding model (backend {mv.config.backend})", param="model")
+        return mv
+
+    async def _embed(self, request: Request, mv: ModelVersion, texts: list[str]) -> np.ndarray:
+        limit = mv.config.max_batch_size or 1
+        if len(texts) > limit:
+            raise InvalidInput(f"at most {limit} inputs per request for model '{mv.name}'", param="input")
+        spec = mv.inputs[0]
+        shape = (len(texts), *([1] * len(spec.shape)))
+        array = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(shape)
+        pending = mv.batcher.submit({spec.name: array}, len(texts))
+        try:
+            result = await until_disconnect(request, pending.future)
+        except ClientDisconnected:
+            mv.batcher.cancel(pending)
+            raise
+        return result.outputs[mv.outputs[0].name]
+
+
+def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
+    vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+    if encoding == "base64":
+        return base64.b64encode(vector.tobytes()).decode("ascii")
+    return vector
