@@ -152,7 +152,8 @@ class BenchResult:
     def to_json(self) -> bytes:
         config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()}
         requests = [{"start_s": s, "latency_s": lat, "status": status} for s, lat, status in self.records]
-        document = {"config": config, "summary": self.summary(), "requests": requests}
+        samples = {str(status): text for status, text in sorted(self.error_samples.items())}
+        document = {"config": config, "summary": self.summary(), "error_samples": samples, "requests": requests}
         return orjson.dumps(document, option=orjson.OPT_INDENT_2)
 
 
@@ -294,7 +295,9 @@ async def _payloads(session: aiohttp.ClientSession, config: InferBenchConfig) ->
 async def run_async(config: InferBenchConfig) -> BenchResult:
     """One bench run; the first Ctrl-C stops it and returns what was measured so far."""
     result = BenchResult(config)
-    connector = aiohttp.TCPConnector(limit=config.concurrency or 0)  # open loop: never wait for a connection
+    # Open loop: no connection limit, arrivals never wait for one. Idle connections are dropped after 3 s, before
+    # uvicorn's 5 s keep-alive timeout closes them under us (a POST on a just-closed connection fails, unretried).
+    connector = aiohttp.TCPConnector(limit=config.concurrency or 0, keepalive_timeout=3.0)
     timeout = aiohttp.ClientTimeout(total=config.timeout)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
         payloads = await _payloads(session, config)
