@@ -73,7 +73,7 @@ def test_requests_arriving_while_busy_are_batched_and_each_gets_its_own_rows() -
 def test_max_queue_delay_gathers_a_batch_from_an_idle_start() -> None:
     async def main() -> None:
         inst = RecordingInstance()
-        b = Batcher("m:1", config(max_batch=16, max_queue_delay_ms=50), [inst])
+        b = Batcher("m:1", config(max_batch=16, max_queue_delay_ms=50, eager=False), [inst])
         pend = [b.submit(row(float(i)), 1) for i in range(3)]
         await asyncio.sleep(0.01)
         pend += [b.submit(row(float(i)), 1) for i in range(3, 5)]
@@ -84,10 +84,44 @@ def test_max_queue_delay_gathers_a_batch_from_an_idle_start() -> None:
     asyncio.run(main())
 
 
+def test_eager_dispatch_skips_the_delay_when_nothing_else_is_coming() -> None:
+    async def main() -> None:
+        inst = RecordingInstance()
+        b = Batcher("m:1", config(max_batch=16, max_queue_delay_ms=5000), [inst])
+        started = time.monotonic()
+        await gather_results(b, [1.0])
+        await gather_results(b, [2.0, 3.0])  # submitted together: dispatched together, at once
+        assert time.monotonic() - started < 1.0
+        assert inst.batches == [[1.0], [2.0, 3.0]]
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_eager_still_waits_while_requests_are_running() -> None:
+    async def main() -> None:
+        insts = [RecordingInstance("a"), RecordingInstance("b")]
+        insts[0].gate.clear()
+        b = Batcher("m:1", config(max_batch=16, max_queue_delay_ms=200), insts)
+        busy = b.submit(row(0.0), 1)  # occupies instance a: others are in flight, so b waits for company
+        await asyncio.sleep(0.05)
+        first = b.submit(row(1.0), 1)
+        await asyncio.sleep(0.05)
+        second = b.submit(row(2.0), 1)
+        await asyncio.gather(first.future, second.future)
+        assert insts[1].batches == [[1.0, 2.0]]
+        insts[0].gate.set()
+        await busy.future
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_preferred_batch_size_dispatches_without_waiting_out_the_delay() -> None:
     async def main() -> None:
         inst = RecordingInstance()
-        b = Batcher("m:1", config(max_batch=16, max_queue_delay_ms=5000, preferred_batch_sizes=(4,)), [inst])
+        b = Batcher("m:1", config(max_batch=16, max_queue_delay_ms=5000, preferred_batch_sizes=(4,), eager=False),
+                    [inst])
         started = time.monotonic()
         await gather_results(b, [1.0, 2.0, 3.0, 4.0])
         assert time.monotonic() - started < 1.0

@@ -13,7 +13,6 @@ from ladle.llm.sampler import (
     SamplingMetadata,
     SamplingRow,
     apply_penalties,
-    child_seed,
     make_generator,
     sample,
 )
@@ -301,7 +300,10 @@ def test_two_seeded_rows_with_different_neighbours() -> None:
 
 
 def test_child_seeds_differ() -> None:
-    assert [child_seed(10, i) for i in range(3)] == [10, 11, 12]
+    params = SamplingParams(n=3, seed=10)
+    assert [params.child(i).seed for i in range(3)] == [10, 11, 12]
+    assert all(params.child(i).n == 1 for i in range(3))
+    assert SamplingParams(n=2).child(1).seed is None
 
 
 # ---------------------------------------------------------------- logprobs

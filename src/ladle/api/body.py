@@ -41,19 +41,38 @@ def _too_large(size: int, limit: int) -> str:
     return f"request body of {size} bytes is over the server's limit of {limit} bytes (--max-request-bytes)"
 
 
+#: requests answered faster than this never pay for a disconnect watcher (most small-model inferences)
+WATCH_AFTER_S = 0.02
+
+
 async def until_disconnect(request: Request, work: asyncio.Future[T]) -> T:
     """Await `work`; raise ClientDisconnected if the client goes away first (the caller then
     cancels what it queued). Call after the body has been read: the next ASGI message can then
-    only be `http.disconnect`."""
-    watcher = asyncio.ensure_future(request.receive())
+    only be `http.disconnect`. The watcher starts only once the work has taken WATCH_AFTER_S."""
+    gone: list[bool] = []
+    watcher: list[asyncio.Future] = []
+
+    def watch() -> None:
+        task = asyncio.ensure_future(request.receive())
+        task.add_done_callback(lambda t: _on_message(t, work, gone))
+        watcher.append(task)
+
+    timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch)
     try:
-        while True:
-            await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
-            if work.done():
-                return work.result()
-            if watcher.result().get("type") == "http.disconnect":
-                raise ClientDisconnected
-            watcher = asyncio.ensure_future(request.receive())
+        return await work
+    except asyncio.CancelledError:
+        if gone:
+            raise ClientDisconnected from None
+        raise
     finally:
-        if not watcher.done():
-            watcher.cancel()
+        timer.cancel()
+        for task in watcher:
+            task.cancel()
+
+
+def _on_message(task: asyncio.Future, work: asyncio.Future, gone: list[bool]) -> None:
+    if task.cancelled() or task.exception() is not None or work.done():
+        return
+    if task.result().get("type") == "http.disconnect":
+        gone.append(True)
+        work.cancel()

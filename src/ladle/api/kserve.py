@@ -163,7 +163,8 @@ class KServeAPI:
                 (o.name, outputs[o.name], req.binary_output if o.binary is None else o.binary) for o in req.outputs
             ]
         body, header_length = codec.encode_infer_response(mv.name, str(mv.version), req.id, chosen)
-        body, encoding = codec.encode_content(body, request.headers.get("accept-encoding"))
+        # compressing a few hundred bytes costs more than sending them
+        body, encoding = codec.encode_content(body, request.headers.get("accept-encoding"), min_size=1024)
         headers = {}
         media_type = "application/json"
         if header_length is not None:

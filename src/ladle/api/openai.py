@@ -10,8 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import Request
@@ -23,11 +22,12 @@ from ladle.api.openai_format import Choice, chat_logprobs, completion_logprobs, 
 from ladle.api.openai_protocol import ChatCompletionRequest, CompletionRequest, Schema, parse_request
 from ladle.api.sse import DONE, merge, sse
 from ladle.errors import InvalidInput, LadleError, ModelError, NotFound
-from ladle.llm.async_engine import AsyncEngine
 from ladle.llm.output_processor import StreamDelta
-from ladle.llm.sampler import child_seed
 from ladle.llm.sampling_params import SamplingParams
 from ladle.repository.registry import ModelRegistry
+
+if TYPE_CHECKING:  # the engine pulls in torch; a server without LLMs never imports it
+    from ladle.llm.async_engine import AsyncEngine
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -42,16 +42,11 @@ class Generation:
         self.id = uuid.uuid4().hex
         self.created = int(time.time())
         self.streams = [
-            engine.generate(ids, self._child(params, i), f"{self.id}-{p}-{i}")
+            engine.generate(ids, params.child(i), f"{self.id}-{p}-{i}")
             for p, ids in enumerate(prompts) for i in range(params.n)
         ]
         self.choices = [Choice(index) for index in range(len(self.streams))]
         self.cached_tokens = 0
-
-    @staticmethod
-    def _child(params: SamplingParams, i: int) -> SamplingParams:
-        seed = None if params.seed is None else child_seed(params.seed, i)
-        return replace(params, n=1, seed=seed)
 
     async def deltas(self) -> AsyncIterator[tuple[Choice, StreamDelta]]:
         async for index, delta in merge(self.streams):

@@ -61,6 +61,7 @@ class Batcher:
             self._idle.put_nowait(instance)
         self._wakeup = asyncio.Event()
         self._running: set[asyncio.Task] = set()
+        self._inflight = 0  # submitted and not yet resolved (queued + running)
         self._closing = False
         self._loop = asyncio.get_running_loop()
         self._dispatcher = self._loop.create_task(self._dispatch_loop(), name=f"batcher-{label}")
@@ -86,9 +87,14 @@ class Batcher:
         if timeout_s is not None:
             pending.timer = self._loop.call_later(timeout_s, self._expire, pending)
         self.queue.push(pending)
+        self._inflight += 1
+        pending.future.add_done_callback(self._resolved)
         self._queue_changed()
         self._wakeup.set()
         return pending
+
+    def _resolved(self, _future: asyncio.Future) -> None:
+        self._inflight -= 1
 
     def cancel(self, pending: PendingRequest) -> None:
         """The client went away: drop the request if it has not started."""
@@ -154,6 +160,8 @@ class Batcher:
         fitting = [p for p in self._policy.preferred_batch_sizes if p <= queued]
         if fitting:
             return fitting[-1]
+        if self._policy.eager and len(self.queue) == self._inflight:
+            return self._max_rows  # every request we hold is waiting: no one else is about to join
         oldest = self.queue.oldest_arrival()
         delay = self._policy.max_queue_delay_ms / 1000.0
         if oldest is None or time.monotonic() >= oldest + delay:

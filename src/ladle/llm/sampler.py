@@ -29,11 +29,6 @@ def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Gener
     return generator
 
 
-def child_seed(seed: int, index: int) -> int:
-    """Seed of child `index` (0-based) of an n>1 request: children must differ, yet each stays reproducible."""
-    return seed + index
-
-
 def is_greedy(params: SamplingParams) -> bool:
     return params.greedy or params.temperature < GREEDY_TEMPERATURE_EPS
 

@@ -5,7 +5,7 @@ Frozen and validated on construction, so the engine never sees an impossible com
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,10 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
             (all(s for s in self.stop), "stop strings must be non-empty"),
         ]
+
+    def child(self, index: int) -> SamplingParams:
+        """Choice `index` of an n > 1 request: one sequence, seed + index (children differ, each reproducible)."""
+        return replace(self, n=1, seed=None if self.seed is None else self.seed + index)
 
     @property
     def greedy(self) -> bool:

@@ -51,6 +51,9 @@ class DynamicBatching:
     default_queue_timeout_ms: float = 0.0
     ragged: str = "group"
     padding_value: float = 0.0
+    # dispatch without waiting out max_queue_delay_ms when every request the model holds is already
+    # queued: nothing else is on its way, so waiting would only add latency (false: Triton's strict delay)
+    eager: bool = True
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,12 @@ def _number(value: Any, path: Path | str, name: str) -> float:
     return float(value)
 
 
+def _bool(value: Any, path: Path | str, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(path, name, f"true or false, got {value!r}")
+    return value
+
+
 def _choice(value: Any, choices: tuple[str, ...], path: Path | str, name: str) -> str:
     if value not in choices:
         raise ConfigError(path, name, f"one of {list(choices)}, got {value!r}")
@@ -250,6 +259,7 @@ def _batching(value: Any, path: Path | str, max_batch: int) -> DynamicBatching:
         ),
         ragged=_choice(raw.get("ragged", "group"), RAGGED_MODES, path, f + "ragged"),
         padding_value=_number(raw.get("padding_value", 0.0), path, f + "padding_value"),
+        eager=_bool(raw.get("eager", True), path, f + "eager"),
     )
 
 
