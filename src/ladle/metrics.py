@@ -41,7 +41,9 @@ class Metrics:
             "ladle_model_batch_size", "Rows per executed batch", labels, buckets=BATCH_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("ladle_model_queue_depth", "Requests waiting in the queue", labels, registry=r)
-        self.inflight = Gauge("ladle_model_inflight_requests", "Requests being handled", labels, registry=r)
+        self.inflight = Gauge(
+            "ladle_model_inflight_requests", "Requests queued or running in the batcher", labels, registry=r
+        )
         self.load_duration = Gauge(
             "ladle_model_load_duration_seconds", "How long the last load of a version took", labels, registry=r
         )
@@ -85,8 +87,10 @@ class VersionMetrics:
     def on_batch(self, rows: int, requests: int) -> None:
         self.batch_size.observe(rows)
 
-    def on_queue_depth(self, depth: int) -> None:
-        self.queue_depth.set(depth)
+    def watch(self, queue_depth, inflight) -> None:
+        """Gauges read at scrape time from the batcher itself: nothing to update per request."""
+        self.queue_depth.set_function(queue_depth)
+        self.inflight.set_function(inflight)
 
 
 TOKEN_LATENCY_BUCKETS = (

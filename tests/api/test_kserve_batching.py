@@ -22,7 +22,8 @@ from tests.server import LadleServer
 def server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("batching")
     log = repo / "slow.log"
-    write_probe(repo, "probe", max_batch_size=16, dynamic_batching={"max_queue_delay_ms": 20})
+    write_probe(repo, "probe", max_batch_size=16, dynamic_batching={"max_queue_delay_ms": 20, "eager": False})
+    write_probe(repo, "busy", max_batch_size=16, dynamic_batching={"max_queue_delay_ms": 1})
     write_probe(repo, "workers", max_batch_size=4, instance_count=2, instance_kind="process",
                 dynamic_batching={"max_queue_delay_ms": 1})
     write_probe(repo, "slow", max_batch_size=1, parameters={"log": str(log)},
@@ -59,6 +60,16 @@ def test_64_concurrent_requests_get_their_own_rows_and_batches_form(server) -> N
     count = float(re.search(r'ladle_model_batch_size_count\{model="probe",version="1"\} (\S+)', metrics).group(1))
     assert count < 64, "some requests must have shared a batch"
     assert float(buckets["1.0"]) < count, "the batch-size histogram shows batches larger than 1"
+
+
+def test_eager_batching_forms_batches_while_the_model_is_busy(server) -> None:
+    values = [-(5.0 + i / 64) for i in range(64)]  # negative: each batch sleeps ~5 ms, so requests pile up
+    responses = asyncio.run(post_many(server.url, values, model="busy"))
+    for v, r in zip(values, responses, strict=True):
+        assert r.json()["outputs"][0]["data"] == [np.float32(2 * v).item()]
+    metrics = httpx.get(server.url + "/metrics").text
+    count = float(re.search(r'ladle_model_batch_size_count\{model="busy",version="1"\} (\S+)', metrics).group(1))
+    assert count < 32, f"64 requests ran in {count} batches"
 
 
 def test_mixed_batch_sizes_are_split_back_correctly(server) -> None:

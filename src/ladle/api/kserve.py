@@ -41,14 +41,14 @@ class KServeAPI:
     def routes(self) -> list[Route]:
         model = "/v2/models/{model}"
         version = model + "/versions/{version}"
-        return [
+        return [  # the hot route first: Starlette tries routes in order
+            *(Route(p + "/infer", self.infer, methods=["POST"]) for p in (model, version)),
             Route("/v2", self.server_metadata, methods=["GET"]),
             Route("/v2/health/live", self.live, methods=["GET"]),
             Route("/v2/health/ready", self.ready, methods=["GET"]),
             *(Route(p, self.model_metadata, methods=["GET"]) for p in (model, version)),
             *(Route(p + "/ready", self.model_ready, methods=["GET"]) for p in (model, version)),
             *(Route(p + "/config", self.model_config, methods=["GET"]) for p in (model, version)),
-            *(Route(p + "/infer", self.infer, methods=["POST"]) for p in (model, version)),
             Route("/v2/repository/index", self.repository_index, methods=["POST"]),
             Route("/v2/repository/models/{model}/load", self.load, methods=["POST"]),
             Route("/v2/repository/models/{model}/unload", self.unload, methods=["POST"]),
@@ -111,7 +111,6 @@ class KServeAPI:
     async def infer(self, request: Request) -> Response:
         started = time.monotonic()
         mv = self._lookup(request)
-        mv.metrics.inflight.inc()
         try:
             response = await self._infer(request, mv)
         except ClientDisconnected:
@@ -121,8 +120,6 @@ class KServeAPI:
         except LadleError as exc:
             mv.metrics.outcome("error" if exc.status >= 500 else "rejected")
             raise
-        finally:
-            mv.metrics.inflight.dec()
         elapsed = time.monotonic() - started
         mv.metrics.outcome("success")
         mv.metrics.request_duration.observe(elapsed)

@@ -9,7 +9,6 @@ references: concatenating, running and splitting happen on the instance's thread
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -41,7 +40,6 @@ class BatchObserver(Protocol):
     """Receives per-batch facts for metrics; called on the event loop."""
 
     def on_batch(self, rows: int, requests: int) -> None: ...
-    def on_queue_depth(self, depth: int) -> None: ...
 
 
 class Batcher:
@@ -56,15 +54,14 @@ class Batcher:
         self._merge = config.dynamic_batching is not None
         self._max_rows = max(config.max_batch_size, 1)
         self.queue = RequestQueue(self._policy.max_queue_size, self._policy.priority_levels)
-        self._idle: asyncio.Queue[Instance] = asyncio.Queue()
-        for instance in self.instances:
-            self._idle.put_nowait(instance)
-        self._wakeup = asyncio.Event()
-        self._running: set[asyncio.Task] = set()
+        self._group = self._policy.ragged == "group"
+        self._delay_s = self._policy.max_queue_delay_ms / 1000.0
+        self._idle: list[Instance] = list(reversed(self.instances))  # a stack: the first instance runs first
+        self._running = 0  # batches on instances now
+        self._timer: asyncio.TimerHandle | None = None
         self._inflight = 0  # submitted and not yet resolved (queued + running)
         self._closing = False
         self._loop = asyncio.get_running_loop()
-        self._dispatcher = self._loop.create_task(self._dispatch_loop(), name=f"batcher-{label}")
 
     # -- the request side -------------------------------------------------------------------
     def submit(
@@ -89,19 +86,32 @@ class Batcher:
         self.queue.push(pending)
         self._inflight += 1
         pending.future.add_done_callback(self._resolved)
-        self._queue_changed()
-        self._wakeup.set()
+        self._dispatch()
         return pending
 
-    def _resolved(self, _future: asyncio.Future) -> None:
+    @property
+    def inflight(self) -> int:
+        """Requests submitted and not yet answered (queued or running)."""
+        return self._inflight
+
+    def _resolved(self, future: asyncio.Future) -> None:
+        if future.cancelled():  # resolutions by _resolve were counted there, synchronously
+            self._inflight -= 1
+
+    def _resolve(self, pending: PendingRequest, outcome: InferResult | LadleError) -> None:
+        """Resolve a request exactly once; counted at once so the next _dispatch sees it."""
+        if pending.future.done():
+            return
         self._inflight -= 1
+        if isinstance(outcome, LadleError):
+            pending.future.set_exception(outcome)
+        else:
+            pending.future.set_result(outcome)
 
     def cancel(self, pending: PendingRequest) -> None:
         """The client went away: drop the request if it has not started."""
-        if self.queue.discard(pending):
-            self._queue_changed()
-            if pending.timer is not None:
-                pending.timer.cancel()
+        if self.queue.discard(pending) and pending.timer is not None:
+            pending.timer.cancel()
         if not pending.future.done():
             pending.future.cancel()
 
@@ -117,38 +127,21 @@ class Batcher:
 
     def _expire(self, pending: PendingRequest) -> None:
         if self.queue.discard(pending):
-            self._queue_changed()
-            _resolve(pending, QueueTimeout(f"model {self.label}: request timed out in the queue before it could run"))
-
-    def _queue_changed(self) -> None:
-        if self.observer is not None:
-            self.observer.on_queue_depth(len(self.queue))
+            message = f"model {self.label}: request timed out in the queue before it could run"
+            self._resolve(pending, QueueTimeout(message))
 
     # -- the dispatch side ------------------------------------------------------------------
-    async def _dispatch_loop(self) -> None:
-        while True:
-            instance = await self._idle.get()
-            batch = await self._next_batch()
-            task = self._loop.create_task(self._run(instance, batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
-
-    async def _next_batch(self) -> list[PendingRequest]:
-        while True:
-            if not len(self.queue):
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
+    # Event-driven, no dispatcher task: a submit, a finished batch or the delay timer each call
+    # _dispatch, which starts batches while instances are idle. Every await saved here is latency.
+    def _dispatch(self) -> None:
+        while self._idle and len(self.queue):
             max_rows = self._ready_rows()
             if max_rows is None:
-                await self._wait_for_more()
-                continue
-            batch = self.queue.take_batch(
-                max_rows, group=self._policy.ragged == "group", max_requests=0 if self._merge else 1
-            )
-            self._queue_changed()
+                self._arm_timer()
+                return
+            batch = self.queue.take_batch(max_rows, group=self._group, max_requests=0 if self._merge else 1)
             if batch:
-                return batch
+                self._start(self._idle.pop(), batch)
 
     def _ready_rows(self) -> int | None:
         """How many rows to take now, or None to keep waiting for a fuller batch."""
@@ -163,41 +156,50 @@ class Batcher:
         if self._policy.eager and len(self.queue) == self._inflight:
             return self._max_rows  # every request we hold is waiting: no one else is about to join
         oldest = self.queue.oldest_arrival()
-        delay = self._policy.max_queue_delay_ms / 1000.0
-        if oldest is None or time.monotonic() >= oldest + delay:
+        if oldest is None or time.monotonic() >= oldest + self._delay_s:
             return self._max_rows
         return None
 
-    async def _wait_for_more(self) -> None:
-        oldest = self.queue.oldest_arrival() or time.monotonic()
-        remaining = oldest + self._policy.max_queue_delay_ms / 1000.0 - time.monotonic()
-        self._wakeup.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), max(remaining, 0.0))
+    def _arm_timer(self) -> None:
+        if self._timer is None:
+            oldest = self.queue.oldest_arrival() or time.monotonic()
+            remaining = oldest + self._delay_s - time.monotonic()
+            # the loop clock may be coarser than monotonic(): never spin on a zero delay
+            self._timer = self._loop.call_later(max(remaining, 0.0002), self._on_timer)
 
-    async def _run(self, instance: Instance, batch: list[PendingRequest]) -> None:
-        started = time.monotonic()
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _start(self, instance: Instance, batch: list[PendingRequest]) -> None:
         for pending in batch:
             if pending.timer is not None:
                 pending.timer.cancel()
+        started = time.monotonic()
+        future = instance.worker.submit(self._loop, self._execute, instance, batch)
+        self._running += 1
+        future.add_done_callback(lambda f: self._finished(instance, batch, started, f))
+
+    def _finished(self, instance: Instance, batch: list[PendingRequest], started: float, future) -> None:
+        self._running -= 1
+        self._idle.append(instance)
         try:
-            pieces = await self._loop.run_in_executor(instance.executor, self._execute, instance, batch)
+            pieces = future.result()
         except LadleError as exc:
             pieces = [exc] * len(batch)
         except Exception as exc:  # a model's own failure must not take the batcher down
-            log.exception("model %s failed on a batch of %d requests", self.label, len(batch))
+            log.exception("model %s failed on a batch of %d requests", self.label, len(batch), exc_info=exc)
             pieces = [ModelError(f"model {self.label} failed: {type(exc).__name__}: {exc}")] * len(batch)
-        finally:
-            self._idle.put_nowait(instance)
         compute_s = time.monotonic() - started
         rows = sum(p.rows for p in batch)
         for pending, piece in zip(batch, pieces, strict=True):
             if isinstance(piece, LadleError):
-                _resolve(pending, piece)
+                self._resolve(pending, piece)
             else:
-                _resolve(pending, InferResult(piece, started - pending.enqueued_at, compute_s, rows))
+                self._resolve(pending, InferResult(piece, started - pending.enqueued_at, compute_s, rows))
         if self.observer is not None:
             self.observer.on_batch(rows, len(batch))
+        self._dispatch()
 
     def _execute(self, instance: Instance, batch: list[PendingRequest]) -> list[dict[str, np.ndarray]]:
         """On the instance thread: assemble, run, split."""
@@ -215,19 +217,10 @@ class Batcher:
         deadline = time.monotonic() + drain_timeout_s
         while (len(self.queue) or self._running) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        self._dispatcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._dispatcher
+        if self._timer is not None:
+            self._timer.cancel()
         for pending in self.queue.drain():
-            _resolve(pending, Unavailable(f"model {self.label} was unloaded before the request could run"))
+            self._resolve(pending, Unavailable(f"model {self.label} was unloaded before the request could run"))
         for instance in self.instances:
             await asyncio.to_thread(instance.close)
 
-
-def _resolve(pending: PendingRequest, outcome: InferResult | LadleError) -> None:
-    if pending.future.done():
-        return
-    if isinstance(outcome, LadleError):
-        pending.future.set_exception(outcome)
-    else:
-        pending.future.set_result(outcome)

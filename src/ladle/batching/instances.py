@@ -1,6 +1,6 @@
 """Model instances: where batches actually run, a thread or a worker process per instance.
 
-Invariant: an instance runs one batch at a time (its executor has one thread), so a Runtime is
+Invariant: an instance runs one batch at a time (it has one worker thread), so a Runtime is
 never called concurrently. Process instances hold the model in a spawned worker, so GIL-bound
 Python models scale across cores; a crashed worker fails its batch and is restarted on the next.
 """
@@ -13,13 +13,13 @@ import multiprocessing
 import os
 import threading
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ladle.batching.worker_thread import WorkerThread
 from ladle.errors import LadleError, ModelError
 from ladle.repository.model_config import ModelConfig
 from ladle.runtimes import load_runtime
@@ -29,20 +29,20 @@ log = logging.getLogger(__name__)
 
 
 class Instance:
-    """Common shape: specs of the loaded model, a one-thread executor, predict and close."""
+    """Common shape: specs of the loaded model, its worker thread, predict and close."""
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.worker = WorkerThread(name)
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False)
+        self.worker.shutdown()
 
 
 class ThreadInstance(Instance):

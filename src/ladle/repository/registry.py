@@ -205,6 +205,7 @@ class ModelRegistry:
             return ModelVersion(name, version, config, (), (), None, vm, 0.0, engine=engine)
         instances = await asyncio.to_thread(create_instances, name, version, version_dir, config)
         batcher = Batcher(f"{name}:{version}", config, instances, observer=vm)
+        vm.watch(lambda: len(batcher.queue), lambda: batcher.inflight)
         first = instances[0]
         return ModelVersion(name, version, config, first.inputs, first.outputs, batcher, vm, 0.0)
 
