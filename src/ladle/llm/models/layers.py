@@ -1,4 +1,4 @@
-"""Building blocks shared by the model families: the CausalLM interface, rotary tables, fused norms, config checks.
+"""Building blocks shared by the model families: the CausalLM interface, rotary tables, RMSNorm, config checks.
 
 Rotary cos/sin tables are computed once at load (float32 math, stored in the model dtype) and indexed by the step's
 positions once per step; layers only multiply.
@@ -50,7 +50,9 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         raise NotImplementedError
 
-    packed_head: PackedLinear | None = None
+    def __init__(self) -> None:
+        super().__init__()
+        self.packed_head: PackedLinear | None = None  # set by prepack(); not a class attribute, which would shadow it
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] for the given final hidden rows (matmul in the model dtype, as vLLM does)."""
