@@ -75,6 +75,9 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     )
     add_dataclass_options(infer, InferBenchConfig, "bench infer")
     infer.set_defaults(handler=_run_infer)
+    from ladle.bench.serve import add_serve_parser
+
+    add_serve_parser(tools)
 
 
 def _run_infer(args: argparse.Namespace) -> int:
