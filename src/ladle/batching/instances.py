@@ -50,7 +50,12 @@ class ThreadInstance(Instance):
 
     def __init__(self, name: str, version_dir: Path, config: ModelConfig) -> None:
         super().__init__(name)
-        self.runtime = load_runtime(version_dir, config)
+        # loaded on the thread that will run it: torch/oneDNN keep per-thread state (see llm/async_engine.py)
+        try:
+            self.runtime = self.worker.call(load_runtime, version_dir, config)
+        except BaseException:
+            self.worker.shutdown()
+            raise
         self.inputs, self.outputs = self.runtime.inputs, self.runtime.outputs
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

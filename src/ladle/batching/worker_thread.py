@@ -8,6 +8,7 @@ Invariant: calls run one at a time, in submission order.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import queue
 import threading
@@ -29,6 +30,13 @@ class WorkerThread:
         self._inbox.put((loop, future, fn, args))
         return future
 
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(*args) on the thread and wait for it (model loading: kernels' per-thread state is then
+        created on the thread that will run the batches)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put((None, future, fn, args))
+        return future.result()
+
     def _run(self) -> None:
         while True:
             item = self._inbox.get()
@@ -39,6 +47,9 @@ class WorkerThread:
                 result, error = fn(*args), None
             except BaseException as exc:  # delivered to the awaiting side, which decides
                 result, error = None, exc
+            if loop is None:
+                _settle_sync(future, result, error)
+                continue
             with contextlib.suppress(RuntimeError):  # the loop closed while we worked: nobody is waiting
                 loop.call_soon_threadsafe(_settle, future, result, error)
 
@@ -49,6 +60,13 @@ class WorkerThread:
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
     if future.cancelled():
         return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _settle_sync(future: concurrent.futures.Future, result: Any, error: BaseException | None) -> None:
     if error is not None:
         future.set_exception(error)
     else:

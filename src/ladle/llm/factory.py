@@ -53,29 +53,34 @@ def pick_device(name: str) -> str:
 def build_engine(config: LLMConfig, name: str, model_dir: Path, families: LLMMetricFamilies | None) -> AsyncEngine:
     """Load the checkpoint and build the engine (blocking: call off the event loop)."""
     started = time.monotonic()
+    tokenizer = Tokenizer.from_dir(model_dir)
+    metrics = LLMMetrics(families, name) if families is not None else None
+    engine = AsyncEngine(name, lambda: build_core(config, model_dir), tokenizer, metrics)
+    runner = engine.core.runner
+    log.info(
+        "LLM %s (%s, %s on %s) ready in %.1fs: context %d tokens, %d KV blocks of %d tokens",
+        name, runner.architecture, str(runner.dtype).removeprefix("torch."), runner.device,
+        time.monotonic() - started, engine.info.max_model_len, runner.num_blocks, config.block_size,
+    )
+    return engine
+
+
+def build_core(config: LLMConfig, model_dir: Path) -> EngineCore:
+    """Runner, block pool, scheduler: what the engine thread steps (built on that thread)."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    device = pick_device(config.device)
     dtype = DTYPES["bfloat16" if config.dtype == "auto" else config.dtype]
     runner = ModelRunner(
-        model_dir, dtype=dtype, device=device, block_size=config.block_size, num_blocks=config.num_kv_blocks,
+        model_dir, dtype=dtype, device=pick_device(config.device), block_size=config.block_size,
+        num_blocks=config.num_kv_blocks,
         kv_cache_memory=None if config.num_kv_blocks else parse_bytes(config.kv_cache_memory),
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
     )
     max_model_len = min(config.max_model_len or runner.max_model_len, runner.max_model_len)
     pool = BlockPool(runner.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
-    kv = KVCacheManager(pool, max_model_len)
     scheduler = Scheduler(
-        kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-        max_model_len=max_model_len, enable_chunked_prefill=config.enable_chunked_prefill,
+        KVCacheManager(pool, max_model_len), max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
+        enable_chunked_prefill=config.enable_chunked_prefill,
     )
-    tokenizer = Tokenizer.from_dir(model_dir)
-    metrics = LLMMetrics(families, name) if families is not None else None
-    engine = AsyncEngine(name, EngineCore(runner, scheduler), tokenizer, metrics)
-    log.info(
-        "LLM %s (%s, %s on %s) ready in %.1fs: context %d tokens, %d KV blocks of %d tokens",
-        name, runner.architecture, str(dtype).removeprefix("torch."), device, time.monotonic() - started,
-        max_model_len, runner.num_blocks, config.block_size,
-    )
-    return engine
-
+    return EngineCore(runner, scheduler)
