@@ -61,12 +61,12 @@ def make_problem(
 def paged_cache(p: Problem, block_size: int, upto: str) -> tuple[torch.Tensor, torch.Tensor]:
     """K/V caches holding each sequence's tokens before start_pos (upto="context") or all of them ("all")."""
     kv_heads, dtype = p.k[0].shape[1], p.k[0].dtype
-    k_cache = torch.zeros(p.num_blocks, block_size, kv_heads, HEAD_DIM, dtype=dtype)
+    k_cache = torch.zeros(kv_heads, p.num_blocks, block_size, HEAD_DIM, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
     for (start, _), k, v, table in zip(p.seqs, p.k, p.v, p.tables, strict=True):
         for pos in range(start if upto == "context" else k.shape[0]):
-            k_cache[table[pos // block_size], pos % block_size] = k[pos]
-            v_cache[table[pos // block_size], pos % block_size] = v[pos]
+            k_cache[:, table[pos // block_size], pos % block_size] = k[pos]
+            v_cache[:, table[pos // block_size], pos % block_size] = v[pos]
     return k_cache, v_cache
 
 
@@ -79,7 +79,7 @@ def run_paged(p: Problem, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     table = np.stack([np.pad(t, (0, width - len(t))) for t in p.tables]).astype(np.int64)
     meta = build_attention_metadata(
         positions, np.repeat(np.arange(len(p.seqs)), num_tokens), num_tokens, table, int((num_tokens == 1).sum()),
-        block_size, p.q[0].dtype, torch.device("cpu"),
+        (k_cache.shape[0], p.num_blocks, block_size), p.q[0].dtype, torch.device("cpu"),
     )
     new_k = torch.cat([k[s:] for k, (s, _) in zip(p.k, p.seqs, strict=True)])
     new_v = torch.cat([v[s:] for v, (s, _) in zip(p.v, p.seqs, strict=True)])

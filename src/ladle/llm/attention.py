@@ -1,6 +1,8 @@
 """Paged attention over a block-structured KV cache: write the step's K/V by slot, attend through block tables.
 
-Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]; slot = block_id * block_size + offset.
+Cache layout per layer: [num_kv_heads, num_blocks, block_size, head_dim] (head-major, so gathered blocks are
+already the [heads, tokens, head_dim] operands attention multiplies: no transposing copies); slot = block_id *
+block_size + offset.
 Flat batch rows: all single-token (decode) sequences first, rows [0, num_decodes), then each multi-token span.
 """
 
@@ -12,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Up to this many decode sequences the fused SDPA kernel wins; beyond, its per-(sequence, head) overhead with only
-# `group` query rows loses to gathering K/V head-major and two batched matmuls (B=32: ~1.6x faster on 2 AVX512 cores).
+# Up to this many decode sequences SDPA's fused kernel wins (B=1: 41 vs 100 us per layer); beyond, its
+# per-(sequence, head) overhead with only `group` query rows loses to baddbmm + softmax + bmm (B=8: 231 vs 133 us).
 _SDPA_MAX_DECODES = 3
 
 
@@ -22,7 +24,8 @@ class PrefillSpan:
     """One multi-token sequence: rows [start, end) of the flat batch at positions start_pos, start_pos+1, ...
 
     When start_pos > 0 (a later chunk or a prefix-cache hit) earlier context is read back from the cache through
-    `block_ids`, and `bias` ([n, len(block_ids) * block_size], 0 or -inf) is the causal mask offset by start_pos.
+    `block_ids` (flat rows of the [kv_heads * num_blocks] cache view, head-major), and `bias` ([n, blocks *
+    block_size], 0 or -inf) is the causal mask offset by start_pos.
     """
 
     start: int
@@ -38,8 +41,10 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] int64: cache slot each new token's K/V goes to
     num_decodes: int  # rows [0, num_decodes) are one-token sequences, attended as one batch
-    decode_block_ids: torch.Tensor | None  # [num_decodes * max_blocks] int64, padded block tables, flattened
-    decode_bias: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size]: 0 for context, -inf for padding
+    # flat rows of the [kv_heads * num_blocks] cache view to gather: [kv_heads * num_decodes * max_blocks] int64,
+    # padded block tables, head-major so the gathered K/V is [kv_heads * num_decodes, context, head_dim] as is
+    decode_block_ids: torch.Tensor | None
+    decode_bias: torch.Tensor | None  # [kv_heads * num_decodes, 1, max_blocks * block_size]: 0 context, -inf padding
     prefills: tuple[PrefillSpan, ...]
 
 
@@ -49,30 +54,34 @@ def build_attention_metadata(
     num_tokens: np.ndarray,
     block_table: np.ndarray,
     num_decodes: int,
-    block_size: int,
+    cache_shape: tuple[int, int, int],
     dtype: torch.dtype,
     device: torch.device,
 ) -> AttentionMetadata:
     """Precompute slot mapping, gather indices and masks for a batch ordered decodes-first.
 
     positions/token_seq: per token (position, sequence index); num_tokens: per sequence; block_table: [S, max_blocks]
-    int64, padded with block 0 (its contents are finite, and padded keys are masked out).
+    int64, padded with block 0 (its contents are finite, and padded keys are masked out); cache_shape: (kv_heads,
+    num_blocks, block_size) of one layer's cache.
     """
+    kv_heads, num_cache_blocks, block_size = cache_shape
+    heads = np.arange(kv_heads)[:, None] * num_cache_blocks  # row offset of each head's blocks in the flat view
     slots = block_table[token_seq, positions // block_size] * block_size + positions % block_size
     context = positions[np.cumsum(num_tokens) - 1] + 1  # tokens in the cache after this step, per sequence
     dec_ids = dec_bias = None
     if num_decodes:
         max_blocks = int(-(-context[:num_decodes].max() // block_size))
-        dec_ids = _to(block_table[:num_decodes, :max_blocks].reshape(-1), device)
-        keys = np.arange(max_blocks * block_size)
-        dec_bias = _bias(keys[None, :] < context[:num_decodes, None], dtype, device)[:, None, None, :]
+        dec_ids = _to((heads + block_table[:num_decodes, :max_blocks].reshape(1, -1)).reshape(-1), device)
+        allowed = np.arange(max_blocks * block_size)[None, :] < context[:num_decodes, None]
+        per_head = np.broadcast_to(allowed[None], (kv_heads, *allowed.shape)).reshape(-1, 1, allowed.shape[1])
+        dec_bias = _bias(per_head, dtype, device)
     spans, row = [], int(num_tokens[:num_decodes].sum())
     for seq in range(num_decodes, len(num_tokens)):
         n, start_pos = int(num_tokens[seq]), int(positions[row])
         ids = bias = None
         if start_pos > 0:
             num_blocks = -(-(start_pos + n) // block_size)
-            ids = _to(block_table[seq, :num_blocks], device)
+            ids = _to((heads + block_table[seq, :num_blocks][None, :]).reshape(-1), device)
             allowed = np.arange(num_blocks * block_size)[None, :] <= (start_pos + np.arange(n))[:, None]
             bias = _bias(allowed, dtype, device)
         spans.append(PrefillSpan(row, row + n, start_pos, ids, bias))
@@ -94,9 +103,9 @@ def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
 ) -> None:
     """Store the step's keys/values ([T, kv_heads, head_dim]) at their cache slots."""
-    _, _, kv_heads, head_dim = k_cache.shape
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+    kv_heads, _, _, head_dim = k_cache.shape
+    k_cache.view(kv_heads, -1, head_dim).index_copy_(1, slots, k.transpose(0, 1))
+    v_cache.view(kv_heads, -1, head_dim).index_copy_(1, slots, v.transpose(0, 1))
 
 
 def paged_attention(
@@ -124,30 +133,33 @@ def paged_attention(
     return out
 
 
-def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """Copy whole blocks out of the cache: [len(block_ids) * block_size, kv_heads, head_dim]."""
-    num_blocks, _, kv_heads, head_dim = cache.shape
-    rows = cache.view(num_blocks, -1).index_select(0, block_ids)
-    return rows.view(-1, kv_heads, head_dim)
+def _gather(cache: torch.Tensor, flat_block_ids: torch.Tensor) -> torch.Tensor:
+    """Copy whole blocks out of the cache by flat (head-major) row ids: [kv_heads, tokens, head_dim].
+    One index_select along dim 0 of the contiguous [kv_heads * num_blocks, ...] view is the fast gather."""
+    kv_heads, num_blocks, _, head_dim = cache.shape
+    rows = cache.view(kv_heads * num_blocks, -1).index_select(0, flat_block_ids)
+    return rows.view(kv_heads, -1, head_dim)
 
 
 def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """One query per sequence. Queries are grouped per KV head ([B, kv_heads, group, D]) so GQA needs no
-    repeated K/V and SDPA sees `group` query rows instead of one."""
+    """One query per sequence. Queries are grouped per KV head ([kv_heads * B, group, D]) so GQA needs no
+    repeated K/V, and the gathered cache blocks are used as they come ([kv_heads * B, context, D])."""
     batch, num_heads, head_dim = q.shape
-    kv_heads = k_cache.shape[2]
-    q = q.view(batch, kv_heads, num_heads // kv_heads, head_dim)
-    k = _gather(k_cache, meta.decode_block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
-    v = _gather(v_cache, meta.decode_block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
-    if batch <= _SDPA_MAX_DECODES:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_bias, scale=scale)
+    kv_heads = k_cache.shape[0]
+    group = num_heads // kv_heads
+    q = q.view(batch, kv_heads, group, head_dim).transpose(0, 1).reshape(kv_heads * batch, group, head_dim)
+    k = _gather(k_cache, meta.decode_block_ids).view(kv_heads * batch, -1, head_dim)
+    v = _gather(v_cache, meta.decode_block_ids).view(kv_heads * batch, -1, head_dim)
+    if batch <= _SDPA_MAX_DECODES:  # 4-D, so SDPA takes its fused kernel: (kv_heads, B) act as (batch, heads)
+        shape = (kv_heads, batch, -1, head_dim)
+        bias = meta.decode_bias.view(kv_heads, batch, 1, -1)
+        out = F.scaled_dot_product_attention(q.view(shape), k.view(shape), v.view(shape), attn_mask=bias, scale=scale)
     else:
-        # An explicit head-major copy is cheaper than the one matmul would make of the transposed views.
-        scores = torch.matmul(q * scale, k.contiguous().transpose(-1, -2)).add_(meta.decode_bias)
-        out = torch.matmul(torch.softmax(scores, dim=-1), v.contiguous())
-    return out.reshape(batch, num_heads * head_dim)
+        scores = torch.baddbmm(meta.decode_bias, q, k.transpose(1, 2), alpha=scale)
+        out = torch.bmm(torch.softmax(scores, dim=-1), v)
+    return out.view(kv_heads, batch, group, head_dim).transpose(0, 1).reshape(batch, num_heads * head_dim)
 
 
 def _prefill(
@@ -169,7 +181,7 @@ def _prefill(
         v_seq = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
         out = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        k_seq = _gather(k_cache, span.block_ids).transpose(0, 1).unsqueeze(0)
-        v_seq = _gather(v_cache, span.block_ids).transpose(0, 1).unsqueeze(0)
+        k_seq = _gather(k_cache, span.block_ids).unsqueeze(0)
+        v_seq = _gather(v_cache, span.block_ids).unsqueeze(0)
         out = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, attn_mask=span.bias, scale=scale, enable_gqa=gqa)
     return out[0].transpose(0, 1).reshape(span.end - span.start, -1)

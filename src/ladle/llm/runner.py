@@ -66,7 +66,7 @@ class ModelRunner:
         self.num_blocks = self._resolve_num_blocks(num_blocks, kv_cache_memory)
         m = self.model
         # One allocation for all layers, zeroed so that masked-out (padding) keys are finite: 0 * NaN poisons P @ V.
-        shape = (m.num_layers, 2, self.num_blocks, block_size, m.num_kv_heads, m.head_dim)
+        shape = (m.num_layers, 2, m.num_kv_heads, self.num_blocks, block_size, m.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         m.bind_kv_cache([(layer[0], layer[1]) for layer in self.kv_cache])
         logger.info(
@@ -115,8 +115,8 @@ class ModelRunner:
         self._validate(ordered, starts + num_tokens, block_table, total)
         input_ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in ordered), np.int64, total)
         meta = build_attention_metadata(
-            positions, token_seq, num_tokens, block_table, int((num_tokens == 1).sum()), self.block_size,
-            self.dtype, self.device,
+            positions, token_seq, num_tokens, block_table, int((num_tokens == 1).sum()),
+            (self.model.num_kv_heads, self.num_blocks, self.block_size), self.dtype, self.device,
         )
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))  # original index -> position in the ordered batch
