@@ -111,6 +111,17 @@ def test_matches_naive_reference(case: str, heads: int, kv_heads: int, block_siz
     torch.testing.assert_close(k_cache, paged_cache(problem, block_size, "all")[0])
 
 
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_lone_decode_reads_consecutive_blocks_in_place(contiguous: bool) -> None:
+    problem = make_problem([(37, 1)], 8, 2, 4, torch.float32)
+    if contiguous:
+        problem.tables = [np.arange(3, 3 + len(problem.tables[0]))]  # the pool's usual, in-order hand-out
+        problem.num_blocks = 3 + len(problem.tables[0])
+    out, k_cache = run_paged(problem, 4)
+    torch.testing.assert_close(out, run_reference(problem), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_cache, paged_cache(problem, 4, "all")[0])
+
+
 def test_bfloat16_within_rounding_of_float32_reference() -> None:
     problem = make_problem(CASES["mixed"], 8, 2, 16, torch.bfloat16)
     out, _ = run_paged(problem, 16)

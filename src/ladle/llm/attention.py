@@ -46,6 +46,9 @@ class AttentionMetadata:
     decode_block_ids: torch.Tensor | None
     decode_bias: torch.Tensor | None  # [kv_heads * num_decodes, 1, max_blocks * block_size]: 0 context, -inf padding
     prefills: tuple[PrefillSpan, ...]
+    # a lone decode whose blocks are consecutive (common: the pool hands out blocks in order) reads them as a
+    # view of the cache instead of gathering a copy: (first block, number of blocks)
+    decode_run: tuple[int, int] | None = None
 
 
 def build_attention_metadata(
@@ -68,13 +71,14 @@ def build_attention_metadata(
     heads = np.arange(kv_heads)[:, None] * num_cache_blocks  # row offset of each head's blocks in the flat view
     slots = block_table[token_seq, positions // block_size] * block_size + positions % block_size
     context = positions[np.cumsum(num_tokens) - 1] + 1  # tokens in the cache after this step, per sequence
-    dec_ids = dec_bias = None
+    dec_ids = dec_bias = decode_run = None
     if num_decodes:
         max_blocks = int(-(-context[:num_decodes].max() // block_size))
         dec_ids = _to((heads + block_table[:num_decodes, :max_blocks].reshape(1, -1)).reshape(-1), device)
         allowed = np.arange(max_blocks * block_size)[None, :] < context[:num_decodes, None]
         per_head = np.broadcast_to(allowed[None], (kv_heads, *allowed.shape)).reshape(-1, 1, allowed.shape[1])
         dec_bias = _bias(per_head, dtype, device)
+        decode_run = _consecutive(block_table[0, :max_blocks]) if num_decodes == 1 else None
     spans, row = [], int(num_tokens[:num_decodes].sum())
     for seq in range(num_decodes, len(num_tokens)):
         n, start_pos = int(num_tokens[seq]), int(positions[row])
@@ -86,7 +90,12 @@ def build_attention_metadata(
             bias = _bias(allowed, dtype, device)
         spans.append(PrefillSpan(row, row + n, start_pos, ids, bias))
         row += n
-    return AttentionMetadata(_to(slots, device), num_decodes, dec_ids, dec_bias, tuple(spans))
+    return AttentionMetadata(_to(slots, device), num_decodes, dec_ids, dec_bias, tuple(spans), decode_run)
+
+
+def _consecutive(block_ids: np.ndarray) -> tuple[int, int] | None:
+    first = int(block_ids[0])
+    return (first, len(block_ids)) if (block_ids == np.arange(first, first + len(block_ids))).all() else None
 
 
 def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -150,8 +159,13 @@ def _decode(
     kv_heads = k_cache.shape[0]
     group = num_heads // kv_heads
     q = q.view(batch, kv_heads, group, head_dim).transpose(0, 1).reshape(kv_heads * batch, group, head_dim)
-    k = _gather(k_cache, meta.decode_block_ids).view(kv_heads * batch, -1, head_dim)
-    v = _gather(v_cache, meta.decode_block_ids).view(kv_heads * batch, -1, head_dim)
+    if meta.decode_run is not None:
+        first, count = meta.decode_run
+        k = k_cache[:, first : first + count].view(kv_heads, -1, head_dim)  # a view: nothing copied
+        v = v_cache[:, first : first + count].view(kv_heads, -1, head_dim)
+    else:
+        k = _gather(k_cache, meta.decode_block_ids).view(kv_heads * batch, -1, head_dim)
+        v = _gather(v_cache, meta.decode_block_ids).view(kv_heads * batch, -1, head_dim)
     if batch <= _SDPA_MAX_DECODES:  # 4-D, so SDPA takes its fused kernel: (kv_heads, B) act as (batch, heads)
         shape = (kv_heads, batch, -1, head_dim)
         bias = meta.decode_bias.view(kv_heads, batch, 1, -1)
