@@ -1,0 +1,41 @@
+"""`make bench`: the standard benchmark set, end to end (about 10-15 minutes on the 2-core dev box).
+
+Runs the hardware probe, the classic (KServe v2) benchmark and the LLM (OpenAI API) benchmark one after the
+other, never overlapping (each would skew the others), and says where each wrote its tables.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STEPS = [
+    ("hardware roofline figures", [str(HERE / "hardware.py")]),
+    ("classic: iris + minilm, ladle vs a bare Starlette floor", [str(HERE / "classic" / "run.py")]),
+    ("LLM: SmolLM-135M-shaped Llama, ladle vs transformers", [str(HERE / "llm" / "run.py")]),
+]
+
+
+def main() -> int:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    started = time.monotonic()
+    for index, (title, args) in enumerate(STEPS, start=1):
+        print(f"\n=== [{index}/{len(STEPS)}] {title} ===", flush=True)
+        step_started = time.monotonic()
+        result = subprocess.run([sys.executable, *args], env=env, cwd=HERE.parent)
+        print(f"=== [{index}/{len(STEPS)}] done in {time.monotonic() - step_started:.0f}s ===", flush=True)
+        if result.returncode != 0:
+            print(f"benchmark step failed ({title}), exit {result.returncode}", file=sys.stderr)
+            return result.returncode
+    print(f"\nall benchmarks done in {(time.monotonic() - started) / 60:.1f} min; tables in "
+          f"benchmarks/classic/out/ and benchmarks/llm/out/, plot in benchmarks/llm/throughput.png; "
+          "benchmarks/RESULTS.md records them with the machine and commands")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
