@@ -34,7 +34,7 @@ class Metrics:
             labels, buckets=LATENCY_BUCKETS, registry=r,
         )
         self.compute_duration = Histogram(
-            "ladle_model_compute_duration_seconds", "Time the batch holding a request took to run",
+            "ladle_model_compute_duration_seconds", "Time each executed batch took to run (once per batch)",
             labels, buckets=LATENCY_BUCKETS, registry=r,
         )
         self.batch_size = Histogram(
@@ -84,8 +84,9 @@ class VersionMetrics:
             counter = self._outcomes[outcome] = self._metrics.requests.labels(*self._labels, outcome)
         counter.inc()
 
-    def on_batch(self, rows: int, requests: int) -> None:
+    def on_batch(self, rows: int, requests: int, compute_s: float) -> None:
         self.batch_size.observe(rows)
+        self.compute_duration.observe(compute_s)
 
     def watch(self, queue_depth, inflight) -> None:
         """Gauges read at scrape time from the batcher itself: nothing to update per request."""

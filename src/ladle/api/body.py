@@ -20,8 +20,17 @@ class ClientDisconnected(Exception):
     """The client closed the connection before its response was ready."""
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+def header_values(request: Request, *names: bytes) -> dict[bytes, str]:
+    """The named headers (lower-case bytes) in one pass over the raw ASGI headers: cheaper on the hot path
+    than building Starlette's Headers and scanning it once per lookup."""
+    wanted = set(names)
+    return {key: value.decode("latin-1") for key, value in request.scope["headers"] if key in wanted}
+
+
+async def read_body(request: Request, limit: int, declared: str | None = None) -> bytes:
+    """The body, at most `limit` bytes; `declared` is the Content-Length header when the caller has it."""
+    if declared is None:
+        declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise InvalidInput(f"invalid Content-Length header {declared!r}")

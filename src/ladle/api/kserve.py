@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from ladle import __version__
 from ladle.api import kserve_codec as codec
-from ladle.api.body import ClientDisconnected, read_body, until_disconnect
+from ladle.api.body import ClientDisconnected, header_values, read_body, until_disconnect
 from ladle.errors import InvalidInput, LadleError
 from ladle.metrics import Metrics
 from ladle.repository.registry import ModelRegistry, ModelVersion
@@ -25,7 +25,8 @@ from ladle.repository.signature import check_inputs, check_outputs, served_shape
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "schedule_policy"]
-HEADER_LENGTH = "inference-header-content-length"
+HEADER_LENGTH = b"inference-header-content-length"
+_INFER_HEADERS = (b"content-length", b"content-encoding", HEADER_LENGTH, b"accept-encoding")
 
 
 def _json(payload: object, status: int = 200) -> Response:
@@ -128,9 +129,10 @@ class KServeAPI:
     async def _infer(self, request: Request, mv: ModelVersion) -> Response:
         if mv.batcher is None:
             raise InvalidInput(f"model '{mv.name}' is an LLM: use the OpenAI API (POST /v1/completions)")
-        body = await read_body(request, self.max_request_bytes)
-        body = codec.decode_content(body, request.headers.get("content-encoding"), self.max_request_bytes)
-        header_length = _header_length(request)
+        headers = header_values(request, *_INFER_HEADERS)
+        body = await read_body(request, self.max_request_bytes, headers.get(b"content-length"))
+        body = codec.decode_content(body, headers.get(b"content-encoding"), self.max_request_bytes)
+        header_length = _header_length(headers.get(HEADER_LENGTH))
         req = codec.decode_infer_request(body, header_length)
         inputs = {t.name: t.data for t in req.inputs}
         label = f"{mv.name}:{mv.version}"
@@ -145,14 +147,15 @@ class KServeAPI:
             mv.batcher.cancel(pending)
             raise
         mv.metrics.queue_duration.observe(result.queue_s)
-        mv.metrics.compute_duration.observe(result.compute_s)
         log.debug(
             "infer %s rows=%d queue=%.2fms compute=%.2fms batch=%d",
             label, rows, result.queue_s * 1e3, result.compute_s * 1e3, result.batch_rows,
         )
-        return self._encode(request, req, mv, result.outputs)
+        return self._encode(headers.get(b"accept-encoding"), req, mv, result.outputs)
 
-    def _encode(self, request: Request, req: codec.InferRequest, mv: ModelVersion, outputs: dict) -> Response:
+    def _encode(
+        self, accept_encoding: str | None, req: codec.InferRequest, mv: ModelVersion, outputs: dict
+    ) -> Response:
         if req.outputs is None:
             chosen = [(s.name, outputs[s.name], req.binary_output) for s in mv.outputs if s.name in outputs]
         else:
@@ -161,7 +164,7 @@ class KServeAPI:
             ]
         body, header_length = codec.encode_infer_response(mv.name, str(mv.version), req.id, chosen)
         # compressing a few hundred bytes costs more than sending them
-        body, encoding = codec.encode_content(body, request.headers.get("accept-encoding"), min_size=1024)
+        body, encoding = codec.encode_content(body, accept_encoding, min_size=1024)
         headers = {}
         media_type = "application/json"
         if header_length is not None:
@@ -202,8 +205,7 @@ def _tensor_meta(mv: ModelVersion, spec) -> dict:
     return {"name": spec.name, "datatype": spec.datatype, "shape": served_shape(mv.config, spec)}
 
 
-def _header_length(request: Request) -> int | None:
-    raw = request.headers.get(HEADER_LENGTH)
+def _header_length(raw: str | None) -> int | None:
     if raw is None:
         return None
     if not raw.isdigit():

@@ -39,7 +39,7 @@ class InferResult:
 class BatchObserver(Protocol):
     """Receives per-batch facts for metrics; called on the event loop."""
 
-    def on_batch(self, rows: int, requests: int) -> None: ...
+    def on_batch(self, rows: int, requests: int, compute_s: float) -> None: ...
 
 
 class Batcher:
@@ -198,7 +198,7 @@ class Batcher:
             else:
                 self._resolve(pending, InferResult(piece, started - pending.enqueued_at, compute_s, rows))
         if self.observer is not None:
-            self.observer.on_batch(rows, len(batch))
+            self.observer.on_batch(rows, len(batch), compute_s)
         self._dispatch()
 
     def _execute(self, instance: Instance, batch: list[PendingRequest]) -> list[dict[str, np.ndarray]]:
