@@ -242,3 +242,49 @@ def test_close_drains_queued_requests() -> None:
         assert [r.outputs["y"][0, 0] for r in results] == [0.0, 2.0, 4.0, 6.0, 8.0]
 
     asyncio.run(main())
+
+
+class ThreadRecordingInstance(RecordingInstance):
+    """Also records which thread ran each batch; sleeps `slow_s` for inputs of 999."""
+
+    def __init__(self, slow_s: float = 0.0) -> None:
+        super().__init__("threads")
+        self.threads: list[str] = []
+        self.slow_s = slow_s
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.threads.append(threading.current_thread().name)
+        if inputs["x"][0, 0] == 999:
+            time.sleep(self.slow_s)
+        return super().predict(inputs)
+
+
+def test_microsecond_models_run_inline_after_a_warm_up_and_go_back_when_slow() -> None:
+    async def main() -> None:
+        inst = ThreadRecordingInstance(slow_s=0.01)
+        cfg = ModelConfig(name="m", backend="python", max_batch_size=4, inline_max_us=5000)
+        b = Batcher("m:1", cfg, [inst])
+        for i in range(60):
+            (result,) = await gather_results(b, [float(i)])
+            assert result.outputs["y"].tolist() == [[2.0 * i]]
+        loop_thread = threading.current_thread().name
+        assert inst.threads[0] != loop_thread, "a model starts on its own thread"
+        assert inst.threads[-1] == loop_thread, "proven fast (50 batches under the threshold): inline"
+        await gather_results(b, [999.0])  # one slow batch (inline: the last time) ...
+        await gather_results(b, [1.0])
+        assert inst.threads[-1] != loop_thread, "... sends the model back to its thread"
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_inline_is_off_when_disabled() -> None:
+    async def main() -> None:
+        inst = ThreadRecordingInstance()
+        b = Batcher("m:1", ModelConfig(name="m", backend="python", max_batch_size=4, inline_max_us=0), [inst])
+        for i in range(60):
+            await gather_results(b, [float(i)])
+        assert threading.current_thread().name not in inst.threads
+        await b.close()
+
+    asyncio.run(main())

@@ -57,6 +57,7 @@ def test_full_config_parses() -> None:
         ({"dynamic_batching": {"default_priority_level": 3}}, "dynamic_batching.default_priority_level", "in [1"),
         ({"instance_kind": "gpu"}, "instance_kind", "thread"),
         ({"instance_count": 0}, "instance_count", ">= 1"),
+        ({"inline_max_us": -1}, "inline_max_us", ">= 0"),
         ({"version_policy": {"newest": 1}}, "version_policy", "exactly one"),
         ({"version_policy": {"specific": []}}, "version_policy.specific", "non-empty"),
         ({"name": "other"}, "name", "directory name"),

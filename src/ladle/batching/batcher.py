@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from ladle.batching.batch import concat_inputs, shape_key, split_outputs
+from ladle.batching.inline import InlinePolicy
 from ladle.batching.instances import Instance
 from ladle.batching.queue import PendingRequest, RequestQueue
 from ladle.errors import InvalidInput, LadleError, ModelError, QueueFull, QueueTimeout, Unavailable
@@ -62,6 +63,8 @@ class Batcher:
         self._inflight = 0  # submitted and not yet resolved (queued + running)
         self._closing = False
         self._loop = asyncio.get_running_loop()
+        inline_ok = config.instance_kind == "thread" and config.inline_max_us > 0
+        self._inline = InlinePolicy(config.inline_max_us / 1e6) if inline_ok else None
 
     # -- the request side -------------------------------------------------------------------
     def submit(
@@ -176,20 +179,29 @@ class Batcher:
             if pending.timer is not None:
                 pending.timer.cancel()
         started = time.monotonic()
-        future = instance.worker.submit(self._loop, self._execute, instance, batch)
         self._running += 1
-        future.add_done_callback(lambda f: self._finished(instance, batch, started, f))
+        if self._inline is not None and self._inline.allowed:
+            try:
+                outcome: tuple | BaseException = self._timed_execute(instance, batch)
+            except Exception as exc:  # handled like a failure on the thread
+                outcome = exc
+            self._finished(instance, batch, started, outcome)
+            return
+        future = instance.worker.submit(self._loop, self._timed_execute, instance, batch)
+        future.add_done_callback(lambda f: self._finished(instance, batch, started, f.exception() or f.result()))
 
-    def _finished(self, instance: Instance, batch: list[PendingRequest], started: float, future) -> None:
+    def _finished(self, instance: Instance, batch: list[PendingRequest], started: float, outcome) -> None:
         self._running -= 1
         self._idle.append(instance)
-        try:
-            pieces = future.result()
-        except LadleError as exc:
-            pieces = [exc] * len(batch)
-        except Exception as exc:  # a model's own failure must not take the batcher down
-            log.exception("model %s failed on a batch of %d requests", self.label, len(batch), exc_info=exc)
-            pieces = [ModelError(f"model {self.label} failed: {type(exc).__name__}: {exc}")] * len(batch)
+        if isinstance(outcome, LadleError):
+            pieces = [outcome] * len(batch)
+        elif isinstance(outcome, BaseException):  # a model's own failure must not take the batcher down
+            log.error("model %s failed on a batch of %d requests", self.label, len(batch), exc_info=outcome)
+            pieces = [ModelError(f"model {self.label} failed: {type(outcome).__name__}: {outcome}")] * len(batch)
+        else:
+            pieces, model_s = outcome
+            if self._inline is not None:
+                self._inline.record(model_s)
         compute_s = time.monotonic() - started
         rows = sum(p.rows for p in batch)
         for pending, piece in zip(batch, pieces, strict=True):
@@ -201,8 +213,13 @@ class Batcher:
             self.observer.on_batch(rows, len(batch), compute_s)
         self._dispatch()
 
+    def _timed_execute(self, instance: Instance, batch: list[PendingRequest]) -> tuple[list, float]:
+        started = time.perf_counter()
+        pieces = self._execute(instance, batch)
+        return pieces, time.perf_counter() - started
+
     def _execute(self, instance: Instance, batch: list[PendingRequest]) -> list[dict[str, np.ndarray]]:
-        """On the instance thread: assemble, run, split."""
+        """On the instance thread (or inline, see inline.py): assemble, run, split."""
         if not self.config.batched:
             return [instance.predict(batch[0].inputs)]
         inputs = concat_inputs(

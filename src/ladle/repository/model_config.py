@@ -86,6 +86,9 @@ class ModelConfig:
     dynamic_batching: DynamicBatching | None = None
     instance_count: int = 1
     instance_kind: str = "thread"
+    # thread instances whose batches keep finishing under this many microseconds run them on the event
+    # loop instead (batching/inline.py); 0 always uses the thread
+    inline_max_us: float = 100.0
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     parameters: Mapping[str, Any] = field(default_factory=dict)
 
@@ -106,7 +109,7 @@ class ModelConfig:
 
 _TOP_FIELDS = {
     "name", "backend", "inputs", "outputs", "max_batch_size", "dynamic_batching",
-    "instance_count", "instance_kind", "version_policy", "parameters",
+    "instance_count", "instance_kind", "inline_max_us", "version_policy", "parameters",
 }
 _VERSION_FIELDS = {"backend", "parameters"}
 
@@ -150,6 +153,7 @@ def parse_model_config(raw: Mapping[str, Any], name: str, path: Path | str) -> M
         dynamic_batching=None if batching is None else _batching(batching, path, max_batch),
         instance_count=_int(raw.get("instance_count", 1), path, "instance_count", minimum=1),
         instance_kind=_choice(raw.get("instance_kind", "thread"), INSTANCE_KINDS, path, "instance_kind"),
+        inline_max_us=_number(raw.get("inline_max_us", 100.0), path, "inline_max_us"),
         version_policy=_version_policy(raw.get("version_policy", {"latest": 1}), path),
         parameters=_mapping(raw.get("parameters", {}), path, "parameters"),
     )
