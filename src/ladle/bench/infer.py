@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import itertools
 import math
 import random
@@ -31,6 +30,7 @@ import orjson
 from tqdm import tqdm
 
 from ladle.bench import InferBenchConfig
+from ladle.bench.aio import interrupt, run_blocking
 from ladle.bench.stats import DEFAULT_PERCENTILES, format_ms, percentile_key, rate, summarize
 from ladle.tensors import numpy_dtype
 
@@ -305,7 +305,7 @@ async def run_async(config: InferBenchConfig) -> BenchResult:
         load = asyncio.ensure_future(generator.run())
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off the main thread
-            loop.add_signal_handler(signal.SIGINT, _interrupt, result, load)
+            loop.add_signal_handler(signal.SIGINT, interrupt, result, load)
         try:
             await load
         except asyncio.CancelledError:
@@ -317,18 +317,10 @@ async def run_async(config: InferBenchConfig) -> BenchResult:
     return result
 
 
-def _interrupt(result: BenchResult, load: asyncio.Future) -> None:
-    result.interrupted = True
-    load.cancel()
-
 
 def run(config: InferBenchConfig) -> BenchResult:
     """Blocking entry point for scripts (benchmarks/classic/run.py): runs on uvloop when installed."""
-    if importlib.util.find_spec("uvloop") is not None:
-        import uvloop
-
-        return uvloop.run(run_async(config))
-    return asyncio.run(run_async(config))
+    return run_blocking(run_async(config))
 
 
 def main(config: InferBenchConfig) -> int:

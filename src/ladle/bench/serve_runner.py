@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import math
 import os
 import signal
@@ -23,6 +22,7 @@ import orjson
 from tqdm import tqdm
 
 from ladle.bench import datasets
+from ladle.bench.aio import interrupt, run_blocking
 from ladle.bench.datasets import BenchTokenizer, DatasetError, SampleRequest
 from ladle.bench.serve import ServeBenchConfig
 from ladle.bench.serve_client import build_payload, stream_request
@@ -197,7 +197,7 @@ async def _interruptible(runner: LoadRunner, result: ServeBenchResult) -> None:
     load = asyncio.ensure_future(phases())
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):  # no signal handlers off the main thread
-        loop.add_signal_handler(signal.SIGINT, _interrupt, result, load)
+        loop.add_signal_handler(signal.SIGINT, interrupt, result, load)
     try:
         await load
     except asyncio.CancelledError:
@@ -208,18 +208,10 @@ async def _interruptible(runner: LoadRunner, result: ServeBenchResult) -> None:
             loop.remove_signal_handler(signal.SIGINT)
 
 
-def _interrupt(result: ServeBenchResult, load: asyncio.Future) -> None:
-    result.interrupted = True
-    load.cancel()
-
 
 def run(config: ServeBenchConfig) -> ServeBenchResult:
     """Blocking entry point (scripts, benchmarks/llm/run.py): on uvloop when installed."""
-    if importlib.util.find_spec("uvloop") is not None:
-        import uvloop
-
-        return uvloop.run(run_async(config))
-    return asyncio.run(run_async(config))
+    return run_blocking(run_async(config))
 
 
 def main(config: ServeBenchConfig) -> int:
