@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import torch
 from tqdm import tqdm
@@ -178,11 +179,17 @@ class Transformers:
         self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
         self.bench_tok = BenchTokenizer(model_dir)
 
-    def _generate(self, texts: list[str], new_tokens: int) -> int:
+    def _generate(self, texts: list[str], new_tokens: int, latencies: dict[str, list[float]] | None = None) -> int:
+        from transformers import LogitsProcessorList
+
         enc = self.tok(texts, return_tensors="pt", padding=True)
+        clock = _StepClock()
         with torch.inference_mode():
             out = self.model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                      pad_token_id=self.tok.pad_token_id)
+                                      pad_token_id=self.tok.pad_token_id, logits_processor=LogitsProcessorList([clock]))
+        if latencies is not None:  # every request of a static batch sees the same token times
+            latencies["ttft"] += [clock.ttft_ms] * len(texts)
+            latencies["itl"] += clock.itl_ms * len(texts)
         return (out.shape[1] - enc["input_ids"].shape[1]) * len(texts)
 
     def run(self, concurrency: int) -> dict[str, Any]:
@@ -194,12 +201,35 @@ class Transformers:
         self._generate(prompts[:concurrency], 4)
         chunks = [prompts[i:i + concurrency] for i in range(0, len(prompts), concurrency)]
         started, tokens = time.perf_counter(), 0
+        latencies: dict[str, list[float]] = {"ttft": [], "itl": []}
         with foreign_cpu([os.getpid()]) as other:
             for chunk in tqdm(chunks, desc=f"transformers {label}", unit="batch", file=sys.stderr):
-                tokens += self._generate(chunk, OUTPUT_LEN)
+                tokens += self._generate(chunk, OUTPUT_LEN, latencies)
         seconds = time.perf_counter() - started
+        pct = {f"p{q}_{k}_ms": float(np.percentile(v, q)) for k, v in latencies.items() for q in (50, 90, 99)}
         return {"mode": label, "concurrency": concurrency, "requests": len(prompts), "seconds": seconds,
-                "output_tok_s": tokens / seconds, **other}
+                "output_tok_s": tokens / seconds, **pct, **other}
+
+
+class _StepClock:
+    """A logits processor that only notes when each decoding step's logits arrive: transformers' own TTFT
+    (prompt to first token, prefill included) and inter-token latencies, without a streamer."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    @property
+    def ttft_ms(self) -> float:
+        return (self.stamps[0] - self.started) * 1e3
+
+    @property
+    def itl_ms(self) -> list[float]:
+        return [(b - a) * 1e3 for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
 
 
 def measure(model_dir: Path, thread_counts: list[int], headline: int, concurrencies: list[int],
@@ -245,9 +275,11 @@ def markdown(ladle: list[dict], hf: list[dict], headline: int) -> str:
                      f"{r['output_tok_s'] / seq:.2f}x | {vs_static} | {r['p50_ttft_ms']:,.0f} / "
                      f"{r['p99_ttft_ms']:,.0f} | {r['p50_itl_ms']:.1f} / {r['p99_itl_ms']:.1f} | "
                      f"{r['p50_tpot_ms']:.1f} | {_load(r)} |")
-    lines += ["", "| transformers | requests | seconds | out tok/s | other load |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['mode']} | {r['requests']} | {r['seconds']:.1f} | {r['output_tok_s']:,.1f} | {_load(r)} |"
-              for r in hf]
+    lines += ["", "| transformers | requests | seconds | out tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms "
+              "| other load |", "|---|---:|---:|---:|---|---|---:|"]
+    lines += [f"| {r['mode']} | {r['requests']} | {r['seconds']:.1f} | {r['output_tok_s']:,.1f} | "
+              f"{r['p50_ttft_ms']:,.0f} / {r['p99_ttft_ms']:,.0f} | {r['p50_itl_ms']:.1f} / {r['p99_itl_ms']:.1f} | "
+              f"{_load(r)} |" for r in hf]
     lines.append("\nother load: CPU s/s that other processes used during the phase (2 cores in all; 0 = quiet).")
     return "\n".join(lines)
 
@@ -275,12 +307,14 @@ def plot(ladle: list[dict], hf: list[dict], path: Path, headline: int) -> None:
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
     rows = [r for r in ladle if r["threads"] == headline]
-    for metric, style in (("ttft", "o-"), ("itl", "s-")):
-        for q, alpha in (("p50", 1.0), ("p90", 0.6), ("p99", 0.35)):
-            right.plot([r["concurrency"] for r in rows], [r[f"{q}_{metric}_ms"] for r in rows], style, alpha=alpha,
-                       label=f"{metric.upper()} {q}")
-    right.set(xscale="log", yscale="log", xlabel="concurrent requests", ylabel="ms",
-              title=f"ladle latency percentiles ({headline} thread{'s' if headline > 1 else ''})")
+    for who, series, color in (("ladle", rows, "tab:orange"), ("transformers", hf, "tab:green")):
+        for metric, marker in (("ttft", "o"), ("itl", "s")):
+            for q, style in (("p50", "-"), ("p99", ":")):
+                right.plot([r["concurrency"] for r in series], [r[f"{q}_{metric}_ms"] for r in series],
+                           marker + style, color=color, alpha=1.0 if q == "p50" else 0.6,
+                           label=f"{who} {metric.upper()} {q}")
+    right.set(xscale="log", yscale="log", xlabel="concurrent requests (HF: batch size)", ylabel="ms",
+              title=f"TTFT and ITL percentiles (ladle {headline} thread{'s' if headline > 1 else ''})")
     right.set_xticks([r["concurrency"] for r in rows], [str(r["concurrency"]) for r in rows])
     right.grid(alpha=0.3)
     right.legend(fontsize=8, ncol=2)
