@@ -3,6 +3,8 @@ dropped requests to other models while that happens."""
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 
@@ -84,6 +86,26 @@ def test_load_unload_reload_during_traffic_drops_nothing(repo) -> None:
         assert sent[0] > 20
         assert failures == []
         assert c.is_server_ready()
+
+
+def test_request_whose_body_arrives_during_a_reload_is_served_by_the_new_instance(repo) -> None:
+    """The model is looked up when the headers arrive; if a reload retires that version before the
+    body is in, the request goes to its successor instead of failing with 'unloading'."""
+    body = json.dumps(x(4.0)).encode()
+    head = (f"POST /v2/models/steady/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with LadleServer([repo, "--load-model", "steady"]) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(head)
+            time.sleep(0.2)  # the handler is now waiting for the body, holding version 1's first instance
+            assert httpx.post(server.url + "/v2/repository/models/steady/load").status_code == 200
+            sock.sendall(body)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        status, _, rest = reply.partition(b"\r\n")
+        assert status.split()[1] == b"200", reply
+        assert json.loads(rest.partition(b"\r\n\r\n")[2])["outputs"][0]["data"] == [8.0]
 
 
 def test_load_of_unknown_or_broken_model_reports_why(repo) -> None:

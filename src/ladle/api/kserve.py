@@ -111,9 +111,14 @@ class KServeAPI:
     # -- inference ------------------------------------------------------------------------------
     async def infer(self, request: Request) -> Response:
         started = time.monotonic()
-        mv = self._lookup(request)
+        mv = self._lookup(request)  # an unknown model is refused before its body is read
         try:
-            response = await self._infer(request, mv)
+            headers = header_values(request, *_INFER_HEADERS)
+            body = await read_body(request, self.max_request_bytes, headers.get(b"content-length"))
+            # again, now that no await separates it from submit: a reload may have retired that
+            # version while the body arrived, and its successor must take the request
+            mv = self._lookup(request)
+            response = await self._infer(request, mv, headers, body)
         except ClientDisconnected:
             mv.metrics.outcome("cancelled")
             log.debug("infer %s:%d cancelled: client disconnected", mv.name, mv.version)
@@ -126,11 +131,9 @@ class KServeAPI:
         mv.metrics.request_duration.observe(elapsed)
         return response
 
-    async def _infer(self, request: Request, mv: ModelVersion) -> Response:
+    async def _infer(self, request: Request, mv: ModelVersion, headers: dict[bytes, str], body: bytes) -> Response:
         if mv.batcher is None:
             raise InvalidInput(f"model '{mv.name}' is an LLM: use the OpenAI API (POST /v1/completions)")
-        headers = header_values(request, *_INFER_HEADERS)
-        body = await read_body(request, self.max_request_bytes, headers.get(b"content-length"))
         body = codec.decode_content(body, headers.get(b"content-encoding"), self.max_request_bytes)
         header_length = _header_length(headers.get(HEADER_LENGTH))
         req = codec.decode_infer_request(body, header_length)
