@@ -136,6 +136,30 @@ def test_completion_logprobs(client) -> None:
     assert lp.text_offset == sorted(lp.text_offset)
 
 
+def test_echo_with_logprobs_scores_the_prompt_like_transformers(client, checkpoint, tokenizer) -> None:
+    prompt = "score every token of this prompt"
+    ids = tokenizer(prompt)["input_ids"]
+    kw = {"max_tokens": 3, "logprobs": 2, "extra_body": {"ignore_eos": True}}
+    plain = greedy(client, prompt, **kw).choices[0]
+    echoed = greedy(client, prompt, echo=True, **kw).choices[0]
+    lp = echoed.logprobs
+    assert echoed.text.endswith(plain.text) and echoed.text.startswith(prompt)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == len(ids) + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes the first token
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+    expected = [ref[pos - 1, ids[pos]].item() for pos in range(1, len(ids))]
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=1e-4)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:])
+    assert lp.token_logprobs[len(ids):] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-5)
+    assert lp.text_offset[len(ids)] == len(echoed.text) - len(plain.text) and lp.text_offset == sorted(lp.text_offset)
+    chunks = [c.choices[0].logprobs for c in greedy(client, prompt, echo=True, stream=True, **kw) if c.choices]
+    assert [t for c in chunks for t in c.tokens] == lp.tokens
+    assert [v for c in chunks for v in c.token_logprobs][1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    assert [o for c in chunks for o in c.text_offset] == lp.text_offset
+
+
 def test_chat_logprobs(client) -> None:
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
                                        temperature=0, logprobs=True, top_logprobs=4)

@@ -63,7 +63,7 @@ class FakeModel:
         s = self.sched
         assert out.num_batched_tokens == sum(q.num_tokens for q in out.seqs) <= s.max_num_batched_tokens
         assert len(out.seqs) <= s.max_num_seqs and len({q.request_id for q in out.seqs}) == len(out.seqs)
-        sampled = []
+        sampled, prompt = [], {}
         for q in out.seqs:
             r = self.requests[q.request_id]
             assert q.token_ids == r.all_token_ids[q.start_pos : q.context_len] and q.num_tokens > 0
@@ -77,8 +77,18 @@ class FakeModel:
                 self.store[block, pos % self.bs] = v
             if q.sample:
                 sampled.append(next_token(v))
+            if q.prompt_logits:
+                prompt[q.request_id] = self._score(r, q)
         assert len(sampled) == len(out.sampled_ids)
-        return SamplerOutput(sampled, [TokenLogprobs(t, -1.0, []) for t in sampled])
+        return SamplerOutput(sampled, [TokenLogprobs(t, -1.0, []) for t in sampled], prompt)
+
+    @staticmethod
+    def _score(r: Request, q) -> list[TokenLogprobs]:
+        """Prompt logprobs whose value is the scoring position, so a test sees each scored exactly once."""
+        assert r.sampling_params.prompt_logprobs is not None and q.prompt_logits.start >= 0
+        assert q.prompt_logits.stop <= q.num_tokens and q.start_pos + q.prompt_logits.stop < r.num_prompt_tokens
+        positions = [q.start_pos + i for i in q.prompt_logits]
+        return [TokenLogprobs(r.prompt_token_ids[p + 1], float(p), []) for p in positions]
 
     def _read(self, block_ids: list[int], prefix: list[int]) -> int:
         v = SEED
@@ -112,6 +122,7 @@ class Result:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list | None = None
 
 
 def drive(
@@ -154,4 +165,7 @@ def record(results: dict[str, Result], outputs: list[RequestOutput]) -> None:
         assert res.finish_reason is None, f"{o.request_id} got output after finishing"
         assert len(o.new_token_ids) == len(o.new_logprobs)
         res.tokens += o.new_token_ids
+        if o.prompt_logprobs is not None:
+            assert res.prompt_logprobs is None, f"{o.request_id}: prompt logprobs sent twice"
+            res.prompt_logprobs = list(o.prompt_logprobs)
         res.finish_reason, res.stop_reason, res.num_cached_tokens = o.finish_reason, o.stop_reason, o.num_cached_tokens

@@ -67,3 +67,45 @@ def test_greedy_and_logprobs_match_transformers_under_preemption(tmp_path, arch:
             top_ref = torch.topk(ref, 5)
             assert [t for t, _ in lp.top] == top_ref.indices.tolist()
             torch.testing.assert_close(torch.tensor([v for _, v in lp.top]), top_ref.values, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prompt_logprobs_match_transformers_across_chunks_and_a_warm_prefix_cache(tmp_path, arch: str) -> None:
+    """Prompt logprobs (echo + logprobs) score every prompt token once, whether the prompt was prefilled in
+    16-token chunks beside other requests or its blocks already sit in the prefix cache."""
+    model_dir = save_tiny_checkpoint(tmp_path / arch, arch)
+    config = LLMConfig(model=str(model_dir), dtype="float32", num_kv_blocks=64, block_size=16, max_model_len=128,
+                       max_num_batched_tokens=16)
+    engine = build_engine(config, arch, model_dir, None)
+    batch = prompts()[3:6]  # 30, 33 and 48 tokens: two to three chunks each
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=3)
+
+    async def one(ids: list[int]) -> list:
+        deltas = [d async for d in engine.generate(ids, params)]
+        return deltas[0].prompt_logprobs
+
+    async def run() -> tuple[list, list]:
+        engine.start(asyncio.get_running_loop())
+        try:
+            cold = await asyncio.gather(*(one(ids) for ids in batch))
+            warm = await asyncio.gather(*(one(ids) for ids in batch))  # every full block is now cached
+            return cold, warm
+        finally:
+            await engine.close()
+
+    cold, warm = asyncio.run(run())
+    assert engine.core.scheduler.kv.prefix_cache_hits == 0, "scoring a prompt must compute it, not reuse the cache"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for prompt, got, again in zip(batch, cold, warm, strict=True):
+        assert [r and (r.token_id, [t for t, _ in r.top]) for r in again] == [
+            r and (r.token_id, [t for t, _ in r.top]) for r in got]
+        assert [r.logprob for r in again[1:]] == pytest.approx([r.logprob for r in got[1:]], abs=1e-5)
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+        assert got[0] is None and len(got) == len(prompt)
+        for pos, row in enumerate(got[1:]):
+            token = prompt[pos + 1]
+            assert row.token_id == token
+            assert row.logprob == pytest.approx(ref[pos, token].item(), abs=1e-4)
+            top_ref = torch.topk(ref[pos], 3)
+            assert [t for t, _ in row.top] == top_ref.indices.tolist()

@@ -269,6 +269,39 @@ def test_finish_requests_for_a_stop_string():
 # ------------------------------------------------------------------------------- prefix cache
 
 
+def check_prompt_logprobs(r: Request, got) -> None:
+    """Asked for and a token came out: every prompt position scored exactly once, in order, whatever
+    chunking, preemption or prefix caching did; delivered once, with the first token. Else never sent."""
+    if r.sampling_params.prompt_logprobs is None or not got.tokens:
+        assert got.prompt_logprobs is None
+        return
+    prompt = r.prompt_token_ids
+    expected = [None] + [TokenLogprobs(t, float(p), []) for p, t in enumerate(prompt[1:])]
+    assert got.prompt_logprobs == expected
+
+
+def test_prompt_logprobs_bypass_the_prefix_cache_score_each_chunk_and_come_with_the_first_token():
+    s = make(max_num_batched_tokens=6)
+    s.add_request(req("a", range(10), max_tokens=1))
+    step(s)
+    step(s)  # a is done; its two full blocks are cached
+    s.add_request(req("b", [*range(10), 50], max_tokens=2, prompt_logprobs=1))
+    out = s.schedule()
+    assert shape(out) == [("b", 0, 6, False)] and out.seqs[0].prompt_logits == range(0, 6)
+    s.update(out, SamplerOutput([], [], {"b": [TokenLogprobs(t, -1.0, []) for t in range(1, 7)]}))
+    out = s.schedule()
+    assert shape(out) == [("b", 6, 5, True)] and out.seqs[0].prompt_logits == range(0, 4)  # the last scores output
+    prompt_rows = [TokenLogprobs(t, -2.0, []) for t in [7, 8, 9, 50]]
+    (first,) = s.update(out, SamplerOutput([3], [None], {"b": prompt_rows}))
+    assert first.prompt_logprobs is not None and len(first.prompt_logprobs) == 11
+    assert [row.token_id for row in first.prompt_logprobs[1:]] == [*range(1, 10), 50]
+    assert first.num_cached_tokens == 0
+    out, outs = step(s)
+    assert out.seqs[0].prompt_logits == range(0) and outs["b"].prompt_logprobs is None
+    s.add_request(req("c", [*range(10), 50], max_tokens=1))  # scoring done: others still hit the cache
+    assert shape(s.schedule())[0][1] == 8
+
+
 def test_prefix_cache_hits_reduce_scheduled_tokens():
     s = make(max_num_batched_tokens=64)
     s.add_request(req("a", range(10), max_tokens=1))
@@ -332,6 +365,7 @@ def workloads(draw, tight: bool = False):
             min_tokens=min(max_tokens, draw(st.integers(0, 2))),
             ignore_eos=draw(st.booleans()),
             stop_token_ids=tuple(draw(st.lists(st.integers(0, VOCAB - 1), max_size=2))),
+            prompt_logprobs=draw(st.sampled_from([None, None, 0])),
         )
         r = Request(f"r{i}", prompt[:max_prompt] or [0], params, eos_token_id=EOS)
         arrivals.setdefault(draw(st.integers(0, 6)), []).append(r)
@@ -368,6 +402,7 @@ def check_workload(workload) -> None:
             assert got.tokens == want[0][: len(got.tokens)]
         else:
             assert (got.tokens, got.finish_reason, got.stop_reason) == want
+        check_prompt_logprobs(r, got)
     assert s.kv.usage == 0 and s.kv.num_free_blocks == config["num_blocks"]
     assert not s.running and not s.waiting
     s.kv.check_invariants()

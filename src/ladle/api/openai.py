@@ -18,7 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from ladle.api.body import ClientDisconnected, read_body, until_disconnect
-from ladle.api.openai_format import Choice, chat_logprobs, completion_logprobs, usage
+from ladle.api.openai_format import Choice, chat_logprobs, completion_logprobs, echo_logprobs, usage
 from ladle.api.openai_protocol import ChatCompletionRequest, CompletionRequest, Schema, parse_request
 from ladle.api.sse import DONE, merge, sse
 from ladle.errors import InvalidInput, LadleError, ModelError, NotFound
@@ -110,7 +110,9 @@ class OpenAIAPI:
         max_tokens = req.max_tokens or 16
         for ids in prompts:
             engine.check_length(len(ids), max_tokens, "prompt")
-        gen = Generation(engine, prompts, req.sampling_params(max_tokens, req.logprobs))
+        # echo + logprobs scores the prompt too, as OpenAI's legacy completions do
+        params = req.sampling_params(max_tokens, req.logprobs, req.logprobs if req.echo else None)
+        gen = Generation(engine, prompts, params)
         model = req.model or engine.info.name
         if req.stream:
             return _event_stream(self._completion_chunks(gen, req, model))
@@ -138,6 +140,8 @@ class OpenAIAPI:
         logprobs = None
         if req.logprobs is not None:
             logprobs = completion_logprobs(tokenizer, c.token_ids, c.logprobs, len(prefix))
+            if req.echo:
+                logprobs = echo_logprobs(tokenizer, gen.prompt_of(c), c.prompt_logprobs, logprobs)
         return {"index": c.index, "text": prefix + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason,
                 "stop_reason": c.stop_reason}
 
@@ -147,16 +151,21 @@ class OpenAIAPI:
         offsets = [0] * len(gen.choices)
         echoed = [not req.echo] * len(gen.choices)
         async for choice, delta in gen.deltas():
-            text = delta.text
+            text, prompt = delta.text, ""
             if not echoed[choice.index]:
-                text = tokenizer.decode(gen.prompt_of(choice), skip_special_tokens=False) + text
+                prompt = tokenizer.decode(gen.prompt_of(choice), skip_special_tokens=False)
+                text = prompt + text
                 echoed[choice.index] = True
             if not text and not delta.finished and req.logprobs is None:
                 continue
             logprobs = None
             if req.logprobs is not None:
-                logprobs = completion_logprobs(tokenizer, delta.token_ids, delta.logprobs, offsets[choice.index])
-                offsets[choice.index] += len(text)
+                offset = offsets[choice.index] + len(prompt)
+                logprobs = completion_logprobs(tokenizer, delta.token_ids, delta.logprobs, offset)
+                # offsets follow the tokens' texts, as in the non-streamed answer (emitted text can lag a token)
+                offsets[choice.index] = offset + sum(map(len, logprobs["tokens"]))
+                if prompt:
+                    logprobs = echo_logprobs(tokenizer, gen.prompt_of(choice), delta.prompt_logprobs, logprobs)
             yield sse({**head, "choices": [{"index": choice.index, "text": text, "logprobs": logprobs,
                                             "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}]})
         if req.include_usage:

@@ -25,8 +25,11 @@ class Choice:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_output_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def add(self, delta: StreamDelta) -> None:
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         self.text += delta.text
         self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs)
@@ -67,6 +70,15 @@ def completion_logprobs(
         "top_logprobs": tops,
         "text_offset": offsets,
     }
+
+
+def echo_logprobs(
+    tokenizer: Tokenizer, prompt: list[int], rows: list[TokenLogprobs | None] | None, generated: dict[str, Any]
+) -> dict[str, Any]:
+    """`echo` with `logprobs`: the prompt tokens' entries (the first has none: nothing precedes it), then the
+    generated ones. `generated` must already count its text offsets from the end of the echoed prompt."""
+    echoed = completion_logprobs(tokenizer, prompt, rows or [None] * len(prompt), 0)
+    return {key: echoed[key] + generated[key] for key in echoed}
 
 
 def chat_logprobs(tokenizer: Tokenizer, token_ids: list[int], rows: list[TokenLogprobs | None]) -> dict[str, Any]:

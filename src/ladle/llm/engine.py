@@ -14,7 +14,7 @@ import torch
 from ladle.llm.outputs import RequestOutput, SchedulerOutput
 from ladle.llm.request import Request, RequestStatus
 from ladle.llm.runner import ModelRunner
-from ladle.llm.sampler import SamplingMetadata, SamplingRow, make_generator, sample
+from ladle.llm.sampler import PromptScoring, SamplingMetadata, SamplingRow, make_generator, sample
 from ladle.llm.scheduler import Scheduler
 
 
@@ -67,7 +67,23 @@ class EngineCore:
                 request.sampling_params, request.prompt_token_ids, request.output_token_ids,
                 self.generators.get(request_id), request.eos_token_id,
             ))
-        return SamplingMetadata.build(rows, device=self.runner.device)
+        return SamplingMetadata.build(rows, self.runner.device, self._prompt_scoring(sched))
+
+    def _prompt_scoring(self, sched: SchedulerOutput) -> PromptScoring | None:
+        """Which prompt token each scored position predicts (the one after it)."""
+        scored = sched.scored_prompts
+        if not scored:
+            return None
+        targets: list[int] = []
+        for seq in scored:
+            prompt = self.requests[seq.request_id].prompt_token_ids
+            first = seq.start_pos + seq.prompt_logits.start + 1
+            targets += prompt[first : first + len(seq.prompt_logits)]
+        return PromptScoring(
+            tuple(s.request_id for s in scored), tuple(len(s.prompt_logits) for s in scored),
+            tuple(self.requests[s.request_id].sampling_params.prompt_logprobs or 0 for s in scored),
+            torch.tensor(targets, dtype=torch.long, device=self.runner.device),
+        )
 
     def _note_first_schedule(self, sched: SchedulerOutput) -> None:
         now = time.monotonic()

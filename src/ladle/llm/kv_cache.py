@@ -53,10 +53,11 @@ class KVCacheManager:
         """Longest chain of cached full blocks matching the request's token prefix, and its token count.
 
         The count stays < request.num_tokens: the last token must be fed to the model to get logits,
-        so a fully cached sequence backs off one block.
+        so a fully cached sequence backs off one block. A request still owed prompt logprobs gets no hits:
+        its prompt positions' logits must be computed.
         """
         pool = self.pool
-        if not pool.enable_prefix_caching:
+        if not pool.enable_prefix_caching or request.needs_prompt_logprobs:
             return [], 0
         bs = self.block_size
         ids = request.all_token_ids

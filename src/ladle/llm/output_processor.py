@@ -31,6 +31,7 @@ class StreamDelta:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with the first token, when asked
 
     @property
     def finished(self) -> bool:
@@ -101,6 +102,7 @@ class OutputProcessor:
         return StreamDelta(
             output.request_id, text, list(output.new_token_ids), list(output.new_logprobs), finish, stop_reason,
             output.num_prompt_tokens or state.num_prompt_tokens, state.num_output_tokens, output.num_cached_tokens,
+            prompt_logprobs=output.prompt_logprobs,
         )
 
     def _time_tokens(self, state: _State, output: RequestOutput, now: float, scheduled_at: float | None) -> None:

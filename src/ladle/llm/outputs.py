@@ -16,7 +16,8 @@ class ScheduledSeq:
     `block_ids` is the request's whole block table after this step's allocation (enough blocks
     for start_pos + len(token_ids) tokens). `sample` is true when the last fed token is the last
     known token of the request, so its logits pick the next token; false for a prefill chunk that
-    does not yet reach the end of the prompt.
+    does not yet reach the end of the prompt. `prompt_logits` indexes the fed tokens whose logits
+    score the next prompt token (prompt logprobs); empty for nearly every request.
     """
 
     request_id: str
@@ -24,6 +25,7 @@ class ScheduledSeq:
     start_pos: int
     block_ids: list[int]
     sample: bool
+    prompt_logits: range = range(0)
 
     @property
     def num_tokens(self) -> int:
@@ -38,7 +40,8 @@ class ScheduledSeq:
 @dataclass(frozen=True)
 class SchedulerOutput:
     """Everything one engine step runs, in the scheduler's order (the runner may regroup
-    internally, but returns logits rows in `sampled_ids` order)."""
+    internally, but returns logits rows in `sampled_ids` order, then the `prompt_logits` rows
+    of each seq in seq order)."""
 
     seqs: list[ScheduledSeq]
     num_batched_tokens: int
@@ -53,6 +56,11 @@ class SchedulerOutput:
         """Request ids whose logits the runner returns, in row order."""
         return [s.request_id for s in self.seqs if s.sample]
 
+    @property
+    def scored_prompts(self) -> list[ScheduledSeq]:
+        """Seqs whose prompt positions get logits (rows after the sampled ones), in row order."""
+        return [s for s in self.seqs if s.prompt_logits]
+
 
 @dataclass(frozen=True)
 class TokenLogprobs:
@@ -65,10 +73,12 @@ class TokenLogprobs:
 
 @dataclass(frozen=True)
 class SamplerOutput:
-    """One row per sampled request, in SchedulerOutput.sampled_ids order."""
+    """One row per sampled request, in SchedulerOutput.sampled_ids order; prompt logprobs by request id,
+    one entry per scored prompt position (the logprob of the prompt token that follows it)."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,3 +92,5 @@ class RequestOutput:
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # with the first token, when asked: one entry per prompt token, None for the first (nothing precedes it)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import time
 
+from ladle.llm.outputs import TokenLogprobs
 from ladle.llm.sampling_params import SamplingParams
 
 
@@ -32,8 +33,8 @@ class RequestStatus(enum.IntEnum):
 class Request:
     __slots__ = (
         "all_token_ids", "arrival_time", "eos_token_id", "num_cached_tokens", "num_computed_tokens",
-        "num_preemptions", "output_token_ids", "prompt_token_ids", "request_id", "sampling_params",
-        "status", "stop_reason",
+        "num_preemptions", "output_token_ids", "prompt_logprobs", "prompt_token_ids", "request_id",
+        "sampling_params", "status", "stop_reason",
     )
 
     def __init__(
@@ -58,6 +59,8 @@ class Request:
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+        # prompt_logprobs[i] scores prompt token i; it grows as prefill chunks run (token 0 has nothing before it)
+        self.prompt_logprobs: list[TokenLogprobs | None] = [None] if sampling_params.prompt_logprobs is not None else []
 
     @property
     def num_tokens(self) -> int:
@@ -66,6 +69,11 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all scored yet: its prompt must be computed, not served from cache."""
+        return 0 < len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def num_output_tokens(self) -> int:

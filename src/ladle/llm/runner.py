@@ -93,7 +93,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
-        """float32 logits [len(sched.sampled_ids), vocab], rows in sampled_ids order."""
+        """float32 logits [len(sched.sampled_ids) + prompt rows, vocab]: sampled_ids order, then each scored
+        prompt's positions (SchedulerOutput.scored_prompts)."""
         if sched.empty:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
         step = self.prepare_inputs(sched)
@@ -122,6 +123,9 @@ class ModelRunner:
         rank[order] = np.arange(len(order))  # original index -> position in the ordered batch
         sampled = np.fromiter((s.sample for s in seqs), bool, len(seqs))
         logits_rows = (ends - 1)[rank[sampled]]
+        if scored := [(i, s.prompt_logits) for i, s in enumerate(seqs) if s.prompt_logits]:
+            first_row = (ends - num_tokens)[rank]  # original index -> its first row in the flat batch
+            logits_rows = np.concatenate([logits_rows, *(first_row[i] + np.arange(r.start, r.stop) for i, r in scored)])
         return StepInputs(self._to_device(input_ids), self._to_device(positions), meta, self._to_device(logits_rows))
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:

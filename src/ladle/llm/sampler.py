@@ -105,6 +105,16 @@ class RandomGroup:
 
 
 @dataclass(frozen=True)
+class PromptScoring:
+    """Prompt positions whose logits follow the sampled rows: each row scores the prompt token after it."""
+
+    request_ids: tuple[str, ...]
+    counts: tuple[int, ...]  # rows per request, in row order
+    ks: tuple[int, ...]  # top-k alternatives per request
+    targets: torch.Tensor  # [rows] the prompt token each row scores
+
+
+@dataclass(frozen=True)
 class SamplingMetadata:
     """Everything `sample` needs for one step, built once from the sampled rows in row order.
 
@@ -122,13 +132,15 @@ class SamplingMetadata:
     logprob_rows: torch.Tensor | None  # rows that asked for logprobs
     logprob_ks: tuple[int, ...]  # top-k size per logprob row
     max_logprobs: int
+    prompt: PromptScoring | None = None  # prompt logprobs asked for this step
 
     @property
     def all_greedy(self) -> bool:
         return not self.random_groups
 
     @classmethod
-    def build(cls, rows: Sequence[SamplingRow], device: str | torch.device = "cpu") -> SamplingMetadata:
+    def build(cls, rows: Sequence[SamplingRow], device: str | torch.device = "cpu",
+              prompt: PromptScoring | None = None) -> SamplingMetadata:
         greedy = [i for i, row in enumerate(rows) if is_greedy(row.params)]
         plain = [i for i, row in enumerate(rows) if not is_greedy(row.params) and not truncates(row.params)]
         truncated = [i for i, row in enumerate(rows) if not is_greedy(row.params) and truncates(row.params)]
@@ -146,6 +158,7 @@ class SamplingMetadata:
             logprob_rows=torch.tensor(logprob_rows, dtype=torch.long, device=device) if logprob_rows else None,
             logprob_ks=ks,
             max_logprobs=max(ks, default=0),
+            prompt=prompt,
         )
 
 
@@ -200,16 +213,38 @@ def _banned_tokens(rows: Sequence[SamplingRow], device: str | torch.device
 
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
     """Pick one token per row of `logits` [N, V]: penalties -> greedy argmax | temperature -> min_p -> top_k/top_p
-    -> sample. Returns plain Python lists (one .tolist() per result tensor)."""
+    -> sample. Returns plain Python lists (one .tolist() per result tensor). Rows past meta.num_rows are
+    prompt positions to score (meta.prompt), not to sample."""
     logits = logits.float()
+    prompt_logprobs = {}
+    if meta.prompt is not None:
+        prompt_logprobs = score_prompts(logits[meta.num_rows:], meta.prompt)
+        logits = logits[: meta.num_rows]
     log_probs = torch.log_softmax(logits[meta.logprob_rows], dim=-1) if meta.logprob_rows is not None else None
     if meta.penalties is not None or meta.banned_rows is not None:
         logits = apply_penalties(logits.clone(), meta)
     tokens = _choose_tokens(logits, meta)
     token_ids = tokens.tolist()
-    if log_probs is None:
-        return SamplerOutput(token_ids=token_ids, logprobs=[None] * meta.num_rows)
-    return SamplerOutput(token_ids=token_ids, logprobs=_logprobs(log_probs, tokens, token_ids, meta))
+    logprobs = [None] * meta.num_rows if log_probs is None else _logprobs(log_probs, tokens, token_ids, meta)
+    return SamplerOutput(token_ids, logprobs, prompt_logprobs)
+
+
+def score_prompts(logits: torch.Tensor, prompt: PromptScoring) -> dict[str, list[TokenLogprobs]]:
+    """Each row's raw logprob of the prompt token that follows it, and its top-k, split back per request."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    chosen = log_probs.gather(-1, prompt.targets.unsqueeze(1)).squeeze(1).tolist()
+    targets = prompt.targets.tolist()
+    k = min(max(prompt.ks), log_probs.shape[-1])
+    top_lps, top_ids = log_probs.topk(k, dim=-1) if k else (log_probs[:, :0], log_probs[:, :0].long())
+    top_lps, top_ids = top_lps.tolist(), top_ids.tolist()
+    out, row = {}, 0
+    for request_id, count, kk in zip(prompt.request_ids, prompt.counts, prompt.ks, strict=True):
+        out[request_id] = [
+            TokenLogprobs(targets[i], chosen[i], list(zip(top_ids[i][:kk], top_lps[i][:kk], strict=True)))
+            for i in range(row, row + count)
+        ]
+        row += count
+    return out
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

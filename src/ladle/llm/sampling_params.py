@@ -25,6 +25,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token's plus the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token (scored, not sampled)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -46,6 +47,7 @@ class SamplingParams:
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in [0, 20]"),
             (all(s for s in self.stop), "stop strings must be non-empty"),
         ]
 

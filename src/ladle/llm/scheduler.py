@@ -192,7 +192,7 @@ class Scheduler:
         assert req.num_tokens <= self.max_model_len, f"{req.request_id}: exceeds max_model_len"
         return ScheduledSeq(
             req.request_id, req.all_token_ids[start:end], start, list(self.kv.block_table(req.request_id)),
-            end == req.num_tokens,
+            end == req.num_tokens, _prompt_logits(req, start, end),
         )
 
     # ------------------------------------------------------------------- update
@@ -217,6 +217,8 @@ class Scheduler:
             assert req.num_computed_tokens == seq.start_pos, f"{req.request_id}: update out of step"
             req.num_computed_tokens += len(seq.token_ids)
             kv.cache_blocks(req, req.num_computed_tokens)
+            if seq.prompt_logits:
+                req.prompt_logprobs.extend(sampled.prompt_logprobs[req.request_id])
             if not seq.sample:
                 continue
             token = token_ids[r]
@@ -229,6 +231,7 @@ class Scheduler:
                 req.request_id, [token], [logprobs[r] if logprobs else None],
                 status.finish_reason if status is not None else None, stop_reason,
                 req.num_prompt_tokens, req.num_cached_tokens,
+                req.prompt_logprobs if req.prompt_logprobs and req.num_output_tokens == 1 else None,
             ))
         if finished:  # continuous batching: finished requests leave the batch before the next step
             self.running = [req for req in self.running if req.status == _RUNNING]
@@ -254,3 +257,15 @@ class Scheduler:
             req.request_id, token_ids, logprobs, req.status.finish_reason, req.stop_reason,
             req.num_prompt_tokens, req.num_cached_tokens,
         )
+
+
+def _prompt_logits(req: Request, start: int, end: int) -> range:
+    """Indexes into this step's fed tokens [start, end) whose logits score a prompt token not yet scored.
+
+    Position p scores token p + 1, so positions run up to num_prompt_tokens - 2 (the last prompt position's logits
+    pick the first output token instead). A recompute after preemption feeds scored positions again: skipped."""
+    if not req.needs_prompt_logprobs:
+        return range(0)
+    first = max(start, len(req.prompt_logprobs) - 1)
+    last = min(end, req.num_prompt_tokens - 1)
+    return range(first - start, last - start) if last > first else range(0)
