@@ -7,11 +7,9 @@ response came), and every reported figure is computed from those records alone, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import math
 import random
-import signal
 import struct
 import sys
 import time
@@ -30,7 +28,7 @@ import orjson
 from tqdm import tqdm
 
 from ladle.bench import InferBenchConfig
-from ladle.bench.aio import interrupt, run_blocking
+from ladle.bench.aio import run_blocking, run_interruptible
 from ladle.bench.stats import DEFAULT_PERCENTILES, format_ms, percentile_key, rate, summarize
 from ladle.tensors import numpy_dtype
 
@@ -302,18 +300,7 @@ async def run_async(config: InferBenchConfig) -> BenchResult:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
         payloads = await _payloads(session, config)
         generator = LoadGenerator(config, session, _model_path(config) + "/infer", payloads, result)
-        load = asyncio.ensure_future(generator.run())
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off the main thread
-            loop.add_signal_handler(signal.SIGINT, interrupt, result, load)
-        try:
-            await load
-        except asyncio.CancelledError:
-            if not result.interrupted:
-                raise
-        finally:
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(signal.SIGINT)
+        await run_interruptible(generator.run(), result)
     return result
 
 

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ import orjson
 from tqdm import tqdm
 
 from ladle.bench import datasets
-from ladle.bench.aio import interrupt, run_blocking
+from ladle.bench.aio import run_blocking, run_interruptible
 from ladle.bench.datasets import BenchTokenizer, DatasetError, SampleRequest
 from ladle.bench.serve import ServeBenchConfig
 from ladle.bench.serve_client import build_payload, stream_request
@@ -194,18 +193,7 @@ async def _interruptible(runner: LoadRunner, result: ServeBenchResult) -> None:
                   file=sys.stderr, desc="bench serve") as runner.bar:
             await runner.measure()
 
-    load = asyncio.ensure_future(phases())
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(NotImplementedError, RuntimeError):  # no signal handlers off the main thread
-        loop.add_signal_handler(signal.SIGINT, interrupt, result, load)
-    try:
-        await load
-    except asyncio.CancelledError:
-        if not result.interrupted:
-            raise
-    finally:
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.remove_signal_handler(signal.SIGINT)
+    await run_interruptible(phases(), result)
 
 
 
