@@ -8,18 +8,14 @@ Run: HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/classic/run.py   (writes bench
 from __future__ import annotations
 
 import argparse
-import http.client
 import importlib.metadata
 import importlib.util
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,55 +24,24 @@ import orjson
 import yaml
 from tqdm import tqdm
 
-from ladle.bench import InferBenchConfig
-from ladle.bench.infer import run as run_bench
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))  # benchmarks/spawn.py
+from spawn import spawned_server  # noqa: E402
+
+from ladle.bench import InferBenchConfig  # noqa: E402
+from ladle.bench.infer import run as run_bench  # noqa: E402
+
 DEMO = ROOT / "examples/models"
 TARGETS = ("ladle, batching", "ladle, no batching", "bare floor")
 
 
 # -- servers ----------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ready(port: int) -> bool:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
-    try:
-        connection.request("GET", "/v2/health/ready")
-        return connection.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        connection.close()
-
-
 @contextmanager
-def server(command: list[str], log: Path, timeout_s: float = 180.0) -> Iterator[tuple[str, float]]:
+def server(command: list[str], log: Path) -> Iterator[tuple[str, float]]:
     """Spawn a server on a free port; yield (base URL, seconds from spawn to ready); stop it after."""
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    with log.open("ab") as sink:
-        started = time.perf_counter()
-        process = subprocess.Popen([*command, "--port", str(port)], stdout=sink, stderr=subprocess.STDOUT,
-                                   env=env, cwd=ROOT)
-    try:
-        while not _ready(port):
-            if process.poll() is not None or time.perf_counter() - started > timeout_s:
-                raise RuntimeError(f"{' '.join(command)} did not become ready; see {log}")
-            time.sleep(0.02)  # 20 ms polling: fine-grained enough for a cold start of seconds
-        yield f"http://127.0.0.1:{port}", time.perf_counter() - started
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with spawned_server(command, log) as spawned:
+        yield spawned.url, spawned.ready_s
 
 
 def ladle_command(repository: Path) -> list[str]:

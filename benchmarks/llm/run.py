@@ -8,7 +8,6 @@ machine's roofline. Random SmolLM-135M-shaped Llama, bf16, 128 in / 128 out (ign
 from __future__ import annotations
 
 import argparse
-import http.client
 import math
 import os
 import subprocess
@@ -26,8 +25,9 @@ from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE.parent))  # benchmarks/hardware.py
+sys.path.insert(0, str(HERE.parent))  # benchmarks/hardware.py, spawn.py
 import hardware  # noqa: E402
+from spawn import spawned_server  # noqa: E402
 
 from ladle.bench.datasets import BenchTokenizer  # noqa: E402
 from ladle.bench.serve import ServeBenchConfig, run  # noqa: E402
@@ -89,38 +89,17 @@ def ensure_checkpoint(path: Path = MODEL_DIR) -> Path:
 
 
 # -- ladle ----------------------------------------------------------------------------------------------
-def _ready(port: int) -> bool:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
-    try:
-        connection.request("GET", "/v2/health/ready")
-        return connection.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        connection.close()
-
-
 @contextmanager
 def ladle_server(model_dir: Path, threads: int, max_num_seqs: int, port: int = PORT) -> Iterator[subprocess.Popen]:
     """`ladle serve` in bfloat16 with a KV cache for max_num_seqs x 512 tokens; yields the process (for py-spy)."""
-    log = (OUT / f"server-{threads}t.log").open("w")
+    log = OUT / f"server-{threads}t.log"
+    log.write_bytes(b"")
     cmd = [sys.executable, "-m", "ladle", "serve", "--model", str(model_dir), "--served-model-name", SERVED_NAME,
            "--dtype", "bfloat16", "--num-threads", str(threads), "--max-num-seqs", str(max_num_seqs),
            "--max-num-batched-tokens", "2048", "--max-model-len", "512", "--kv-cache-memory", "512MiB",
-           "--port", str(port), "--log-level", "warning"]
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:
-        deadline = time.monotonic() + 300
-        while not _ready(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ladle serve did not start; see {log.name}")
-            time.sleep(0.2)
-        yield process
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-        log.close()
+           "--log-level", "warning"]
+    with spawned_server(cmd, log, port=port, timeout_s=300, poll_s=0.2) as spawned:
+        yield spawned.process
 
 
 def bench_config(port: int, concurrency: int, model_dir: Path, warmups: int) -> ServeBenchConfig:

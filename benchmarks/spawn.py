@@ -1,0 +1,69 @@
+"""Start a server as a subprocess for a benchmark, wait until it is ready, stop it afterwards.
+
+Shared by benchmarks/classic/run.py and benchmarks/llm/run.py; both poll ladle's (or the bare floor's)
+`/v2/health/ready`, so the time to ready doubles as the cold-start measurement.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Spawned:
+    process: subprocess.Popen
+    url: str
+    ready_s: float  # seconds from spawn to the first 200 from /v2/health/ready
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_ready(port: int) -> bool:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
+    try:
+        connection.request("GET", "/v2/health/ready")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
+@contextmanager
+def spawned_server(
+    command: list[str], log: Path, port: int | None = None, timeout_s: float = 180.0, poll_s: float = 0.02
+) -> Iterator[Spawned]:
+    """Run `command --port PORT` (offline, output appended to `log`) until the block ends."""
+    port = port or free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with log.open("ab") as sink:
+        started = time.perf_counter()
+        process = subprocess.Popen([*command, "--port", str(port)], stdout=sink, stderr=subprocess.STDOUT,
+                                   env=env, cwd=ROOT)
+    try:
+        while not is_ready(port):
+            if process.poll() is not None or time.perf_counter() - started > timeout_s:
+                raise RuntimeError(f"{' '.join(command)} did not become ready; see {log}")
+            time.sleep(poll_s)
+        yield Spawned(process, f"http://127.0.0.1:{port}", time.perf_counter() - started)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
