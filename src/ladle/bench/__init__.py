@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ladle.config import option
 
@@ -80,14 +82,19 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     add_serve_parser(tools)
 
 
-def _run_infer(args: argparse.Namespace) -> int:
+def run_tool(tool: str, config_class: type, args: argparse.Namespace, entry: Callable[[Any], int]) -> int:
+    """Build a tool's config from parsed options (a bad value: message and exit status 2), then run it."""
     from ladle.cli import build_dataclass
 
     try:
-        config = build_dataclass(InferBenchConfig, args)
+        config = build_dataclass(config_class, args)
     except ValueError as exc:
-        print(f"ladle bench infer: {exc}", file=sys.stderr)
+        print(f"ladle bench {tool}: {exc}", file=sys.stderr)
         return 2
+    return entry(config)
+
+
+def _run_infer(args: argparse.Namespace) -> int:
     from ladle.bench.infer import main
 
-    return main(config)
+    return run_tool("infer", InferBenchConfig, args, main)

@@ -130,16 +130,10 @@ def add_serve_parser(tools: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from ladle.cli import build_dataclass
-
-    try:
-        config = build_dataclass(ServeBenchConfig, args)
-    except ValueError as exc:
-        print(f"ladle bench serve: {exc}", file=sys.stderr)
-        return 2
+    from ladle.bench import run_tool
     from ladle.bench.serve_runner import main as run_main
 
-    return run_main(config)
+    return run_tool("serve", ServeBenchConfig, args, run_main)
 
 
 def main(argv: list[str] | None = None) -> int:
