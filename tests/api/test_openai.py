@@ -160,6 +160,20 @@ def test_echo_with_logprobs_scores_the_prompt_like_transformers(client, checkpoi
     assert [o for c in chunks for o in c.text_offset] == lp.text_offset
 
 
+def test_logit_bias_steers_completions_and_chat(client, tokenizer) -> None:
+    forced = tokenizer("fox")["input_ids"][-1]
+    r = greedy(client, "anything at all", max_tokens=4, logit_bias={str(forced): 100}, logprobs=0,
+               extra_body={"ignore_eos": True})
+    assert r.choices[0].text == tokenizer.decode([forced] * 4)
+    plain = greedy(client, "anything at all", max_tokens=1).choices[0].text
+    first = tokenizer(plain, add_special_tokens=False)["input_ids"][0]
+    banned = greedy(client, "anything at all", max_tokens=1, logit_bias={str(first): -100}).choices[0].text
+    assert banned != plain
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                          temperature=0, logit_bias={str(forced): 100})
+    assert chat.choices[0].message.content == tokenizer.decode([forced] * 3)
+
+
 def test_chat_logprobs(client) -> None:
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
                                        temperature=0, logprobs=True, top_logprobs=4)
@@ -205,6 +219,10 @@ def test_seeded_sampling_is_independent_of_the_batch(server) -> None:
         ({"prompt": [[1, 99999]], "max_tokens": 5}, 400, "prompt"),
         ({"max_tokens": 5}, 400, "prompt"),
         ({"prompt": "hi", "model": "nope"}, 404, "model"),
+        ({"prompt": "hi", "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+        ({"prompt": "hi", "logit_bias": {"ten": 1}}, 400, "logit_bias"),
+        ({"prompt": "hi", "logit_bias": {"10": 101}}, 400, "logit_bias"),
+        ({"prompt": "hi", "stop_token_ids": [99999], "min_tokens": 2}, 400, "stop_token_ids"),
     ],
 )
 def test_errors_in_openai_shape(server, body, status: int, param: str) -> None:

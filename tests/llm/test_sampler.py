@@ -238,6 +238,33 @@ def test_min_tokens_bans_eos_and_stop_tokens() -> None:
     assert _run(logits, [SamplingRow(ignore, [3], [], eos_token_id=0)]) == [0]
 
 
+def test_logit_bias_is_added_per_row_after_penalties() -> None:
+    logits = torch.tensor([[3.0, 2.0, 0.0, -1.0]] * 3)
+    rows = [
+        SamplingRow(SamplingParams(temperature=0.0, logit_bias=((3, 100.0),))),  # forces token 3
+        SamplingRow(SamplingParams(temperature=0.0, logit_bias=((0, -100.0), (2, 1.5)))),  # bans 0; 1 still best
+        SamplingRow(SamplingParams(temperature=0.0)),  # a neighbour without bias is untouched
+    ]
+    meta = SamplingMetadata.build(rows)
+    assert apply_penalties(logits.clone(), meta).tolist() == [
+        [3.0, 2.0, 0.0, 99.0], [-97.0, 2.0, 1.5, -1.0], [3.0, 2.0, 0.0, -1.0]]
+    assert _run(logits, rows) == [3, 1, 0]
+    penalised = SamplingRow(SamplingParams(temperature=0.0, repetition_penalty=2.0, logit_bias=((0, 0.5),)), [0], [])
+    assert apply_penalties(logits[:1].clone(), SamplingMetadata.build([penalised]))[0, 0].item() == 2.0  # 3/2 + 0.5
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=((1, 100.5),))
+
+
+def test_logit_bias_steers_random_rows_and_leaves_logprobs_raw() -> None:
+    logits = _logits(1)
+    banned = int(logits[0].argmax())
+    params = SamplingParams(logit_bias=((banned, -100.0),), logprobs=1, seed=3)
+    rows = [SamplingRow(params, generator=make_generator(3)) for _ in range(64)]
+    out = sample(logits.repeat(64, 1), SamplingMetadata.build(rows))
+    assert banned not in out.token_ids
+    assert out.logprobs[0].top[0][0] == banned  # logprobs are the model's, before any bias
+
+
 # ---------------------------------------------------------------- seeded reproducibility
 
 

@@ -38,6 +38,7 @@ class Generation:
     """The engine requests behind one API call: choice i of prompt p is stream p * n + i."""
 
     def __init__(self, engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams) -> None:
+        engine.check_token_ids(params)
         self.engine, self.prompts, self.n = engine, prompts, params.n
         self.id = uuid.uuid4().hex
         self.created = int(time.time())

@@ -129,6 +129,15 @@ class AsyncEngine:
                 "max_tokens", param="max_tokens",
             )
 
+    def check_token_ids(self, params: SamplingParams) -> None:
+        """Token ids a request names (logit_bias, stop_token_ids) must index the logits: a 400, not a failed step."""
+        vocab = self.info.vocab_size
+        named = (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids))
+        for param, ids in named:
+            if outside := [t for t in ids if not 0 <= t < vocab]:
+                raise InvalidInput(f"{param} names token ids outside the vocabulary [0, {vocab}): {outside[:5]}",
+                                   param=param)
+
     def _request(self, request_id: str, prompt: list[int], params: SamplingParams) -> Request:
         eos = self.tokenizer.eos_token_id
         extra_eos = [t for t in self.tokenizer.eos_token_ids if t != eos]

@@ -133,6 +133,7 @@ class SamplingMetadata:
     logprob_ks: tuple[int, ...]  # top-k size per logprob row
     max_logprobs: int
     prompt: PromptScoring | None = None  # prompt logprobs asked for this step
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # logit_bias as (rows, token ids, values)
 
     @property
     def all_greedy(self) -> bool:
@@ -159,7 +160,13 @@ class SamplingMetadata:
             logprob_ks=ks,
             max_logprobs=max(ks, default=0),
             prompt=prompt,
+            bias=_logit_bias(rows, device),
         )
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether any row's logits change before sampling (penalties, logit_bias, min_tokens bans)."""
+        return self.penalties is not None or self.bias is not None or self.banned_rows is not None
 
 
 def _column(values: list[float] | list[int], neutral: float, dtype: torch.dtype, device: str | torch.device
@@ -197,6 +204,17 @@ def _build_penalties(rows: Sequence[SamplingRow], device: str | torch.device) ->
     )
 
 
+def _logit_bias(rows: Sequence[SamplingRow], device: str | torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    entries = [(i, token, bias) for i, row in enumerate(rows) for token, bias in row.params.logit_bias]
+    if not entries:
+        return None
+    row_ids, token_ids, values = zip(*entries, strict=True)
+    return (torch.tensor(row_ids, dtype=torch.long, device=device),
+            torch.tensor(token_ids, dtype=torch.long, device=device),
+            torch.tensor(values, dtype=torch.float32, device=device))
+
+
 def _banned_tokens(rows: Sequence[SamplingRow], device: str | torch.device
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Stop tokens (and EOS unless ignore_eos) for rows that have not yet produced min_tokens tokens."""
@@ -221,7 +239,7 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         prompt_logprobs = score_prompts(logits[meta.num_rows:], meta.prompt)
         logits = logits[: meta.num_rows]
     log_probs = torch.log_softmax(logits[meta.logprob_rows], dim=-1) if meta.logprob_rows is not None else None
-    if meta.penalties is not None or meta.banned_rows is not None:
+    if meta.adjusts_logits:
         logits = apply_penalties(logits.clone(), meta)
     tokens = _choose_tokens(logits, meta)
     token_ids = tokens.tolist()
@@ -248,7 +266,8 @@ def score_prompts(logits: torch.Tensor, prompt: PromptScoring) -> dict[str, list
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """Repetition, then frequency and presence penalties, then the min_tokens ban; mutates `logits` (a copy).
+    """Repetition, frequency and presence penalties, then logit_bias, then the min_tokens ban; mutates `logits`
+    (a copy).
 
     Works on the (row, token) history pairs only, so the cost grows with the history, not with rows x vocab."""
     pen = meta.penalties
@@ -266,6 +285,9 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
         pairs = torch.unique(pen.output_rows * vocab + pen.output_ids)  # once per distinct token
         rows, ids = pairs // vocab, pairs % vocab
         logits.index_put_((rows, ids), -pen.presence[rows, 0], accumulate=True)
+    if meta.bias is not None:
+        rows, ids, values = meta.bias
+        logits.index_put_((rows, ids), values, accumulate=True)
     if meta.banned_rows is not None:
         logits[meta.banned_rows, meta.banned_ids] = -math.inf
     return logits

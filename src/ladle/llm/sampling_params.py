@@ -26,6 +26,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token's plus the top k
     prompt_logprobs: int | None = None  # the same for every prompt token (scored, not sampled)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to the logits
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -49,6 +50,8 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in [0, 20]"),
             (all(s for s in self.stop), "stop strings must be non-empty"),
+            (all(t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias),
+             "logit_bias maps token ids >= 0 to biases in [-100, 100]"),
         ]
 
     def child(self, index: int) -> SamplingParams:
