@@ -126,6 +126,8 @@ class LLMMetricFamilies:
                                       "cache", m, registry=r)
         self.finished = Counter("ladle_llm_requests", "Finished requests by reason", (*m, "finish_reason"),
                                 registry=r)
+        self.step_failures = Counter("ladle_llm_engine_step_failures", "Engine steps that raised; their requests "
+                                     "failed and the engine started over with an empty KV cache", m, registry=r)
         self.batch_tokens = Histogram("ladle_llm_step_tokens", "Tokens per engine step", m,
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
                                       registry=r)
@@ -138,7 +140,8 @@ class LLMMetrics:
         self.families = families
         self.model = model
         for name in ("ttft", "itl", "e2e", "queue", "running", "waiting", "kv_usage", "prompt_tokens",
-                     "generation_tokens", "preemptions", "prefix_hits", "prefix_queries", "batch_tokens"):
+                     "generation_tokens", "preemptions", "prefix_hits", "prefix_queries", "batch_tokens",
+                     "step_failures"):
             setattr(self, name, getattr(families, name).labels(model))
 
     def finished(self, reason: str) -> None:

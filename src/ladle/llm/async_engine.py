@@ -159,8 +159,11 @@ class AsyncEngine:
                 if not self._apply_commands(block=not self.core.has_unfinished_requests()):
                     self._record_state()  # idle now (e.g. the last request was aborted): gauges say so
                     continue
-                self._step()
-        except Exception as exc:  # the engine is broken: fail every open stream rather than hang them
+                try:
+                    self._step()
+                except Exception as exc:  # any failure in a step: fail its requests, keep serving
+                    self._restart(exc)
+        except Exception as exc:  # the engine loop itself is broken: fail every open stream rather than hang them
             log.exception("engine %s crashed", self.info.name)
             self._dead = f"{type(exc).__name__}: {exc}"
             self._fail_all(self._dead)
@@ -201,6 +204,23 @@ class AsyncEngine:
             self._post(deltas)
         if self.metrics is not None:
             self.metrics.batch_tokens.observe(self.core.last_step_tokens)
+        self._record_state()
+
+    def _restart(self, exc: Exception) -> None:
+        """A step raised (a bug, a device error): which request caused it is unknown, so every request in the
+        engine fails with the reason, and the engine continues from an empty KV cache instead of dying."""
+        failed = self.core.restart()
+        log.exception("engine %s: a step failed; failing its %d request(s) and continuing with an empty KV cache",
+                      self.info.name, len(failed))
+        message = f"the engine step failed ({type(exc).__name__}: {exc}); the request was dropped"
+        for request_id in failed:
+            self.processor.abort(request_id)
+        self._post([StreamDelta(request_id, "", [], [], error=message) for request_id in failed])
+        self._counts = (0, 0, 0)  # the fresh scheduler counts from zero again
+        if self.metrics is not None:
+            self.metrics.step_failures.inc()
+            for _ in failed:
+                self.metrics.finished("error")
         self._record_state()
 
     def _post(self, deltas: list[StreamDelta]) -> None:

@@ -44,6 +44,17 @@ class EngineCore:
             self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_STOPPED, stop_reason.get(request_id))
             self._drop(request_id)
 
+    def restart(self) -> list[str]:
+        """After a step raised: forget every request (their ids are returned, to be failed) and continue from an
+        empty scheduler and block pool. The KV tensors are reused as they are: no block is owned any more, so
+        their contents are never read before being written again (the prefix cache starts empty)."""
+        failed = list(self.requests)
+        self.scheduler = self.scheduler.fresh()
+        self.requests.clear()
+        self.generators.clear()
+        self.first_scheduled.clear()
+        return failed
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 

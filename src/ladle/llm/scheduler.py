@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
+from ladle.llm.block_pool import BlockPool
 from ladle.llm.kv_cache import KVCacheManager
 from ladle.llm.outputs import RequestOutput, SamplerOutput, ScheduledSeq, SchedulerOutput, TokenLogprobs
 from ladle.llm.request import Request, RequestStatus
@@ -47,6 +48,15 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order: the last one is the newest
         self._requests: dict[str, Request] = {}  # every unfinished request
         self.num_preemptions_total = 0
+
+    def fresh(self) -> Scheduler:
+        """The same limits over a new, empty block pool of the same shape: what an engine restarts from after a
+        failed step left this one's bookkeeping in an unknown state."""
+        pool = self.kv.pool
+        pool = BlockPool(pool.num_blocks, pool.block_size, pool.enable_prefix_caching)
+        kv = KVCacheManager(pool, self.kv.max_model_len)
+        return Scheduler(kv, self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len,
+                         self.enable_chunked_prefill, self.long_prefill_token_threshold)
 
     @property
     def num_running(self) -> int:
