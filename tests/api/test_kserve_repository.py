@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -106,6 +107,23 @@ def test_request_whose_body_arrives_during_a_reload_is_served_by_the_new_instanc
         status, _, rest = reply.partition(b"\r\n")
         assert status.split()[1] == b"200", reply
         assert json.loads(rest.partition(b"\r\n\r\n")[2])["outputs"][0]["data"] == [8.0]
+
+
+def test_traffic_split_shares_unversioned_requests_between_versions(tmp_path) -> None:
+    """A canary: requests that name no version are drawn by weight among the split's READY versions (the
+    newest is not special); a request naming a version still gets exactly that one; a reload can move the split."""
+    write_probe(tmp_path, "canary", versions=(1, 2, 3), version_policy={"all": True},
+                traffic_split={1: 1, 2: 1, 3: 0})
+    with LadleServer([tmp_path]) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        def served(path: str, n: int) -> Counter:
+            return Counter(client.post(path, json=x(1.0)).json()["model_version"] for _ in range(n))
+
+        split = served("/v2/models/canary/infer", 300)
+        assert set(split) == {"1", "2"} and min(split.values()) > 100  # 50/50 over 300: each ~150
+        assert served("/v2/models/canary/versions/3/infer", 5) == {"3": 5}
+        write_probe(tmp_path, "canary", versions=(1, 2, 3), version_policy={"all": True}, traffic_split={9: 1})
+        assert client.post("/v2/repository/models/canary/load").status_code == 200
+        assert served("/v2/models/canary/infer", 20) == {"3": 20}  # no split version is loaded: the newest
 
 
 def test_load_of_unknown_or_broken_model_reports_why(repo) -> None:

@@ -56,6 +56,22 @@ def test_each_model_name_reaches_its_own_engine(server, repo) -> None:
     assert index == {"chat-llama": "READY", "story-gpt2": "READY", "probe": "READY"}
 
 
+def test_traffic_split_between_llm_versions(tmp_path) -> None:
+    """An A/B test of two LLM versions under one name: unversioned requests are shared by weight."""
+    write_model(tmp_path, "ab", {"backend": "llm", "parameters": LLM_PARAMS, "version_policy": {"all": True},
+                                 "traffic_split": {1: 50, 2: 50}})
+    save_tiny_checkpoint(tmp_path / "ab" / "1", "llama")
+    save_tiny_checkpoint(tmp_path / "ab" / "2", "gpt2")
+    expected = {reference(tmp_path / "ab" / str(v), "Tell me", 6): v for v in (1, 2)}
+    assert len(expected) == 2, "the two versions must answer differently for the test to tell them apart"
+    with LadleServer([tmp_path]) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        texts = [client.completions.create(model="ab", prompt="Tell me", max_tokens=6, temperature=0,
+                                           extra_body={"ignore_eos": True}).choices[0].text for _ in range(40)]
+    served = [expected[text] for text in texts]  # KeyError: an answer from neither version
+    assert served.count(1) >= 5 and served.count(2) >= 5  # 50/50 over 40: each ~20
+
+
 def test_classic_and_llm_side_by_side(server) -> None:
     body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [2.0]}]}
     assert httpx.post(server.url + "/v2/models/probe/infer", json=body).json()["outputs"][0]["data"] == [4.0]

@@ -62,6 +62,11 @@ def test_full_config_parses() -> None:
         ({"version_policy": {"specific": []}}, "version_policy.specific", "non-empty"),
         ({"name": "other"}, "name", "directory name"),
         ({"colour": "red"}, "colour", "unknown field"),
+        ({"traffic_split": [1, 2]}, "traffic_split", "a mapping"),
+        ({"traffic_split": {"v1": 10}}, "traffic_split (a version)", "integer >= 1"),
+        ({"traffic_split": {0: 10}}, "traffic_split (a version)", "integer >= 1"),
+        ({"traffic_split": {1: -5}}, "traffic_split.1", ">= 0"),
+        ({"traffic_split": {1: 0, 2: 0}}, "traffic_split", "weight > 0"),
     ],
 )
 def test_bad_fields_are_named(change: dict, field: str, expected: str) -> None:
@@ -70,6 +75,12 @@ def test_bad_fields_are_named(change: dict, field: str, expected: str) -> None:
     assert info.value.field == field
     assert expected in info.value.expected
     assert "repo/m/config.yaml" in str(info.value)
+
+
+def test_traffic_split_parses_versions_as_integers() -> None:
+    c = parse_model_config({**GOOD, "traffic_split": {2: 10, "1": 90}}, name="m", path="c.yaml")
+    assert c.traffic_split == ((1, 90.0), (2, 10.0))
+    assert parse_model_config(GOOD, name="m", path="c.yaml").traffic_split == ()
 
 
 def test_batching_needs_a_batch_dimension() -> None:

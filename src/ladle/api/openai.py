@@ -90,9 +90,9 @@ class OpenAIAPI:
         served = dict(self.engines)
         for name, record in self.registry.models.items():
             if record.ready:
-                newest = record.ready[max(record.ready)]
-                if newest.engine is not None:
-                    served.setdefault(name, newest.engine)
+                routed = record.route()  # the newest version, or one drawn by the model's traffic_split
+                if routed.engine is not None:
+                    served.setdefault(name, routed.engine)
         return served
 
     async def models(self, request: Request) -> Response:

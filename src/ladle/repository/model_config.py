@@ -91,6 +91,8 @@ class ModelConfig:
     inline_max_us: float = 100.0
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    # (version, weight): how requests that name no version are shared out (canaries, A/B tests); empty: newest
+    traffic_split: tuple[tuple[int, float], ...] = ()
 
     @property
     def platform(self) -> str:
@@ -109,7 +111,7 @@ class ModelConfig:
 
 _TOP_FIELDS = {
     "name", "backend", "inputs", "outputs", "max_batch_size", "dynamic_batching",
-    "instance_count", "instance_kind", "inline_max_us", "version_policy", "parameters",
+    "instance_count", "instance_kind", "inline_max_us", "version_policy", "parameters", "traffic_split",
 }
 _VERSION_FIELDS = {"backend", "parameters"}
 
@@ -156,6 +158,7 @@ def parse_model_config(raw: Mapping[str, Any], name: str, path: Path | str) -> M
         inline_max_us=_number(raw.get("inline_max_us", 100.0), path, "inline_max_us"),
         version_policy=_version_policy(raw.get("version_policy", {"latest": 1}), path),
         parameters=_mapping(raw.get("parameters", {}), path, "parameters"),
+        traffic_split=_traffic_split(raw.get("traffic_split", {}), path),
     )
 
 
@@ -281,3 +284,17 @@ def _version_policy(value: Any, path: Path | str) -> VersionPolicy:
     if not isinstance(arg, list) or not arg or not all(isinstance(v, int) and v > 0 for v in arg):
         raise ConfigError(path, "version_policy.specific", "a non-empty list of positive integer versions")
     return VersionPolicy(kind="specific", specific=tuple(sorted(set(arg))))
+
+
+def _traffic_split(value: Any, path: Path | str) -> tuple[tuple[int, float], ...]:
+    """{version: weight}: weights are relative (90/10 and 9/1 are the same split); at least one must be > 0."""
+    raw = _mapping(value, path, "traffic_split")
+    split = []
+    for version, weight in raw.items():
+        if isinstance(version, str) and version.isdigit():
+            version = int(version)
+        split.append((_int(version, path, "traffic_split (a version)", minimum=1),
+                      _number(weight, path, f"traffic_split.{version}")))
+    if split and not any(weight > 0 for _, weight in split):
+        raise ConfigError(path, "traffic_split", "at least one version with a weight > 0")
+    return tuple(sorted(split))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,6 +78,17 @@ class ModelRecord:
     reason: str = ""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    def route(self) -> ModelVersion:
+        """The version for a request that names none: drawn by the config's traffic_split among its READY
+        versions, else (no split, or none of its versions ready) the newest READY one. Needs a READY version."""
+        split = self.config.traffic_split if self.config is not None else ()
+        if split:
+            choices = [(version, weight) for version, weight in split if weight > 0 and version in self.ready]
+            if choices:
+                versions, weights = zip(*choices, strict=True)
+                return self.ready[random.choices(versions, weights)[0]]
+        return self.ready[max(self.ready)]
+
 
 class ModelRegistry:
     def __init__(self, root: Path | None, metrics: Metrics, llm_loader: LLMLoader | None = None) -> None:
@@ -91,13 +103,13 @@ class ModelRegistry:
 
     # -- lookups (hot path) -------------------------------------------------------------------
     def get(self, name: str, version: int | None = None) -> ModelVersion:
-        """The version to serve: the one asked for, or the newest READY one."""
+        """The version to serve: the one asked for, or one routed by the model's traffic_split, or the newest READY."""
         record = self.models.get(name)
         if record is None:
             raise NotFound(f"unknown model '{name}'; GET /v2/repository/index lists the models")
         if version is None:
             if record.ready:
-                return record.ready[max(record.ready)]
+                return record.route()
             raise Unavailable(f"model '{name}' is not ready (state {record.state}{_why(record.reason)})")
         served = record.ready.get(version)
         if served is not None:
@@ -168,6 +180,9 @@ class ModelRegistry:
             del record.status[version]
         record.state = "READY" if record.ready else "UNAVAILABLE"
         record.reason = "" if record.ready else "no version loaded; see the version reasons"
+        if unserved := [v for v, _ in config.traffic_split if v not in record.ready]:
+            log.warning("model %s: traffic_split names version(s) %s that are not loaded; their share goes to the "
+                        "other versions of the split (or to the newest version)", record.name, unserved)
         await self._retire(old.values())
 
     async def _load_version(self, record: ModelRecord, config: ModelConfig, version: int) -> ModelVersion | None:
