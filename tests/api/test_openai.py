@@ -4,6 +4,7 @@ completions, chat, streaming, n > 1, stop strings, logprobs, seeds, usage, and t
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
@@ -172,6 +173,43 @@ def test_logit_bias_steers_completions_and_chat(client, tokenizer) -> None:
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
                                           temperature=0, logit_bias={str(forced): 100})
     assert chat.choices[0].message.content == tokenizer.decode([forced] * 3)
+
+
+def test_structured_output_through_the_openai_client(client) -> None:
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "rank"],
+              "properties": {"city": {"enum": ["Oslo", "Lima", "Pune"]}, "rank": {"type": "integer", "minimum": 1,
+                                                                                "maximum": 9}}}
+    messages = [{"role": "user", "content": "a city"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=60, temperature=1.0, seed=2, n=3,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "city", "schema": schema}})
+    for choice in r.choices:
+        answer = json.loads(choice.message.content)
+        assert answer["city"] in {"Oslo", "Lima", "Pune"} and 1 <= answer["rank"] <= 9
+        assert choice.finish_reason == "stop"
+    colours = ["red", "green", "light blue"]
+    r = greedy(client, "pick", max_tokens=20, n=2, extra_body={"guided_choice": colours})
+    assert all(c.text in colours and c.finish_reason == "stop" for c in r.choices)
+    code = {"structured_outputs": {"regex": "[A-Z]{2}-[0-9]{3}"}}
+    stream = greedy(client, "code", max_tokens=20, stream=True, extra_body=code)
+    assert re.fullmatch(r"[A-Z]{2}-[0-9]{3}", "".join(c.choices[0].text for c in stream if c.choices))
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"guided_regex": "([a-"}, "guided_regex"),
+        ({"guided_json": {"type": "nope"}}, "guided_json"),
+        ({"guided_grammar": "start: missing"}, "guided_grammar"),
+        ({"guided_regex": "a", "guided_choice": ["x"]}, "guided_choice"),
+        ({"guided_choice": []}, "guided_choice"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
+    ],
+)
+def test_invalid_output_constraints_are_400s(server, extra: dict, param: str) -> None:
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", **extra})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
 
 
 def test_chat_logprobs(client) -> None:

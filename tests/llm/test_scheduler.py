@@ -302,6 +302,17 @@ def test_prompt_logprobs_bypass_the_prefix_cache_score_each_chunk_and_come_with_
     assert shape(s.schedule())[0][1] == 8
 
 
+def test_a_completed_structured_output_stops_its_request_even_before_min_tokens():
+    s = make()
+    s.add_request(req("a", [1, 2, 3], max_tokens=10, min_tokens=5, ignore_eos=True))
+    s.add_request(req("b", [4, 5], max_tokens=10, ignore_eos=True))
+    out = s.schedule()
+    outs = {o.request_id: o for o in s.update(out, SamplerOutput([7, 8], [None, None], completed=frozenset({"a"})))}
+    assert (outs["a"].new_token_ids, outs["a"].finish_reason, outs["a"].stop_reason) == ([7], "stop", None)
+    assert outs["b"].finish_reason is None and [r.request_id for r in s.running] == ["b"]
+    assert s.kv.block_table("a") == []  # freed at once
+
+
 def test_prefix_cache_hits_reduce_scheduled_tokens():
     s = make(max_num_batched_tokens=64)
     s.add_request(req("a", range(10), max_tokens=1))

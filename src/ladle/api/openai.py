@@ -37,13 +37,16 @@ def _json(payload: Any, status: int = 200) -> Response:
 class Generation:
     """The engine requests behind one API call: choice i of prompt p is stream p * n + i."""
 
-    def __init__(self, engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams) -> None:
+    def __init__(
+        self, engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, matcher: Any = None
+    ) -> None:
         engine.check_token_ids(params)
         self.engine, self.prompts, self.n = engine, prompts, params.n
         self.id = uuid.uuid4().hex
         self.created = int(time.time())
         self.streams = [
-            engine.generate(ids, params.child(i), f"{self.id}-{p}-{i}")
+            # each stream walks the grammar on its own copy of the compiled matcher
+            engine.generate(ids, params.child(i), f"{self.id}-{p}-{i}", matcher and matcher.deep_copy())
             for p, ids in enumerate(prompts) for i in range(params.n)
         ]
         self.choices = [Choice(index) for index in range(len(self.streams))]
@@ -113,7 +116,7 @@ class OpenAIAPI:
             engine.check_length(len(ids), max_tokens, "prompt")
         # echo + logprobs scores the prompt too, as OpenAI's legacy completions do
         params = req.sampling_params(max_tokens, req.logprobs, req.logprobs if req.echo else None)
-        gen = Generation(engine, prompts, params)
+        gen = Generation(engine, prompts, params, await _matcher(engine, req))
         model = req.model or engine.info.name
         if req.stream:
             return _event_stream(self._completion_chunks(gen, req, model))
@@ -186,7 +189,8 @@ class OpenAIAPI:
         )
         max_tokens = req.requested_max_tokens or max(engine.info.max_model_len - len(ids), 1)
         engine.check_length(len(ids), max_tokens, "messages")
-        gen = Generation(engine, [ids], req.sampling_params(max_tokens, req.logprobs_k))
+        params = req.sampling_params(max_tokens, req.logprobs_k)
+        gen = Generation(engine, [ids], params, await _matcher(engine, req))
         model = req.model or engine.info.name
         if req.stream:
             return _event_stream(self._chat_chunks(gen, req, model))
@@ -236,6 +240,12 @@ class OpenAIAPI:
             self.registry.get(model)  # raises the model's own state: not ready, unloading, ...
         names = ", ".join(sorted(served)) or "none"
         raise NotFound(f"the model '{model}' does not exist; served models: {names}", param="model")
+
+
+async def _matcher(engine: AsyncEngine, req: CompletionRequest | ChatCompletionRequest) -> Any:
+    """The compiled output constraint of a request, if it has one (a 400 when it does not compile)."""
+    found = req.structured()
+    return None if found is None else await engine.compile_structured(*found)
 
 
 def _event_stream(chunks: AsyncIterator[bytes]) -> StreamingResponse:

@@ -10,7 +10,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ladle.errors import InvalidInput
-from ladle.llm.sampling_params import SamplingParams
+from ladle.llm.sampling_params import SamplingParams, StructuredSpec
 
 Schema = TypeVar("Schema", bound=BaseModel)
 
@@ -35,6 +35,27 @@ def parse_request(body: bytes, schema: type[Schema]) -> Schema:
 class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsParams(BaseModel):
+    """vLLM's `structured_outputs` (one of these)."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
+    grammar: str | None = None
 
 
 class _SamplingFields(BaseModel):
@@ -62,6 +83,13 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    # structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("top_k")
     @classmethod
@@ -90,6 +118,28 @@ class _SamplingFields(BaseModel):
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
         return value
 
+    def structured(self) -> tuple[StructuredSpec, str] | None:
+        """The output constraint asked for, with the field that asked (for error messages); at most one."""
+        found = [(spec, param) for spec, param in self._constraints() if spec is not None]
+        if len(found) > 1:
+            names = ", ".join(param for _, param in found)
+            raise InvalidInput(f"ask for one output constraint, not several ({names})", param=found[1][1])
+        return found[0] if found else None
+
+    def _constraints(self) -> list[tuple[StructuredSpec | None, str]]:
+        so = self.structured_outputs
+        return [
+            (_response_format_spec(self.response_format), "response_format"),
+            (_spec("json", so.json_) if so else None, "structured_outputs"),
+            (_spec("regex", so.regex) if so else None, "structured_outputs"),
+            (_spec("choice", so.choice) if so else None, "structured_outputs"),
+            (_spec("grammar", so.grammar) if so else None, "structured_outputs"),
+            (_spec("json", self.guided_json), "guided_json"),
+            (_spec("regex", self.guided_regex), "guided_regex"),
+            (_spec("choice", self.guided_choice), "guided_choice"),
+            (_spec("grammar", self.guided_grammar), "guided_grammar"),
+        ]
+
     def sampling_params(
         self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
     ) -> SamplingParams:
@@ -112,6 +162,7 @@ class _SamplingFields(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             logit_bias=tuple((int(token), float(bias)) for token, bias in (self.logit_bias or {}).items()),
+            structured=None if (found := self.structured()) is None else found[0],
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
         )
@@ -119,6 +170,24 @@ class _SamplingFields(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def _spec(kind: str, value: Any) -> StructuredSpec | None:
+    if value is None:
+        return None
+    if kind == "choice" or (kind == "json" and not isinstance(value, str)):
+        value = orjson.dumps(value).decode()
+    return StructuredSpec(kind, value)
+
+
+def _response_format_spec(fmt: ResponseFormat | None) -> StructuredSpec | None:
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return StructuredSpec("json", '{"type": "object"}')
+    if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+        raise InvalidInput("response_format json_schema needs json_schema.schema", param="response_format")
+    return StructuredSpec("json", orjson.dumps(fmt.json_schema.json_schema).decode())
 
 
 class CompletionRequest(_SamplingFields):
@@ -169,17 +238,12 @@ class ChatMessage(BaseModel):
         return message
 
 
-class ResponseFormat(BaseModel):
-    type: Literal["text"]
-
-
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None

@@ -15,12 +15,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from ladle.errors import InvalidInput, Unavailable
 from ladle.llm.engine import EngineCore
 from ladle.llm.output_processor import OutputProcessor, StreamDelta
 from ladle.llm.request import Request
-from ladle.llm.sampling_params import SamplingParams
+from ladle.llm.sampling_params import SamplingParams, StructuredSpec
 from ladle.llm.tokenizer import Tokenizer
 from ladle.metrics import LLMMetrics
 
@@ -90,9 +91,10 @@ class AsyncEngine:
 
     # -- the API side ----------------------------------------------------------------------------
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None, matcher: Any = None
     ) -> AsyncIterator[StreamDelta]:
-        """Stream the request's deltas; leaving the iteration early aborts the request."""
+        """Stream the request's deltas; leaving the iteration early aborts the request. A request with
+        params.structured needs its `matcher` (compile_structured, one per request: they hold its state)."""
         if self._dead is not None:
             raise Unavailable(f"the engine for {self.info.name} stopped: {self._dead}")
         if self._closing:
@@ -100,9 +102,11 @@ class AsyncEngine:
         self.check_length(len(prompt_token_ids), params.max_tokens)
         request_id = request_id or f"req-{next(self._ids)}"
         request = self._request(request_id, prompt_token_ids, params)
+        if (params.structured is None) != (matcher is None):
+            raise ValueError("a structured request needs its matcher (and only a structured one has one)")
         stream: asyncio.Queue[StreamDelta] = asyncio.Queue()
         self._streams[request_id] = stream
-        self._commands.put(("add", request))
+        self._commands.put(("add", (request, matcher)))
         finished = False
         try:
             while not finished:
@@ -128,6 +132,13 @@ class AsyncEngine:
                 f"({num_prompt_tokens} in the prompt + {max_tokens} max_tokens); shorten the prompt or lower "
                 "max_tokens", param="max_tokens",
             )
+
+    async def compile_structured(self, spec: StructuredSpec, param: str) -> Any:
+        """A matcher for a structured-output spec, compiled on a worker thread (complex schemas take up to ~1 s);
+        a 400 naming `param` when the schema / regex / grammar is invalid."""
+        if self.core.structured is None:
+            raise InvalidInput("this model was started without structured output support", param=param)
+        return await asyncio.to_thread(self.core.structured.compile, spec, param)
 
     def check_token_ids(self, params: SamplingParams) -> None:
         """Token ids a request names (logit_bias, stop_token_ids) must index the logits: a 400, not a failed step."""
@@ -184,10 +195,10 @@ class AsyncEngine:
     def _apply(self, command: tuple[str, object]) -> None:
         kind, payload = command
         if kind == "add":
-            request = payload
+            request, matcher = payload
             self.processor.add_request(request)
             try:
-                self.core.add_request(request)
+                self.core.add_request(request, matcher)
             except ValueError as exc:
                 self.processor.abort(request.request_id)
                 self._post([StreamDelta(request.request_id, "", [], [], error=str(exc))])

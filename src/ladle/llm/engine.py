@@ -8,28 +8,37 @@ tokens do not depend on what else shares the batch.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+from typing import Any
 
 import torch
 
-from ladle.llm.outputs import RequestOutput, SchedulerOutput
+from ladle.llm.outputs import RequestOutput, SamplerOutput, SchedulerOutput
 from ladle.llm.request import Request, RequestStatus
 from ladle.llm.runner import ModelRunner
 from ladle.llm.sampler import PromptScoring, SamplingMetadata, SamplingRow, make_generator, sample
 from ladle.llm.scheduler import Scheduler
+from ladle.llm.structured import StructuredOutputs
 
 
 class EngineCore:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler) -> None:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, structured: StructuredOutputs | None = None) -> None:
         self.runner = runner
         self.scheduler = scheduler
+        self.structured = structured
         self.requests: dict[str, Request] = {}
         self.generators: dict[str, torch.Generator] = {}
         self.first_scheduled: dict[str, float] = {}  # request id -> when its first step began (queue time)
         self.last_step_tokens = 0
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Request, matcher: Any = None) -> None:
+        """Queue a request; `matcher` (from structured.compile) constrains its output."""
         self.scheduler.add_request(request)
         self.requests[request.request_id] = request
+        if matcher is not None:
+            if self.structured is None:
+                raise ValueError("this engine was built without structured output support")
+            self.structured.add(request.request_id, matcher)
         if request.sampling_params.seed is not None:
             self.generators[request.request_id] = make_generator(request.sampling_params.seed, self.runner.device)
 
@@ -50,8 +59,8 @@ class EngineCore:
         their contents are never read before being written again (the prefix cache starts empty)."""
         failed = list(self.requests)
         self.scheduler = self.scheduler.fresh()
-        self.requests.clear()
-        self.generators.clear()
+        for request_id in failed:
+            self._drop(request_id)
         self.first_scheduled.clear()
         return failed
 
@@ -65,12 +74,22 @@ class EngineCore:
         self._note_first_schedule(sched)
         self.last_step_tokens = sched.num_batched_tokens
         logits = self.runner.execute(sched)
-        sampled = sample(logits, self._sampling_metadata(sched))
+        sampled = self._sample(logits, sched)
         outputs = self.scheduler.update(sched, sampled)
         self._forget(outputs)
         return outputs
 
-    def _sampling_metadata(self, sched: SchedulerOutput) -> SamplingMetadata:
+    def _sample(self, logits: torch.Tensor, sched: SchedulerOutput) -> SamplerOutput:
+        """Sample the step's rows; structured requests are masked to their grammar and advance it."""
+        constrained = self.structured is not None and bool(self.structured.matchers)
+        allowed = self.structured.bitmask(sched.sampled_ids) if constrained else None
+        sampled = sample(logits, self._sampling_metadata(sched, allowed))
+        if constrained and (complete := self.structured.accept(sched.sampled_ids, sampled.token_ids)):
+            sampled = replace(sampled, completed=complete)
+        return sampled
+
+    def _sampling_metadata(self, sched: SchedulerOutput, allowed: tuple[torch.Tensor, torch.Tensor] | None = None
+                           ) -> SamplingMetadata:
         rows = []
         for request_id in sched.sampled_ids:
             request = self.requests[request_id]
@@ -78,7 +97,7 @@ class EngineCore:
                 request.sampling_params, request.prompt_token_ids, request.output_token_ids,
                 self.generators.get(request_id), request.eos_token_id,
             ))
-        return SamplingMetadata.build(rows, self.runner.device, self._prompt_scoring(sched))
+        return SamplingMetadata.build(rows, self.runner.device, self._prompt_scoring(sched), allowed)
 
     def _prompt_scoring(self, sched: SchedulerOutput) -> PromptScoring | None:
         """Which prompt token each scored position predicts (the one after it)."""
@@ -109,3 +128,5 @@ class EngineCore:
     def _drop(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
         self.generators.pop(request_id, None)
+        if self.structured is not None:
+            self.structured.remove(request_id)

@@ -18,6 +18,7 @@ from ladle.llm.engine import EngineCore
 from ladle.llm.kv_cache import BlockPool, KVCacheManager
 from ladle.llm.runner import ModelRunner
 from ladle.llm.scheduler import Scheduler
+from ladle.llm.structured import StructuredOutputs
 from ladle.llm.tokenizer import Tokenizer
 from ladle.metrics import LLMMetricFamilies, LLMMetrics
 
@@ -55,7 +56,7 @@ def build_engine(config: LLMConfig, name: str, model_dir: Path, families: LLMMet
     started = time.monotonic()
     tokenizer = Tokenizer.from_dir(model_dir)
     metrics = LLMMetrics(families, name) if families is not None else None
-    engine = AsyncEngine(name, lambda: build_core(config, model_dir), tokenizer, metrics)
+    engine = AsyncEngine(name, lambda: build_core(config, model_dir, tokenizer), tokenizer, metrics)
     runner = engine.core.runner
     log.info(
         "LLM %s (%s, %s on %s) ready in %.1fs: context %d tokens, %d KV blocks of %d tokens",
@@ -65,7 +66,7 @@ def build_engine(config: LLMConfig, name: str, model_dir: Path, families: LLMMet
     return engine
 
 
-def build_core(config: LLMConfig, model_dir: Path) -> EngineCore:
+def build_core(config: LLMConfig, model_dir: Path, tokenizer: Tokenizer | None = None) -> EngineCore:
     """Runner, block pool, scheduler: what the engine thread steps (built on that thread)."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -83,4 +84,5 @@ def build_core(config: LLMConfig, model_dir: Path) -> EngineCore:
         max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
         enable_chunked_prefill=config.enable_chunked_prefill,
     )
-    return EngineCore(runner, scheduler)
+    structured = StructuredOutputs(tokenizer.hf, runner.vocab_size) if tokenizer is not None else None
+    return EngineCore(runner, scheduler, structured)

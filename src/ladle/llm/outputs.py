@@ -79,6 +79,7 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    completed: frozenset[str] = frozenset()  # requests whose structured output this token completed
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 from ladle.llm.outputs import SamplerOutput, TokenLogprobs
 from ladle.llm.sampler_ops import Seeded, apply_min_p, sample_logits, sample_top_k_top_p
 from ladle.llm.sampling_params import SamplingParams
+from ladle.llm.structured import apply_bitmask
 
 # Temperatures below this are sampled greedily: dividing logits by them can overflow float32.
 GREEDY_TEMPERATURE_EPS = 1e-5
@@ -134,6 +135,7 @@ class SamplingMetadata:
     max_logprobs: int
     prompt: PromptScoring | None = None  # prompt logprobs asked for this step
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # logit_bias as (rows, token ids, values)
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None  # structured output: (rows, int32 token bitmask)
 
     @property
     def all_greedy(self) -> bool:
@@ -141,7 +143,8 @@ class SamplingMetadata:
 
     @classmethod
     def build(cls, rows: Sequence[SamplingRow], device: str | torch.device = "cpu",
-              prompt: PromptScoring | None = None) -> SamplingMetadata:
+              prompt: PromptScoring | None = None, allowed: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> SamplingMetadata:
         greedy = [i for i, row in enumerate(rows) if is_greedy(row.params)]
         plain = [i for i, row in enumerate(rows) if not is_greedy(row.params) and not truncates(row.params)]
         truncated = [i for i, row in enumerate(rows) if not is_greedy(row.params) and truncates(row.params)]
@@ -161,6 +164,7 @@ class SamplingMetadata:
             max_logprobs=max(ks, default=0),
             prompt=prompt,
             bias=_logit_bias(rows, device),
+            allowed=allowed,
         )
 
     @property
@@ -239,6 +243,9 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         prompt_logprobs = score_prompts(logits[meta.num_rows:], meta.prompt)
         logits = logits[: meta.num_rows]
     log_probs = torch.log_softmax(logits[meta.logprob_rows], dim=-1) if meta.logprob_rows is not None else None
+    if meta.allowed is not None:
+        logits = logits.clone()
+        apply_bitmask(logits, *meta.allowed)
     if meta.adjusts_logits:
         logits = apply_penalties(logits.clone(), meta)
     tokens = _choose_tokens(logits, meta)

@@ -9,6 +9,15 @@ from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
+class StructuredSpec:
+    """What a request's output must match (ladle.llm.structured turns it into a grammar): `kind` json (value: a
+    JSON schema as JSON text), regex, choice (value: a JSON list of strings) or grammar (a Lark grammar)."""
+
+    kind: str
+    value: str
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
     max_tokens: int = 16
@@ -27,6 +36,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token's plus the top k
     prompt_logprobs: int | None = None  # the same for every prompt token (scored, not sampled)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to the logits
+    structured: StructuredSpec | None = None  # constrain the output (structured output)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 

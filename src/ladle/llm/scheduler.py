@@ -233,7 +233,10 @@ class Scheduler:
                 continue
             token = token_ids[r]
             req.append_output_token(token)
-            status, stop_reason = self._check_stop(req, token)
+            if req.request_id in sampled.completed:  # the structured output is whole: nothing may follow
+                status, stop_reason = _STOPPED, None
+            else:
+                status, stop_reason = self._check_stop(req, token)
             if status is not None:
                 self._finish(req, status, stop_reason)
                 finished = True

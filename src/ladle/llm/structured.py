@@ -1,0 +1,113 @@
+"""Structured output: constrain a request's tokens to a JSON schema, a regex, a choice of strings or a Lark grammar.
+
+Each constrained request owns an llguidance matcher. Every step, the rows of constrained requests get a bitmask of
+the tokens their grammar allows (applied to the logits before sampling, like any logits processor), and each
+sampled token is fed back to its matcher; a grammar that is complete finishes its request ("stop").
+Invariant: a matcher has consumed exactly the request's output tokens (preemption recomputes KV, not tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import torch
+
+from ladle.errors import InvalidInput
+from ladle.llm.sampling_params import StructuredSpec
+
+log = logging.getLogger(__name__)
+
+# Compact JSON (no optional whitespace): a model that likes spaces cannot pad its output forever.
+_JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+def grammar_for(spec: StructuredSpec) -> str:
+    """The llguidance grammar for a spec (not yet checked against a tokenizer)."""
+    if spec.kind == "json":
+        return llguidance.LLMatcher.grammar_from_json_schema(spec.value, defaults=_JSON_OPTIONS)
+    if spec.kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(spec.value)
+    if spec.kind == "choice":
+        literals = (json.dumps(choice, ensure_ascii=False) for choice in json.loads(spec.value))
+        return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(literals))
+    return llguidance.LLMatcher.grammar_from_lark(spec.value)
+
+
+class StructuredOutputs:
+    """One engine's matchers, keyed by request id, and the per-step bitmask / accept work."""
+
+    def __init__(self, hf_tokenizer: Any, vocab_size: int) -> None:
+        self._hf = hf_tokenizer
+        self._vocab_size = vocab_size
+        self._tokenizer: llguidance.LLTokenizer | None = None  # built on first use (~ms to 1 s)
+        self.matchers: dict[str, llguidance.LLMatcher] = {}
+
+    @property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self._vocab_size)
+        return self._tokenizer
+
+    def compile(self, spec: StructuredSpec, param: str) -> llguidance.LLMatcher:
+        """A fresh matcher for `spec`, or a 400 naming `param` when the schema / regex / grammar is invalid.
+        Blocking (a complex grammar takes up to ~1 s): call it off the event loop and off the engine thread."""
+        try:
+            grammar = grammar_for(spec)
+        except ValueError as exc:
+            raise InvalidInput(f"invalid {spec.kind}: {exc}", param=param) from None
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        if is_error:
+            raise InvalidInput(f"invalid {spec.kind}: {messages[0]}", param=param)
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise InvalidInput(f"invalid {spec.kind}: {matcher.get_error()}", param=param)
+        return matcher
+
+    def add(self, request_id: str, matcher: llguidance.LLMatcher) -> None:
+        self.matchers[request_id] = matcher
+
+    def remove(self, request_id: str) -> None:
+        self.matchers.pop(request_id, None)
+
+    def bitmask(self, request_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, int32 bitmask [len(rows), words]) for the constrained rows of this step; None when there are none."""
+        rows = [i for i, request_id in enumerate(request_ids) if request_id in self.matchers]
+        if not rows:
+            return None
+        mask = torch.empty(len(rows), (self.tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
+        row_bytes = mask.shape[1] * mask.element_size()
+        for j, row in enumerate(rows):  # the matcher writes its allowed-token bits straight into row j
+            self.matchers[request_ids[row]].unsafe_compute_mask_ptr(mask[j].data_ptr(), row_bytes)
+        return torch.tensor(rows, dtype=torch.long), mask
+
+    def accept(self, request_ids: list[str], token_ids: list[int]) -> frozenset[str]:
+        """Feed each constrained row its sampled token; the ids whose output is now complete."""
+        complete = []
+        for request_id, token in zip(request_ids, token_ids, strict=True):
+            matcher = self.matchers.get(request_id)
+            if matcher is None:
+                continue
+            if not matcher.consume_token(token):
+                log.warning("request %s: structured output rejected token %d: %s", request_id, token,
+                            matcher.get_error())
+            if matcher.is_stopped() or matcher.is_error():
+                complete.append(request_id)
+        return frozenset(complete)
+
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> None:
+    """Set the logits of tokens a row's grammar forbids to -inf, in place. Bit t % 32 of word t // 32 allows
+    token t; tokens past the mask (the model's vocabulary can be padded beyond the tokenizer's) are forbidden."""
+    vocab = logits.shape[-1]
+    bits = (mask.to(logits.device).unsqueeze(-1) >> _BITS.to(logits.device)) & 1  # [rows, words, 32]
+    allowed = bits.view(len(rows), -1)[:, :vocab].bool()
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
