@@ -46,7 +46,8 @@ class Generation:
         self.created = int(time.time())
         self.streams = [
             # each stream walks the grammar on its own copy of the compiled matcher
-            engine.generate(ids, params.child(i), f"{self.id}-{p}-{i}", matcher and matcher.deep_copy())
+            engine.generate(ids, params.child(i), f"{self.id}-{p}-{i}",
+                            None if matcher is None else matcher.deep_copy())
             for p, ids in enumerate(prompts) for i in range(params.n)
         ]
         self.choices = [Choice(index) for index in range(len(self.streams))]

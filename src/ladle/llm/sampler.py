@@ -243,7 +243,7 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         prompt_logprobs = score_prompts(logits[meta.num_rows:], meta.prompt)
         logits = logits[: meta.num_rows]
     log_probs = torch.log_softmax(logits[meta.logprob_rows], dim=-1) if meta.logprob_rows is not None else None
-    if meta.allowed is not None:
+    if meta.allowed is not None:  # a copy: the runner's logits are inference tensors, not writable here
         logits = logits.clone()
         apply_bitmask(logits, *meta.allowed)
     if meta.adjusts_logits:
