@@ -67,6 +67,7 @@ def test_full_config_parses() -> None:
         ({"traffic_split": {0: 10}}, "traffic_split (a version)", "integer >= 1"),
         ({"traffic_split": {1: -5}}, "traffic_split.1", ">= 0"),
         ({"traffic_split": {1: 0, 2: 0}}, "traffic_split", "weight > 0"),
+        ({"traffic_split": {1: 5, "1": 5}}, "traffic_split.1", "once"),
     ],
 )
 def test_bad_fields_are_named(change: dict, field: str, expected: str) -> None:

@@ -91,12 +91,13 @@ class OpenAIAPI:
         ]
 
     def _served(self) -> dict[str, AsyncEngine]:
+        """Every servable LLM by name (a repository model by its newest version: what /v1/models describes)."""
         served = dict(self.engines)
         for name, record in self.registry.models.items():
             if record.ready:
-                routed = record.route()  # the newest version, or one drawn by the model's traffic_split
-                if routed.engine is not None:
-                    served.setdefault(name, routed.engine)
+                newest = record.ready[max(record.ready)]
+                if newest.engine is not None:
+                    served.setdefault(name, newest.engine)
         return served
 
     async def models(self, request: Request) -> Response:
@@ -234,11 +235,15 @@ class OpenAIAPI:
             return engine
         served = self._served()
         if model is None and len(served) == 1:
-            return next(iter(served.values()))
-        if model in served:
-            return served[model]
-        if model in self.registry.models and self.registry.models[model].config is not None:
-            self.registry.get(model)  # raises the model's own state: not ready, unloading, ...
+            model = next(iter(served))
+        if model in self.engines:
+            return self.engines[model]
+        record = self.registry.models.get(model or "")
+        if record is not None and record.config is not None:
+            # the version this request goes to (traffic_split), or the model's own state: not ready, unloading, ...
+            routed = self.registry.get(model)
+            if routed.engine is not None:
+                return routed.engine
         names = ", ".join(sorted(served)) or "none"
         raise NotFound(f"the model '{model}' does not exist; served models: {names}", param="model")
 

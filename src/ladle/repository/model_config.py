@@ -293,6 +293,8 @@ def _traffic_split(value: Any, path: Path | str) -> tuple[tuple[int, float], ...
     for version, weight in raw.items():
         if isinstance(version, str) and version.isdigit():
             version = int(version)
+        if any(version == seen for seen, _ in split):
+            raise ConfigError(path, f"traffic_split.{version}", "each version once")
         split.append((_int(version, path, "traffic_split (a version)", minimum=1),
                       _number(weight, path, f"traffic_split.{version}")))
     if split and not any(weight > 0 for _, weight in split):
