@@ -11,6 +11,8 @@ class LadleError(Exception):
     """Base class: `status` is the HTTP status the API layer answers with."""
 
     status: int = 500
+    #: seconds a client should wait before retrying (the Retry-After header); None: no header
+    retry_after_s: int | None = None
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -42,10 +44,36 @@ class Unprocessable(LadleError):
     status = 422
 
 
+class Unauthorized(LadleError):
+    """No valid API key was presented."""
+
+    status = 401
+
+
+class Forbidden(LadleError):
+    """The key is valid but not allowed here (an inference key on an admin endpoint)."""
+
+    status = 403
+
+
+class TooManyRequests(LadleError):
+    """A per-key rate limit is exceeded; retry after `retry_after_s`."""
+
+    status = 429
+    retry_after_s = 1
+
+
 class Unavailable(LadleError):
     """The model exists but cannot take this request now (not ready, queue full, unloading)."""
 
     status = 503
+    retry_after_s = 1
+
+
+class DeadlineExceeded(LadleError):
+    """The request's deadline (its `timeout`) passed before it finished; it was stopped and its resources freed."""
+
+    status = 504
 
 
 class QueueFull(Unavailable):

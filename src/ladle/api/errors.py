@@ -21,29 +21,46 @@ log = logging.getLogger(__name__)
 _OPENAI_TYPES = {
     400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
     422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 500: "internal_error",
+    401: "authentication_error", 403: "permission_error", 504: "timeout",
 }
 
 
-def kserve_error(message: str, status: int) -> Response:
-    return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json")
+def _headers(retry_after_s: int | None) -> dict[str, str] | None:
+    return None if retry_after_s is None else {"Retry-After": str(retry_after_s)}
 
 
-def openai_error(message: str, status: int, param: str | None = None, code: str | None = None) -> Response:
-    body = {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "error"), "param": param, "code": code}}
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+def kserve_error(message: str, status: int, retry_after_s: int | None = None) -> Response:
+    return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json",
+                    headers=_headers(retry_after_s))
 
 
-def error_response(request: Request, message: str, status: int, param: str | None = None) -> Response:
-    if request.url.path.startswith("/v1/"):
-        return openai_error(message, status, param=param)
-    return kserve_error(message, status)
+def openai_error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "error"), "param": param, "code": code}}
+
+
+def openai_error(message: str, status: int, param: str | None = None, code: str | None = None,
+                 retry_after_s: int | None = None) -> Response:
+    body = openai_error_body(message, status, param, code)
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json",
+                    headers=_headers(retry_after_s))
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/")
+
+
+def error_response(request: Request, message: str, status: int, param: str | None = None,
+                   retry_after_s: int | None = None) -> Response:
+    if is_openai_path(request.url.path):
+        return openai_error(message, status, param=param, retry_after_s=retry_after_s)
+    return kserve_error(message, status, retry_after_s)
 
 
 async def ladle_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, LadleError)
     if exc.status >= 500:
         log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
-    return error_response(request, exc.message, exc.status, param=getattr(exc, "param", None))
+    return error_response(request, exc.message, exc.status, param=exc.param, retry_after_s=exc.retry_after_s)
 
 
 async def http_error_handler(request: Request, exc: Exception) -> Response:
