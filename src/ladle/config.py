@@ -64,6 +64,25 @@ class LLMConfig:
     enable_prefix_caching: bool = option(True, "reuse the KV cache of shared prompt prefixes across requests")
     enable_chunked_prefill: bool = option(True, "split long prompts over several steps so decodes keep flowing")
     num_threads: int | None = option(None, "torch CPU threads for the engine (default: torch's choice)")
+    # -- limits on what one client may ask of the engine (issue 7: hardening) --
+    trust_request_chat_template: bool = option(
+        False, "accept a chat template sent by the client (chat_template / chat_template_kwargs.chat_template); "
+        "off: such requests are a 400"
+    )
+    chat_template_timeout: float = option(5.0, "seconds a chat template may take to render before the request is a 400")
+    max_waiting_requests: int = option(
+        256, "most sequences waiting for the engine; beyond it new requests get 503 with Retry-After"
+    )
+    max_waiting_tokens: int = option(
+        262144, "most prompt tokens waiting for the engine; beyond it new requests get 503 with Retry-After"
+    )
+    max_sequences_per_request: int = option(
+        256, "most sequences one request may start (prompts x n); more is a 400"
+    )
+    request_timeout: float = option(
+        0.0, "default deadline of an LLM request in seconds, queue and generation included (0: none); "
+        "a request's `timeout` field or X-Request-Timeout header may ask for less"
+    )
 
 
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ladle.config import LLMConfig
 from ladle.errors import InvalidInput, Unavailable
 from ladle.llm.engine import EngineCore
 from ladle.llm.output_processor import OutputProcessor, StreamDelta
@@ -46,8 +47,10 @@ class AsyncEngine:
     """
 
     def __init__(
-        self, name: str, build_core: Callable[[], EngineCore], tokenizer: Tokenizer, metrics: LLMMetrics | None = None
+        self, name: str, build_core: Callable[[], EngineCore], tokenizer: Tokenizer, metrics: LLMMetrics | None = None,
+        config: LLMConfig | None = None,
     ) -> None:
+        self.config = config or LLMConfig()  # the engine's limits (waiting queue, fan-out, templates, deadline)
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.processor = OutputProcessor(tokenizer, metrics)

@@ -56,7 +56,7 @@ def build_engine(config: LLMConfig, name: str, model_dir: Path, families: LLMMet
     started = time.monotonic()
     tokenizer = Tokenizer.from_dir(model_dir)
     metrics = LLMMetrics(families, name) if families is not None else None
-    engine = AsyncEngine(name, lambda: build_core(config, model_dir, tokenizer), tokenizer, metrics)
+    engine = AsyncEngine(name, lambda: build_core(config, model_dir, tokenizer), tokenizer, metrics, config)
     runner = engine.core.runner
     log.info(
         "LLM %s (%s, %s on %s) ready in %.1fs: context %d tokens, %d KV blocks of %d tokens",
