@@ -3,7 +3,8 @@
 Invariants: at most one batch per instance runs at a time; every submitted request's future is
 resolved exactly once (result, model error, queue timeout, or cancelled by its client); a request
 whose client went away or whose deadline passed never starts running. The event loop only moves
-references: concatenating, running and splitting happen on the instance's thread.
+references: concatenating, running and splitting happen on the instance's thread. A batch that overruns
+`execution_timeout_ms` fails (504) and its instance leaves rotation until it is back (see faults below).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import numpy as np
 
 from ladle.batching.batch import concat_inputs, shape_key, split_outputs
 from ladle.batching.inline import InlinePolicy
-from ladle.batching.instances import Instance
+from ladle.batching.instances import Instance, WorkerDied
 from ladle.batching.queue import PendingRequest, RequestQueue
-from ladle.errors import InvalidInput, LadleError, ModelError, QueueFull, QueueTimeout, Unavailable
+from ladle.errors import DeadlineExceeded, InvalidInput, LadleError, ModelError, QueueFull, QueueTimeout, Unavailable
 from ladle.repository.model_config import DynamicBatching, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -62,17 +63,21 @@ class Batcher:
         self._timer: asyncio.TimerHandle | None = None
         self._inflight = 0  # submitted and not yet resolved (queued + running)
         self._closing = False
+        self._refusal: str | None = None  # why submit answers 503 at once (unloading, no instance can run)
+        self._down: set[Instance] = set()  # can't run: a failed restart, or a thread stuck past the timeout
         self._loop = asyncio.get_running_loop()
         inline_ok = config.instance_kind == "thread" and config.inline_max_us > 0
         self._inline = InlinePolicy(config.inline_max_us / 1e6) if inline_ok else None
+        self._redispatch: asyncio.Handle | None = None  # the next loop turn's dispatch, after an inline batch
+        self._execution_timeout_s = config.execution_timeout_ms / 1000.0
 
     # -- the request side -------------------------------------------------------------------
     def submit(
         self, inputs: dict[str, np.ndarray], rows: int, priority: int = 0, timeout_s: float | None = None
     ) -> PendingRequest:
         """Queue a request; await `.future` for its InferResult. Raises at once when it can't queue."""
-        if self._closing:
-            raise Unavailable(f"model {self.label} is unloading; retry against another version or later")
+        if self._refusal is not None:
+            raise Unavailable(self._refusal)
         if self.queue.full:
             raise QueueFull(f"model {self.label}: queue is full ({self.queue.max_size} requests); retry later")
         level = self._priority_level(priority)
@@ -136,15 +141,24 @@ class Batcher:
     # -- the dispatch side ------------------------------------------------------------------
     # Event-driven, no dispatcher task: a submit, a finished batch or the delay timer each call
     # _dispatch, which starts batches while instances are idle. Every await saved here is latency.
+    # An inline batch runs on the loop itself, so at most one runs per loop turn: a backlog then drains
+    # one batch per turn (call_soon) with every other callback getting its turn in between, never recursively.
     def _dispatch(self) -> None:
+        if self._redispatch is not None:
+            return  # an inline batch ran this turn: the scheduled dispatch takes it from here
         while self._idle and len(self.queue):
             max_rows = self._ready_rows()
             if max_rows is None:
                 self._arm_timer()
                 return
             batch = self.queue.take_batch(max_rows, group=self._group, max_requests=0 if self._merge else 1)
-            if batch:
-                self._start(self._idle.pop(), batch)
+            if batch and self._start(self._idle.pop(), batch) and len(self.queue):
+                self._redispatch = self._loop.call_soon(self._dispatch_next_turn)
+                return
+
+    def _dispatch_next_turn(self) -> None:
+        self._redispatch = None
+        self._dispatch()
 
     def _ready_rows(self) -> int | None:
         """How many rows to take now, or None to keep waiting for a fuller batch."""
@@ -174,7 +188,8 @@ class Batcher:
         self._timer = None
         self._dispatch()
 
-    def _start(self, instance: Instance, batch: list[PendingRequest]) -> None:
+    def _start(self, instance: Instance, batch: list[PendingRequest]) -> bool:
+        """Run a batch on `instance`; True if it ran inline (already finished when this returns)."""
         for pending in batch:
             if pending.timer is not None:
                 pending.timer.cancel()
@@ -185,14 +200,32 @@ class Batcher:
                 outcome: tuple | BaseException = self._timed_execute(instance, batch)
             except Exception as exc:  # handled like a failure on the thread
                 outcome = exc
-            self._finished(instance, batch, started, outcome)
-            return
+            self._complete(instance, batch, started, outcome)
+            return True
         future = instance.worker.submit(self._loop, self._timed_execute, instance, batch)
-        future.add_done_callback(lambda f: self._finished(instance, batch, started, f.exception() or f.result()))
+        watchdog = None
+        if self._execution_timeout_s > 0:
+            watchdog = self._loop.call_later(self._execution_timeout_s, self._overran, instance, batch)
+        future.add_done_callback(lambda f: self._finished(instance, batch, started, f, watchdog))
+        return False
 
-    def _finished(self, instance: Instance, batch: list[PendingRequest], started: float, outcome) -> None:
+    def _finished(
+        self, instance: Instance, batch: list[PendingRequest], started: float, future: asyncio.Future,
+        watchdog: asyncio.TimerHandle | None,
+    ) -> None:
+        if watchdog is not None:
+            watchdog.cancel()
+        self._complete(instance, batch, started, future.exception() or future.result())
+        self._dispatch()
+
+    def _complete(self, instance: Instance, batch: list[PendingRequest], started: float, outcome) -> None:
         self._running -= 1
-        self._idle.append(instance)
+        if isinstance(outcome, WorkerDied):
+            self._restart(instance)
+        else:
+            self._idle.append(instance)
+            if self._down:
+                self._mark_up(instance)
         if isinstance(outcome, LadleError):
             pieces = [outcome] * len(batch)
         elif isinstance(outcome, BaseException):  # a model's own failure must not take the batcher down
@@ -211,7 +244,6 @@ class Batcher:
                 self._resolve(pending, InferResult(piece, started - pending.enqueued_at, compute_s, rows))
         if self.observer is not None:
             self.observer.on_batch(rows, len(batch), compute_s)
-        self._dispatch()
 
     def _timed_execute(self, instance: Instance, batch: list[PendingRequest]) -> tuple[list, float]:
         started = time.perf_counter()
@@ -227,15 +259,75 @@ class Batcher:
         )
         return split_outputs(instance.predict(inputs), [p.rows for p in batch])
 
+    # -- faults -------------------------------------------------------------------------------
+    # A batch past execution_timeout_ms fails with 504 at once. A process instance's worker is killed (its
+    # predict then raises WorkerDied and the worker is restarted); a thread cannot be stopped, so its instance
+    # stays out of rotation until the thread returns. While no instance at all can run, the queue is failed
+    # and new requests are refused (503 + Retry-After) rather than left waiting on nothing.
+    def _overran(self, instance: Instance, batch: list[PendingRequest]) -> None:
+        timeout_ms = self.config.execution_timeout_ms
+        error = DeadlineExceeded(
+            f"model {self.label}: the batch running this request took longer than execution_timeout_ms="
+            f"{timeout_ms:g} and was stopped"
+        )
+        for pending in batch:
+            self._resolve(pending, error)
+        if instance.abort():
+            log.warning("model %s: instance %s overran %g ms; killing its worker", self.label, instance.name,
+                        timeout_ms)
+            return
+        log.warning("model %s: instance %s overran %g ms; its thread cannot be stopped, so the instance is out "
+                    "of rotation until the batch returns", self.label, instance.name, timeout_ms)
+        self._mark_down(instance)
+
+    def _restart(self, instance: Instance) -> None:
+        """Replace a dead worker on the instance's own thread (the back-off sleeps there, not on the loop)."""
+        future = instance.worker.submit(self._loop, instance.restart)
+        future.add_done_callback(lambda f: self._restarted(instance, f))
+
+    def _restarted(self, instance: Instance, future: asyncio.Future) -> None:
+        error = None if future.cancelled() else future.exception()
+        if error is None:  # back in rotation (even while closing: it may still drain the queue)
+            self._idle.append(instance)
+            self._mark_up(instance)
+            self._dispatch()
+            return
+        if self._closing:
+            return
+        log.error("model %s: instance %s could not restart its worker: %s", self.label, instance.name, error)
+        self._mark_down(instance)
+        self._restart(instance)
+
+    def _mark_down(self, instance: Instance) -> None:
+        self._down.add(instance)
+        if len(self._down) < len(self.instances) or self._closing:
+            return
+        self._refusal = (
+            f"model {self.label}: no instance can run requests now (workers restarting or stuck past "
+            "execution_timeout_ms); retry later"
+        )
+        for pending in self.queue.drain():
+            self._resolve(pending, Unavailable(self._refusal))
+
+    def _mark_up(self, instance: Instance) -> None:
+        if instance in self._down:
+            self._down.discard(instance)
+            log.info("model %s: instance %s is back in rotation", self.label, instance.name)
+        if not self._closing:
+            self._refusal = None
+
     # -- lifecycle ----------------------------------------------------------------------------
     async def close(self, drain_timeout_s: float = 30.0) -> None:
         """Stop taking requests, let queued and running ones finish (up to the timeout), free instances."""
         self._closing = True
+        self._refusal = f"model {self.label} is unloading; retry against another version or later"
         deadline = time.monotonic() + drain_timeout_s
         while (len(self.queue) or self._running) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self._timer is not None:
             self._timer.cancel()
+        if self._redispatch is not None:
+            self._redispatch.cancel()
         for pending in self.queue.drain():
             self._resolve(pending, Unavailable(f"model {self.label} was unloaded before the request could run"))
         for instance in self.instances:

@@ -2,7 +2,8 @@
 
 Invariant: `len(queue)` counts live requests only (cancelled or expired ones are discounted the
 moment they are marked, and skipped when reached), so the bound is exact and a full queue
-answers 503 at once instead of growing.
+answers 503 at once instead of growing; a discarded request drops its input arrays at once, and
+discarded husks are compacted away before they outnumber the bound.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class RequestQueue:
         self._levels: list[deque[PendingRequest]] = [deque() for _ in range(priority_levels)]
         self._live = 0
         self._rows = 0
+        self._dead = 0  # discarded requests still sitting in the deques (skipped when reached)
 
     def __len__(self) -> int:
         return self._live
@@ -66,9 +68,20 @@ class RequestQueue:
         if request.done:
             return False
         request.done = True
+        # the inputs are views into a request body (up to the body limit): free them now, not when reached
+        request.inputs = {}
         self._live -= 1
         self._rows -= request.rows
+        self._dead += 1
+        if self._dead > max(self.max_size, 64):
+            self._compact()
         return True
+
+    def _compact(self) -> None:
+        """Drop discarded husks, so clients that queue and cancel in a loop cannot grow the deques."""
+        for i, level in enumerate(self._levels):
+            self._levels[i] = deque(r for r in level if not r.done)
+        self._dead = 0
 
     def oldest_arrival(self) -> float | None:
         """Enqueue time of the oldest live request, for the max-queue-delay clock."""
@@ -100,6 +113,7 @@ class RequestQueue:
         while level and rows < max_rows and len(batch) < limit:
             request = level.popleft()
             if request.done:
+                self._dead -= 1
                 continue
             fits = not batch or rows + request.rows <= max_rows
             compatible = not group or not batch or request.shape_key == batch[0].shape_key
@@ -119,12 +133,19 @@ class RequestQueue:
         for level in self._levels:
             while level:
                 request = level.popleft()
-                if self.discard(request):
-                    yield request
+                if request.done:
+                    self._dead -= 1
+                    continue
+                request.done = True
+                request.inputs = {}
+                self._live -= 1
+                self._rows -= request.rows
+                yield request
 
     def _live_heads(self) -> Iterator[PendingRequest]:
         for level in self._levels:
             while level and level[0].done:
                 level.popleft()
+                self._dead -= 1
             if level:
                 yield level[0]

@@ -6,6 +6,7 @@ the field and what was expected, so one bad model never stops the others from lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -89,6 +90,9 @@ class ModelConfig:
     # thread instances whose batches keep finishing under this many microseconds run them on the event
     # loop instead (batching/inline.py); 0 always uses the thread
     inline_max_us: float = 100.0
+    # a batch running longer than this fails with 504; a process instance's worker is then killed and restarted,
+    # a thread instance leaves rotation until its thread returns (batching/batcher.py); 0: no limit
+    execution_timeout_ms: float = 60000.0
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     parameters: Mapping[str, Any] = field(default_factory=dict)
     # (version, weight): how requests that name no version are shared out (canaries, A/B tests); empty: newest
@@ -112,6 +116,7 @@ class ModelConfig:
 _TOP_FIELDS = {
     "name", "backend", "inputs", "outputs", "max_batch_size", "dynamic_batching",
     "instance_count", "instance_kind", "inline_max_us", "version_policy", "parameters", "traffic_split",
+    "execution_timeout_ms",
 }
 _VERSION_FIELDS = {"backend", "parameters"}
 
@@ -156,6 +161,7 @@ def parse_model_config(raw: Mapping[str, Any], name: str, path: Path | str) -> M
         instance_count=_int(raw.get("instance_count", 1), path, "instance_count", minimum=1),
         instance_kind=_choice(raw.get("instance_kind", "thread"), INSTANCE_KINDS, path, "instance_kind"),
         inline_max_us=_number(raw.get("inline_max_us", 100.0), path, "inline_max_us"),
+        execution_timeout_ms=_finite(raw.get("execution_timeout_ms", 60000.0), path, "execution_timeout_ms"),
         version_policy=_version_policy(raw.get("version_policy", {"latest": 1}), path),
         parameters=_mapping(raw.get("parameters", {}), path, "parameters"),
         traffic_split=_traffic_split(raw.get("traffic_split", {}), path),
@@ -190,6 +196,13 @@ def _number(value: Any, path: Path | str, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         raise ConfigError(path, name, f"a number >= 0, got {value!r}")
     return float(value)
+
+
+def _finite(value: Any, path: Path | str, name: str) -> float:
+    number = _number(value, path, name)
+    if not math.isfinite(number):
+        raise ConfigError(path, name, f"a finite number >= 0 (0: no limit), got {value!r}")
+    return number
 
 
 def _bool(value: Any, path: Path | str, name: str) -> bool:
