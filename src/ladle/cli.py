@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import types
 import typing
@@ -15,7 +16,7 @@ from typing import Any
 
 from ladle import __version__
 from ladle.bench import add_bench_parser
-from ladle.config import HTTPConfig, LLMConfig, RepositoryConfig, ServerConfig
+from ladle.config import HTTPConfig, LLMConfig, RepositoryConfig, SecurityConfig, ServerConfig
 
 log = logging.getLogger("ladle")
 
@@ -77,18 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(serve, RepositoryConfig, "model repository")
     add_dataclass_options(serve, LLMConfig, "LLM engine")
     add_dataclass_options(serve, HTTPConfig, "HTTP server")
+    add_dataclass_options(serve, SecurityConfig, "security")
     serve.set_defaults(handler=run_serve)
     add_bench_parser(commands)
     return parser
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from ladle.api.auth import resolve_keys
     from ladle.server import serve
 
+    try:  # keys from the flags, LADLE_API_KEY / LADLE_ADMIN_KEY and --api-key-file; never echoed
+        security = resolve_keys(build_dataclass(SecurityConfig, args), os.environ)
+    except ValueError as exc:
+        print(f"ladle serve: {exc}", file=sys.stderr)
+        return 2
     config = ServerConfig(
         http=build_dataclass(HTTPConfig, args),
         repository=build_dataclass(RepositoryConfig, args),
         llm=build_dataclass(LLMConfig, args),
+        security=security,
     )
     if config.repository.repository is not None and not Path(config.repository.repository).is_dir():
         print(f"ladle serve: model repository {config.repository.repository} is not a directory", file=sys.stderr)

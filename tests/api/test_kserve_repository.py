@@ -17,6 +17,8 @@ from tritonclient.utils import InferenceServerException
 from tests.repos import PROBE_SOURCE, write_model, write_probe
 from tests.server import LadleServer
 
+ADMIN = "--allow-admin-without-key"  # the load/unload API is off by default
+
 
 @pytest.fixture()
 def repo(tmp_path):
@@ -46,7 +48,7 @@ def test_version_policies_and_default_version(repo) -> None:
 
 
 def test_load_unload_reload_during_traffic_drops_nothing(repo) -> None:
-    with LadleServer([repo, "--load-model", "steady", "--load-model", "churn"]) as server:
+    with LadleServer([repo, "--load-model", "steady", "--load-model", "churn", ADMIN]) as server:
         c = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
         failures: list[str] = []
         sent = [0]
@@ -95,7 +97,7 @@ def test_request_whose_body_arrives_during_a_reload_is_served_by_the_new_instanc
     body = json.dumps(x(4.0)).encode()
     head = (f"POST /v2/models/steady/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-    with LadleServer([repo, "--load-model", "steady"]) as server:
+    with LadleServer([repo, "--load-model", "steady", ADMIN]) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
             sock.sendall(head)
             time.sleep(0.2)  # the handler is now waiting for the body, holding version 1's first instance
@@ -114,7 +116,7 @@ def test_traffic_split_shares_unversioned_requests_between_versions(tmp_path) ->
     newest is not special); a request naming a version still gets exactly that one; a reload can move the split."""
     write_probe(tmp_path, "canary", versions=(1, 2, 3), version_policy={"all": True},
                 traffic_split={1: 1, 2: 1, 3: 0})
-    with LadleServer([tmp_path]) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+    with LadleServer([tmp_path, ADMIN]) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         def served(path: str, n: int) -> Counter:
             return Counter(client.post(path, json=x(1.0)).json()["model_version"] for _ in range(n))
 
@@ -131,7 +133,7 @@ def test_load_of_unknown_or_broken_model_reports_why(repo) -> None:
                                  "inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}],
                                  "outputs": [{"name": "y", "datatype": "FP32", "shape": [1]}]},
                 {1: {"model.py": "class Nothing:\n    pass\n"}})
-    with LadleServer([repo, "--load-model", "steady"]) as server:
+    with LadleServer([repo, "--load-model", "steady", ADMIN]) as server:
         r = httpx.post(server.url + "/v2/repository/models/nosuch/load")
         assert r.status_code == 404
         r = httpx.post(server.url + "/v2/repository/models/broken/load")

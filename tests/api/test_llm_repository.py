@@ -32,7 +32,7 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repo):
-    with LadleServer([repo]) as s:
+    with LadleServer([repo, "--allow-admin-without-key"]) as s:  # test_unload_and_reload_an_llm uses the API
         yield s
 
 
