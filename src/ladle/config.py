@@ -25,6 +25,14 @@ class HTTPConfig:
         "info", "logging level", choices=("debug", "info", "warning", "error")
     )
     log_format: str = option("text", "log line format", choices=("text", "json"))
+    max_concurrent_requests: int = option(
+        1024, "most requests in flight at once (a stream counts until it ends); beyond it a request gets 503 with "
+        "Retry-After at once; health probes and /metrics are exempt (0: unlimited)"
+    )
+    drain_timeout: float = option(
+        30.0, "on SIGTERM: seconds in-flight requests (streams included) may take to finish before the server "
+        "stops its models and exits"
+    )
 
 
 @dataclass(frozen=True)
@@ -104,7 +112,35 @@ def parse_bytes(text: str) -> int:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """Who may call the API (bearer keys) and how often (a token bucket per key, or per client IP)."""
+
+    api_key: tuple[str, ...] = option(
+        (), "require `Authorization: Bearer KEY` on every API endpoint but the health probes (repeatable; "
+        "also LADLE_API_KEY, comma-separated)"
+    )
+    api_key_file: Path | None = option(
+        None, "read API keys from this file: one per line, blank lines and # comments ignored"
+    )
+    admin_key: tuple[str, ...] = option(
+        (), "key for the repository load/unload API and cache resets; also valid wherever an API key is "
+        "(repeatable; also LADLE_ADMIN_KEY, comma-separated)"
+    )
+    allow_admin_without_key: bool = option(
+        False, "serve the repository load/unload API with no --admin-key set (off: those endpoints answer 403)"
+    )
+    protect_metrics: bool = option(False, "/metrics needs a key too (an API or admin key)")
+    rate_limit: float = option(
+        0.0, "requests per second allowed per API key (per client IP without keys); 0: no limit"
+    )
+    rate_limit_burst: int | None = option(
+        None, "requests a key may send at once before --rate-limit applies (default: max(1, 2 x RPS))"
+    )
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     http: HTTPConfig = field(default_factory=HTTPConfig)
     repository: RepositoryConfig = field(default_factory=RepositoryConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)

@@ -2,7 +2,8 @@
 and uvicorn with the fastest event loop and HTTP parser available.
 
 Invariant: an LLM named by --model that cannot load stops start-up with a clear message (exit 1),
-before the port is bound, so an orchestrator never routes to a half-working server.
+before the port is bound, so an orchestrator never routes to a half-working server. SIGTERM drains: no new
+connections, readiness false, in-flight requests (streams too) finish up to --drain-timeout, models stop, exit 0.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import signal
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
+from ladle.api.admission import Readiness
 from ladle.api.app import create_app
-from ladle.config import LLMConfig, ServerConfig
+from ladle.config import HTTPConfig, LLMConfig, ServerConfig
 from ladle.logs import setup_logging
 from ladle.metrics import LLMMetricFamilies, Metrics
 from ladle.repository.model_config import ConfigError, ModelConfig
@@ -32,21 +36,57 @@ def serve(config: ServerConfig) -> int:
         log.error("cannot serve --model %s: %s", config.llm.model, exc)
         return 1
     app = create_app(config, metrics, engines, repository_llm_loader(metrics.llm))
+    server = DrainingServer(_uvicorn_config(app, config.http), app.state.readiness)
+    server.run()
+    return 0 if server.started else 1
+
+
+def _uvicorn_config(app, http: HTTPConfig) -> uvicorn.Config:
     has = importlib.util.find_spec
-    uv_config = uvicorn.Config(
+    limit = http.max_concurrent_requests
+    return uvicorn.Config(
         app,
-        host=config.http.host,
-        port=config.http.port,
+        host=http.host,
+        port=http.port,
         loop="uvloop" if has("uvloop") else "asyncio",
-        http="httptools" if has("httptools") else "h11",
+        http=_http_protocol() if has("httptools") else "h11",
         log_config=None,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=30,
+        # uvicorn counts connections (idle keep-alive ones too) against this: the headroom above the admission
+        # cap keeps health probes and /metrics answerable while every admitted slot is busy
+        limit_concurrency=limit + max(64, limit // 4) if limit > 0 else None,
+        backlog=2048,
+        h11_max_incomplete_event_size=64 * 1024,  # request line + headers (h11; httptools has its own bound)
+        timeout_graceful_shutdown=http.drain_timeout,
     )
-    server = uvicorn.Server(uv_config)
-    server.run()
-    return 0 if server.started else 1
+
+
+def _http_protocol() -> type:
+    from ladle.api.http_protocol import BoundedHttpToolsProtocol  # imports httptools
+
+    return BoundedHttpToolsProtocol
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that SIGTERM is a graceful stop that exits 0: readiness turns false at once, then uvicorn
+    closes the listening socket, waits for in-flight requests up to the drain timeout, and runs the lifespan
+    shutdown (batchers drain, engines stop)."""
+
+    def __init__(self, config: uvicorn.Config, readiness: Readiness) -> None:
+        super().__init__(config)
+        self.readiness = readiness
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.readiness.draining = True
+        if sig == signal.SIGTERM and not self.should_exit:
+            log.info("SIGTERM: draining in-flight requests (up to %ss), then stopping",
+                     self.config.timeout_graceful_shutdown)
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:
+            # uvicorn re-raises a captured signal after shutting down (the process would die of SIGTERM, exit
+            # status 143); a drained SIGTERM is a clean stop, so it is not re-raised
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
 def _command_line_engines(config: LLMConfig, families: LLMMetricFamilies) -> dict:

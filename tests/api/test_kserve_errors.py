@@ -91,7 +91,9 @@ def test_gzip_bomb_is_413(server) -> None:
 
 def test_model_failure_is_500_and_isolated(server) -> None:
     r = infer(server, good(666.0), model="crashy")
-    assert r.status_code == 500 and "probe was asked to fail" in r.json()["error"]
+    rid = r.headers["X-Request-ID"]  # the client sees a request id; the model's own message goes to the log
+    assert r.status_code == 500 and r.json()["error"] == f"internal error; request id {rid}"
+    assert any(rid in line and "probe was asked to fail" in line for line in server.log().splitlines())
     assert infer(server, good(2.0), model="crashy").json()["outputs"][0]["data"] == [4.0]
 
 

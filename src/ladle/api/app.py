@@ -20,6 +20,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ladle.api.admission import AdmissionMiddleware, Readiness
+from ladle.api.auth import install_access_control
 from ladle.api.errors import EXCEPTION_HANDLERS
 from ladle.api.kserve import KServeAPI
 from ladle.api.openai import OpenAIAPI
@@ -51,8 +53,10 @@ def create_app(
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    readiness = Readiness(registry, engines.values)
+
     async def health(request: Request) -> Response:
-        return Response(status_code=200 if registry.is_ready() else 503)
+        return Response(status_code=200 if readiness() else 503)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -84,4 +88,8 @@ def create_app(
     app.state.registry = registry
     app.state.metrics = metrics
     app.state.engines = engines
+    app.state.readiness = readiness  # server.py marks it draining on SIGTERM
+    if config.http.max_concurrent_requests > 0:
+        app.add_middleware(AdmissionMiddleware, max_concurrent_requests=config.http.max_concurrent_requests)
+    install_access_control(app, config.security, config.http.host)  # added last: outermost, before admission
     return app

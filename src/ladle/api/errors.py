@@ -2,11 +2,15 @@
 
 KServe v2 answers `{"error": "..."}`; the OpenAI API answers
 `{"error": {"message", "type", "param", "code"}}`. Every handled failure goes through here.
+Invariant: an internal failure (an unexpected exception, a model's own error) reaches the client only as
+`internal error; request id ID` (also the X-Request-ID header); its detail goes to the log under that id.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import uuid
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -14,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ladle.api.body import ClientDisconnected
-from ladle.errors import LadleError
+from ladle.errors import DeadlineExceeded, LadleError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +29,41 @@ _OPENAI_TYPES = {
 }
 
 
+# a client's own X-Request-ID is echoed (and logged) only when it is a short token that is safe in a log line
+_SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+
+
 def _headers(retry_after_s: int | None) -> dict[str, str] | None:
     return None if retry_after_s is None else {"Retry-After": str(retry_after_s)}
+
+
+def request_id(request: Request | None = None) -> str:
+    """The client's X-Request-ID when it is a short safe token, else a fresh random id."""
+    if request is not None:
+        for key, value in request.scope.get("headers", ()):
+            if key == b"x-request-id" and _SAFE_REQUEST_ID.fullmatch(value):
+                return value.decode()
+    return uuid.uuid4().hex
+
+
+def is_internal(exc: LadleError) -> bool:
+    """A 5xx whose message may carry internal detail: everything but ladle's own 503s (not ready, queue full,
+    draining) and 504s (deadline), which are written by ladle and say only what the client can act on."""
+    return exc.status >= 500 and not isinstance(exc, (Unavailable, DeadlineExceeded))
+
+
+def public_message(exc: LadleError, rid: str | None = None) -> str:
+    """What a client may see of `exc`: its message, or for an internal failure a generic one with a request id
+    (the detail is logged under that id). For error events in streams as well as for error responses."""
+    if not is_internal(exc):
+        return exc.message
+    rid = rid or request_id()
+    log.error("request %s failed (%d): %s", rid, exc.status, exc.message)
+    return _generic(rid)
+
+
+def _generic(rid: str) -> str:
+    return f"internal error; request id {rid}"
 
 
 def kserve_error(message: str, status: int, retry_after_s: int | None = None) -> Response:
@@ -56,11 +93,20 @@ def error_response(request: Request, message: str, status: int, param: str | Non
     return kserve_error(message, status, retry_after_s)
 
 
+def _with_request_id(response: Response, rid: str) -> Response:
+    response.headers["X-Request-ID"] = rid
+    return response
+
+
 async def ladle_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, LadleError)
-    if exc.status >= 500:
-        log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
-    return error_response(request, exc.message, exc.status, param=exc.param, retry_after_s=exc.retry_after_s)
+    if not is_internal(exc):
+        if exc.status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        return error_response(request, exc.message, exc.status, param=exc.param, retry_after_s=exc.retry_after_s)
+    rid = request_id(request)
+    log.error("request %s: %s %s -> %d: %s", rid, request.method, request.url.path, exc.status, exc.message)
+    return _with_request_id(error_response(request, _generic(rid), exc.status), rid)
 
 
 async def http_error_handler(request: Request, exc: Exception) -> Response:
@@ -70,8 +116,9 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
 
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(request, f"internal server error: {type(exc).__name__}: {exc}", 500)
+    rid = request_id(request)
+    log.error("request %s: unhandled error on %s %s", rid, request.method, request.url.path, exc_info=exc)
+    return _with_request_id(error_response(request, _generic(rid), 500), rid)
 
 
 async def disconnect_handler(request: Request, exc: Exception) -> Response:

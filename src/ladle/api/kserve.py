@@ -19,6 +19,7 @@ from ladle.api import kserve_codec as codec
 from ladle.api.body import ClientDisconnected, header_values, read_body, until_disconnect
 from ladle.errors import InvalidInput, LadleError
 from ladle.metrics import Metrics
+from ladle.repository.layout import parse_version
 from ladle.repository.registry import ModelRegistry, ModelVersion
 from ladle.repository.signature import check_inputs, check_outputs, served_shape
 
@@ -63,15 +64,12 @@ class KServeAPI:
         return Response(status_code=200)
 
     async def ready(self, request: Request) -> Response:
-        return Response(status_code=200 if self.registry.is_ready() else 503)
+        # the app's Readiness: models, LLM engines (--model ones too) and SIGTERM draining
+        return Response(status_code=200 if request.app.state.readiness() else 503)
 
     def _lookup(self, request: Request) -> ModelVersion:
         raw = request.path_params.get("version")
-        version = None
-        if raw not in (None, ""):
-            if not raw.isdigit():
-                raise InvalidInput(f"model version must be a positive integer, got {raw!r}")
-            version = int(raw)
+        version = None if raw in (None, "") else parse_version(raw)
         return self.registry.get(request.path_params["model"], version)
 
     async def model_metadata(self, request: Request) -> Response:

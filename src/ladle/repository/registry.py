@@ -20,7 +20,7 @@ from ladle.batching.batcher import Batcher
 from ladle.batching.instances import create_instances
 from ladle.errors import NotFound, Unavailable
 from ladle.metrics import Metrics, VersionMetrics
-from ladle.repository.layout import model_names, version_numbers
+from ladle.repository.layout import check_model_name, model_dir, model_names, version_numbers
 from ladle.repository.model_config import ConfigError, ModelConfig, load_model_config, load_version_config
 from ladle.tensors import TensorSpec
 
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 class LLMEngine(Protocol):
     """What the registry needs of an LLM engine (ladle.llm.async_engine.AsyncEngine)."""
 
+    @property
+    def alive(self) -> bool: ...  # False once the engine thread has died (readiness)
     def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
     async def close(self) -> None: ...
 
@@ -106,11 +108,13 @@ class ModelRegistry:
         """The version to serve: the one asked for, or one routed by the model's traffic_split, or the newest READY."""
         record = self.models.get(name)
         if record is None:
-            raise NotFound(f"unknown model '{name}'; GET /v2/repository/index lists the models")
+            check_model_name(name)  # only on a miss: a name that could never exist is a 400
+            raise NotFound(f"unknown model '{name}'; POST /v2/repository/index lists the models")
         if version is None:
             if record.ready:
                 return record.route()
-            raise Unavailable(f"model '{name}' is not ready (state {record.state}{_why(record.reason)})")
+            # the reason (a load failure's exception text) stays in the repository index, off inference answers
+            raise Unavailable(f"model '{name}' is not ready (state {record.state}); the repository index says why")
         served = record.ready.get(version)
         if served is not None:
             return served
@@ -118,10 +122,18 @@ class ModelRegistry:
         if status is None:
             known = ", ".join(str(v) for v in sorted(record.status)) or "none"
             raise NotFound(f"model '{name}' has no version {version} (versions: {known})")
-        raise Unavailable(f"model '{name}' version {version} is not ready (state {status.state}{_why(status.reason)})")
+        raise Unavailable(f"model '{name}' version {version} is not ready (state {status.state}); "
+                          "the repository index says why")
 
     def is_ready(self) -> bool:
-        return all(self.models.get(n) is not None and self.models[n].ready for n in self.wanted)
+        """Every wanted model has a READY version, and none of its LLM engines has died."""
+        for name in self.wanted:
+            record = self.models.get(name)
+            if record is None or not record.ready:
+                return False
+            if any(mv.engine is not None and not mv.engine.alive for mv in record.ready.values()):
+                return False
+        return True
 
     def index(self, ready_only: bool = False) -> list[dict]:
         rows = []
@@ -151,8 +163,9 @@ class ModelRegistry:
 
     async def load(self, name: str) -> None:
         """Load (or reload) a model; failures are recorded as UNAVAILABLE with the reason."""
-        if self.root is None or not (self.root / name / "config.yaml").is_file():
-            raise NotFound(f"no model '{name}' in the repository (expected {self.root}/{name}/config.yaml)")
+        # never a filesystem path in the answer: the client only learns whether the model exists
+        if self.root is None or model_dir(self.root, check_model_name(name)) is None:
+            raise NotFound(f"no model '{name}' in the repository")
         self.wanted.add(name)
         record = self.models.setdefault(name, ModelRecord(name))
         async with record.lock:
@@ -160,17 +173,17 @@ class ModelRegistry:
 
     async def _load_locked(self, record: ModelRecord) -> None:
         record.state, record.reason = "LOADING", ""
-        model_dir = self.root / record.name
+        path = self.root / record.name  # load() checked the name and where the directory resolves
         try:
-            config = load_model_config(model_dir)
-            versions = config.version_policy.select(version_numbers(model_dir))
+            config = load_model_config(path)
+            versions = config.version_policy.select(version_numbers(path))
         except ConfigError as exc:
             log.error("model %s: bad config: %s", record.name, exc)
             record.state, record.reason = "UNAVAILABLE", str(exc)
             return
         if not versions:
             record.state = "UNAVAILABLE"
-            record.reason = f"no version directory in {model_dir} matches the version policy"
+            record.reason = f"no version directory of {record.name} matches the version policy"
             return
         loaded = await asyncio.gather(*(self._load_version(record, config, v) for v in versions))
         old = record.ready
@@ -226,7 +239,7 @@ class ModelRegistry:
 
     async def unload(self, name: str) -> None:
         """Stop serving a model; queued requests finish first."""
-        record = self.models.get(name)
+        record = self.models.get(check_model_name(name))
         if record is None:
             raise NotFound(f"unknown model '{name}'")
         self.wanted.discard(name)
@@ -251,7 +264,3 @@ class ModelRegistry:
         for name in list(self.models):
             if self.models[name].ready:
                 await self.unload(name)
-
-
-def _why(reason: str) -> str:
-    return f": {reason}" if reason else ""

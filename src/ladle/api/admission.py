@@ -1,0 +1,70 @@
+"""Server-level admission: a cap on HTTP requests in flight, and the readiness the health probes report.
+
+Invariant: beyond the cap a request is answered at once (503, Retry-After: 1, in its protocol's shape), never
+queued in the server; health probes and /metrics are never counted nor refused, so they answer while saturated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any, Protocol
+
+from ladle.api.errors import is_openai_path, kserve_error, openai_error
+from ladle.repository.registry import ModelRegistry
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: never refused: probes must tell an orchestrator the truth under load, and /metrics shows the load
+EXEMPT_PATHS = frozenset({"/health", "/v2/health/live", "/v2/health/ready", "/metrics"})
+
+
+class AdmissionMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware: no extra task or body copy per request); its cost is one counter."""
+
+    def __init__(self, app: ASGIApp, max_concurrent_requests: int) -> None:
+        self.app = app
+        self.limit = max_concurrent_requests
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            # a streaming response is sent inside this call, so a stream holds its slot until it ends
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = (f"the server is at its limit of {self.limit} concurrent requests "
+                   "(--max-concurrent-requests); retry after 1 s")
+        make = openai_error if is_openai_path(scope["path"]) else kserve_error
+        await make(message, 503, retry_after_s=1)(scope, receive, send)
+
+
+class LLMEngine(Protocol):
+    @property
+    def alive(self) -> bool: ...
+
+
+class Readiness:
+    """What /v2/health/ready and /health answer: every wanted model loaded, every LLM engine alive (those given
+    with --model too), and not draining after SIGTERM."""
+
+    def __init__(self, registry: ModelRegistry, engines: Callable[[], Iterable[LLMEngine]]) -> None:
+        self.registry = registry
+        self.engines = engines
+        self.draining = False
+
+    def __call__(self) -> bool:
+        if self.draining:
+            return False
+        return self.registry.is_ready() and all(engine.alive for engine in self.engines())
