@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import shutil
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -273,3 +276,41 @@ def test_copied_checkpoint_directory_loads(tmp_path: Path) -> None:
     src = save_tiny_tokenizer(tmp_path / "a", kind="metaspace")
     dst = Path(shutil.copytree(src, tmp_path / "b"))
     assert Tokenizer.from_dir(dst).encode("Hello") == Tokenizer.from_dir(src).encode("Hello")
+
+
+def test_long_stop_strings_cost_bounded_memory_and_time() -> None:
+    """16 stop strings of the API's maximum length (1024): construction plus a 100 kB stream in token-sized deltas
+    stays small and fast (the old matcher stored every prefix: ~8 M characters here, and quadratic work per delta)."""
+    stops = ["a" * 1023 + chr(ord("b") + i) for i in range(16)]
+    text = "a" * 50_000 + "xyz " * 12_500
+    tracemalloc.start()
+    matcher = StopStringMatcher(stops)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 200_000
+    started = time.perf_counter()
+    out = [matcher.push(text[i:i + 4]) for i in range(0, len(text), 4)]
+    assert time.perf_counter() - started < 1.0
+    assert "".join(out) + matcher.flush() == text and matcher.matched is None
+    assert len(matcher.held_text) <= 1023
+
+
+def test_stop_matcher_past_its_exact_checks_holds_more_but_cuts_the_same() -> None:
+    """Many candidate starts that are not partial matches ("xb" vs "xa...") exceed STOP_EXACT_CHECKS: the matcher
+    then holds conservatively, and still emits exactly the text before the stop string, whatever the chunking."""
+    stop = ("x" + "a" * 30 + "z",)
+    text = "xb" * 40 + stop[0] + "tail"
+    for step in (1, 3, 7, len(text)):
+        out, matched = _run_stops([text[i:i + step] for i in range(0, len(text), step)], stop)
+        assert ("".join(out), matched) == ("xb" * 40, stop[0])
+        emitted = "".join(out[:-1])
+        assert not any(s in emitted for s in stop)
+
+
+def test_reserved_template_kwargs_cover_apply_chat_template_parameters(byte_tok: Tokenizer) -> None:
+    """A client's chat_template_kwargs must not set any named parameter of the installed transformers'
+    apply_chat_template (chat_template is checked separately, against --trust-request-chat-template)."""
+    from ladle.api.openai_prompts import RESERVED_TEMPLATE_KWARGS
+
+    named = set(inspect.signature(type(byte_tok.hf).apply_chat_template).parameters) - {"self", "kwargs"}
+    assert named - {"chat_template"} <= RESERVED_TEMPLATE_KWARGS

@@ -7,12 +7,23 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from ladle.errors import InvalidInput
 from ladle.llm.sampling_params import SamplingParams, StructuredSpec
 
 Schema = TypeVar("Schema", bound=BaseModel)
+
+# Bounds on what one request may ask for; each is a 400 naming the field (README: "Hostile input"). The engine pays
+# per token for stop strings (matched on the engine thread), and per step for stop_token_ids and logit_bias.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024  # per stop string: the matcher holds back up to this many characters of output
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 300  # OpenAI's own limit
+MAX_MESSAGES = 2048  # OpenAI's own limit
+MAX_CONTENT_PARTS = 256  # per message
+INT64_MAX = 2**63 - 1
+TOP_K_MAX = 2**31 - 1  # any k >= the vocabulary means "off"; beyond int64 it would fail the engine step
 
 
 def parse_request(body: bytes, schema: type[Schema]) -> Schema:
@@ -67,14 +78,14 @@ class _SamplingFields(BaseModel):
     n: Annotated[int, Field(ge=1, le=128)] = 1
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: int | None = None
+    top_k: Annotated[int, Field(le=TOP_K_MAX)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
     skip_special_tokens: bool = True
@@ -82,7 +93,9 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    # the request's deadline in seconds, queue and generation included (ladle's extension; see openai_limits)
+    timeout: Annotated[float, Field(gt=0.0, le=86400.0, allow_inf_nan=False)] | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     # structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsParams | None = None
@@ -104,15 +117,27 @@ class _SamplingFields(BaseModel):
         stops = [value] if isinstance(value, str) else value or []
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop strings")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if longest := max((len(s) for s in stops if len(s) > MAX_STOP_CHARS), default=0):
+            raise ValueError(f"a stop string may be at most {MAX_STOP_CHARS} characters, got one of {longest}")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # choice i of n uses seed + i, and each must fit the int64 a torch generator is seeded with
+        n = info.data.get("n", 1)
+        if value is not None and not -(2**63) <= value <= INT64_MAX - (n - 1):
+            raise ValueError(f"seed must be in [-2**63, 2**63 - n] (choice i uses seed + i; n = {n}), got {value}")
         return value
 
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for token, bias in (value or {}).items():
-            if not token.isdigit():
+            # ASCII digits only, and few of them: str.isdigit() also accepts "²", which int() then refuses
+            if not (token.isascii() and token.isdigit() and len(token) <= 10):
                 raise ValueError(f"logit_bias keys are token ids (strings of digits), got {token!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
@@ -224,7 +249,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
     name: str | None = None
 
     def as_template_dict(self) -> dict[str, Any]:
@@ -239,7 +264,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
@@ -247,6 +272,7 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # vLLM's field: only with the engine's trust_request_chat_template
     echo: bool = False
 
     @property

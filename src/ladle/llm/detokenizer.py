@@ -6,6 +6,8 @@ no part of a stop string is emitted while it could still match.
 
 from __future__ import annotations
 
+import bisect
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -16,6 +18,9 @@ REPLACEMENT_CHAR = "\ufffd"  # what a decoder shows for bytes that are not (yet)
 # Prompt tokens decoded in front of the output, so the first output token is decoded in context (a SentencePiece
 # "▁Hello" is " Hello" after text but "Hello" at the very start) and its bytes can join a character the prompt began.
 PROMPT_CONTEXT_TOKENS = 6
+# Candidate starts of a partial stop string checked exactly per push; past them the matcher holds from the next one
+# without checking (holding more is always safe): bounds the engine thread's work per delta for any text.
+STOP_EXACT_CHECKS = 8
 
 
 class IncrementalDetokenizer:
@@ -81,6 +86,10 @@ class StopStringMatcher:
     ends with a stop string; on a tie, the longer stop string). The output is the text before it, or through it
     with `include_stop_str_in_output`. `matched` is the stop string that ended the stream, else None. The result
     does not depend on how the text is split into deltas.
+
+    Cost: memory O(total stop length), and the held text is at most max_len - 1 characters (the longest a partial
+    match can be), so each push searches held + delta with str.find and checks a bounded number of candidate
+    starts (positions of a stop string's first character) exactly, all in C: near-linear in the delta.
     """
 
     def __init__(self, stop: Sequence[str], include_stop_str_in_output: bool = False) -> None:
@@ -88,9 +97,10 @@ class StopStringMatcher:
             raise ValueError("stop strings must be non-empty")
         self._stop = tuple(stop)
         self._include = include_stop_str_in_output
-        # Every proper prefix of a stop string: a text tail equal to one of these might still become a match.
-        self._prefixes = frozenset(s[:i] for s in self._stop for i in range(1, len(s)))
-        self._longest_prefix = max((len(p) for p in self._prefixes), default=0)
+        self._window = max((len(s) for s in self._stop), default=1) - 1  # longest possible partial match
+        # Sorted, the stop strings that extend a given text follow it directly: a prefix test is one bisect.
+        self._sorted = sorted(set(self._stop))
+        self._starts = re.compile("[" + "".join(map(re.escape, {s[0] for s in self._stop})) + "]" if stop else "$^")
         self._held = ""
         self.matched: str | None = None
 
@@ -103,7 +113,7 @@ class StopStringMatcher:
         if self.matched is not None:
             return ""
         text = self._held + delta
-        match = self._first_match(text)
+        match = self._first_match(text, delta)
         if match is not None:
             start, stop = match
             self.matched, self._held = stop, ""
@@ -117,18 +127,41 @@ class StopStringMatcher:
         held, self._held = self._held, ""
         return held
 
-    def _first_match(self, text: str) -> tuple[int, str] | None:
-        """(start, stop string) of the match that completes earliest in `text`; the longer one on a tie."""
+    def _first_match(self, text: str, delta: str) -> tuple[int, str] | None:
+        """(start, stop string) of the match that completes earliest in `text`; the longer one on a tie.
+        The held text holds no complete match, so one must end in `delta` (and end with a character of it)."""
         best: tuple[int, int, str] | None = None  # (end, start, stop)
+        held = len(text) - len(delta)
         for stop in self._stop:
-            start = text.find(stop)  # for one stop string the first start is also the first end
+            if stop[-1] not in delta:
+                continue
+            start = _find_ending_after(text, stop, held)
             if start >= 0 and (best is None or (start + len(stop), start) < best[:2]):
                 best = (start + len(stop), start, stop)
         return None if best is None else (best[1], best[2])
 
     def _tail_to_hold(self, text: str) -> int:
-        """Length of the longest tail of `text` that is a proper prefix of some stop string."""
-        for n in range(min(len(text), self._longest_prefix), 0, -1):
-            if text[-n:] in self._prefixes:
-                return n
+        """Length of the longest tail of `text` that is a proper prefix of some stop string; after
+        STOP_EXACT_CHECKS candidates that are not, the tail from the next candidate unchecked (never less)."""
+        if not self._window:
+            return 0
+        for checked, found in enumerate(self._starts.finditer(text, max(0, len(text) - self._window))):
+            tail = text[found.start():]
+            if checked == STOP_EXACT_CHECKS or self._may_continue(tail):
+                return len(tail)
         return 0
+
+    def _may_continue(self, tail: str) -> bool:
+        """Whether `tail` is a proper prefix of a stop string: of the first one sorting after it, if of any."""
+        after = bisect.bisect_right(self._sorted, tail)
+        return after < len(self._sorted) and self._sorted[after].startswith(tail)
+
+
+def _find_ending_after(text: str, stop: str, held: int) -> int:
+    """The first start of `stop` in `text` whose end lies past `held`, or -1. Few candidate starts: startswith at
+    each (str.find would first scan the whole needle to build its skip table, costly for long stop strings)."""
+    first = max(0, held - len(stop) + 1)
+    last = len(text) - len(stop)
+    if last - first >= 16:
+        return text.find(stop, first)
+    return next((p for p in range(first, last + 1) if text.startswith(stop, p)), -1)

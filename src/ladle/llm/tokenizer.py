@@ -74,6 +74,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """encode() of each text, in one call to the backend, which releases the GIL while it works (encode() holds
+        it: a megabyte would stall every Python thread, the event loop included, for seconds)."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Plain backend decode: no clean_up_tokenization_spaces, so streamed and whole-text results agree."""
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -100,12 +105,15 @@ class Tokenizer:
         return template
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tokenize: bool = True, **kwargs: Any) -> list[int] | str:
-        """Render `messages` with the checkpoint's template (extra kwargs such as tools reach the template) and,
-        when `tokenize`, encode the text without adding special tokens, as transformers does."""
-        self.get_chat_template()  # a clear error first; transformers then picks the template (e.g. "tool_use")
+                            tokenize: bool = True, chat_template: str | None = None, **kwargs: Any) -> list[int] | str:
+        """Render `messages` with the checkpoint's template, or `chat_template` when given (extra kwargs such as
+        tools reach the template) and, when `tokenize`, encode the text without adding special tokens, as
+        transformers does. Rendering runs whatever the template says: callers bound its time (chat_template.py)."""
+        if chat_template is None:
+            self.get_chat_template()  # a clear error first; transformers then picks the template (e.g. "tool_use")
         text = self.hf.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False, chat_template=chat_template,
+            **kwargs,
         )
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
