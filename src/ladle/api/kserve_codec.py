@@ -28,6 +28,10 @@ _NUMPY_OPTION = orjson.OPT_SERIALIZE_NUMPY
 _SHARED_MEMORY = "shared_memory_region"
 # Level 6 is zlib's default trade-off; higher levels cost much more CPU on the hot path for little gain.
 _COMPRESS_LEVEL = 6
+# numpy 1.x's NPY_MAXDIMS (numpy 2 allows 64): the most dimensions an input may have.
+_MAX_DIMS = 32
+# Far more elements than any request body can carry, yet small enough that numpy can shape an empty array so.
+_MAX_NOMINAL_ELEMENTS = 1 << 40
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -171,12 +175,22 @@ def _shape(name: str, shape: Any) -> tuple[tuple[int, ...], int]:
     if not isinstance(shape, list):
         found = "no 'shape'" if shape is None else f"'shape' is a JSON {_json_type(shape)}"
         raise InvalidInput(f"input '{name}': {found}; expected a list of non-negative integers such as [1, 4]")
+    # Checked before any product: multiplying thousands of client-sent 64-bit dimensions costs quadratic time.
+    if len(shape) > _MAX_DIMS:
+        raise InvalidInput(f"input '{name}': shape has {len(shape)} dimensions; at most {_MAX_DIMS} are allowed")
     for dim in shape:
         if type(dim) is not int or dim < 0:
             raise InvalidInput(
                 f"input '{name}': shape {orjson.dumps(shape).decode()} has dimension {orjson.dumps(dim).decode()}; "
                 "dimensions must be non-negative integers"
             )
+    # numpy cannot shape even an empty array whose other dimensions multiply past its index range (ValueError);
+    # no real tensor comes near the bound.
+    if math.prod(dim for dim in shape if dim) > _MAX_NOMINAL_ELEMENTS:
+        raise InvalidInput(
+            f"input '{name}': shape {orjson.dumps(shape).decode()} is too large; its non-zero dimensions may "
+            f"multiply to at most {_MAX_NOMINAL_ELEMENTS}"
+        )
     return tuple(shape), math.prod(shape)
 
 
