@@ -43,3 +43,15 @@ def test_wrong_output_rows_is_a_model_error() -> None:
 def test_shape_key_ignores_batch_dim() -> None:
     assert shape_key({"x": np.zeros((2, 4))}) == shape_key({"x": np.zeros((7, 4))})
     assert shape_key({"x": np.zeros((2, 4))}) != shape_key({"x": np.zeros((2, 5))})
+
+
+def test_padding_groups_keep_a_hostile_shape_from_inflating_its_batch() -> None:
+    from ladle.batching.batch import padding_groups
+
+    normal = {"x": np.ones((1, 3, 5), dtype=np.float32)}
+    empty_but_huge = {"x": np.zeros((1, 0, 2**40), dtype=np.float32)}  # no data, a padded target of 3 x 2**40
+    crossed = {"x": np.ones((1, 5, 3), dtype=np.float32)}
+    assert padding_groups([normal, crossed]) == [[0, 1]]  # padding to [5, 5]: bounded, one batch
+    assert padding_groups([normal, empty_but_huge, normal]) == [[0, 2], [1]]
+    wide, tall = {"x": np.ones((1, 1, 4096), np.float32)}, {"x": np.ones((1, 4096, 1), np.float32)}
+    assert padding_groups([wide, tall]) == [[0], [1]]  # 2 x 4096 x 4096 padded vs 8192 real elements

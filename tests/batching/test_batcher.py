@@ -288,3 +288,25 @@ def test_inline_is_off_when_disabled() -> None:
         await b.close()
 
     asyncio.run(main())
+
+
+def test_pad_mode_runs_a_hostile_shape_apart_and_its_batch_mates_get_their_rows() -> None:
+    async def main() -> None:
+        inst = RecordingInstance()
+        inst.gate.clear()
+        b = Batcher("m:1", config(max_batch=8, max_queue_delay_ms=0, ragged="pad"), [inst])
+        first = b.submit({"x": np.ones((1, 3, 2), dtype=np.float32)}, 1)
+        await asyncio.sleep(0.05)  # running, blocked on the gate: the next three queue up and batch together
+        normal = [b.submit({"x": np.full((1, 3, 2), v, dtype=np.float32)}, 1) for v in (1.0, 2.0)]
+        # no data, but padded beside the others it would be [3, 3, 2**40] float32: 48 TiB
+        hostile = b.submit({"x": np.empty((1, 0, 2**40), dtype=np.float32)}, 1)
+        inst.gate.set()
+        results = await asyncio.gather(first.future, *(p.future for p in normal))
+        assert results[1].outputs["y"].tolist() == [[[2.0, 2.0]] * 3]
+        assert results[2].outputs["y"].tolist() == [[[4.0, 4.0]] * 3]
+        with pytest.raises(ModelError):  # RecordingInstance fails on an empty input: that fails it alone
+            await hostile.future
+        assert inst.batches[1] == [[1.0, 1.0], [2.0, 2.0]]  # the two normal ones together, without the hostile one
+        await b.close()
+
+    asyncio.run(main())

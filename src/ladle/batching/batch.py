@@ -5,6 +5,7 @@ Invariant: request i of a batch gets exactly rows [offset_i, offset_i + rows_i) 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,6 +32,34 @@ def concat_inputs(
             parts = _pad_to_common_shape(parts, padding_value)
         batch[name] = np.concatenate(parts, axis=0)
     return batch
+
+
+#: padding may make a batch at most this many times larger than its requests' own elements (plus a floor for
+#: small batches): one request's odd shape must not make its batch-mates allocate terabytes (a [1, 0, 2**40]
+#: request padded beside a [1, 3, 5] one would be [2, 3, 2**40])
+MAX_PADDING_FACTOR = 4
+PADDING_FLOOR_ELEMENTS = 1 << 20
+
+
+def padding_groups(requests: Sequence[dict[str, np.ndarray]]) -> list[list[int]]:
+    """Which requests run together in `ragged: pad` mode: all of them while padding stays bounded, else one
+    group per exact shape (no padding at all), so a hostile shape costs its own request, not the batch."""
+    if len(requests) == 1 or _padding_bounded(requests):
+        return [list(range(len(requests)))]
+    groups: dict[tuple, list[int]] = {}
+    for index, inputs in enumerate(requests):
+        groups.setdefault(shape_key(inputs), []).append(index)
+    return list(groups.values())
+
+
+def _padding_bounded(requests: Sequence[dict[str, np.ndarray]]) -> bool:
+    for name in requests[0]:
+        parts = [inputs[name] for inputs in requests]
+        target = [max(sizes) for sizes in zip(*(p.shape[1:] for p in parts), strict=True)]
+        padded = sum(p.shape[0] for p in parts) * math.prod(target)  # Python ints: no overflow
+        if padded > MAX_PADDING_FACTOR * sum(p.size for p in parts) + PADDING_FLOOR_ELEMENTS:
+            return False
+    return True
 
 
 def _pad_to_common_shape(parts: list[np.ndarray], padding_value: float) -> list[np.ndarray]:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ladle.batching.batch import concat_inputs, shape_key, split_outputs
+from ladle.batching.batch import concat_inputs, padding_groups, shape_key, split_outputs
 from ladle.batching.inline import InlinePolicy
 from ladle.batching.instances import Instance, WorkerDied
 from ladle.batching.queue import PendingRequest, RequestQueue
@@ -254,10 +254,29 @@ class Batcher:
         """On the instance thread (or inline, see inline.py): assemble, run, split."""
         if not self.config.batched:
             return [instance.predict(batch[0].inputs)]
-        inputs = concat_inputs(
-            [p.inputs for p in batch], pad=self._policy.ragged == "pad", padding_value=self._policy.padding_value
-        )
-        return split_outputs(instance.predict(inputs), [p.rows for p in batch])
+        requests = [p.inputs for p in batch]
+        pad = self._policy.ragged == "pad"
+        groups = padding_groups(requests) if pad else [list(range(len(batch)))]
+        if len(groups) == 1:
+            return self._run_group(instance, requests, [p.rows for p in batch], pad)
+        pieces: list[dict[str, np.ndarray] | LadleError] = [{}] * len(batch)
+        for group in groups:  # shapes that would pad too far run apart; a failure stays with its own group
+            try:
+                outputs = self._run_group(instance, [requests[i] for i in group], [batch[i].rows for i in group], pad)
+            except LadleError as exc:
+                outputs = [exc] * len(group)
+            except Exception as exc:
+                log.error("model %s failed on a group of %d requests", self.label, len(group), exc_info=exc)
+                outputs = [ModelError(f"model {self.label} failed: {type(exc).__name__}: {exc}")] * len(group)
+            for i, piece in zip(group, outputs, strict=True):
+                pieces[i] = piece
+        return pieces
+
+    def _run_group(
+        self, instance: Instance, requests: list[dict[str, np.ndarray]], rows: list[int], pad: bool
+    ) -> list[dict[str, np.ndarray]]:
+        inputs = concat_inputs(requests, pad=pad, padding_value=self._policy.padding_value)
+        return split_outputs(instance.predict(inputs), rows)
 
     # -- faults -------------------------------------------------------------------------------
     # A batch past execution_timeout_ms fails with 504 at once. A process instance's worker is killed (its
