@@ -1,12 +1,14 @@
 """The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions, streaming over SSE.
 
 A thin adapter: pydantic validation at the edge, prompts to token ids, one engine request per
-(prompt, choice), then JSON or server-sent events. A client that disconnects aborts its requests.
+(prompt, choice), then JSON or server-sent events. Every engine request is admitted before the first
+byte is sent, so refusals are status codes; a client that disconnects aborts its requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,18 +18,26 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from ladle.api.body import ClientDisconnected, read_body, until_disconnect
+from ladle.api.errors import openai_error_body, public_message
 from ladle.api.openai_format import Choice, chat_logprobs, completion_logprobs, echo_logprobs, usage
+from ladle.api.openai_limits import check_fan_out, count_prompts, deadline
+from ladle.api.openai_prompts import chat_prompt, completion_prompts
 from ladle.api.openai_protocol import ChatCompletionRequest, CompletionRequest, Schema, parse_request
 from ladle.api.sse import DONE, merge, sse
-from ladle.errors import InvalidInput, LadleError, ModelError, NotFound
+from ladle.errors import DeadlineExceeded, LadleError, ModelError, NotFound
 from ladle.llm.output_processor import StreamDelta
+from ladle.llm.request import SequenceSpec
 from ladle.llm.sampling_params import SamplingParams
 from ladle.repository.registry import ModelRegistry
 
 if TYPE_CHECKING:  # the engine pulls in torch; a server without LLMs never imports it
-    from ladle.llm.async_engine import AsyncEngine
+    from ladle.llm.async_engine import AsyncEngine, RequestStream
+
+#: sequences a request fans out into on the event loop; more (a raised max_sequences_per_request) on a thread
+FAN_OUT_ON_LOOP = 256
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -35,37 +45,60 @@ def _json(payload: Any, status: int = 200) -> Response:
 
 
 class Generation:
-    """The engine requests behind one API call: choice i of prompt p is stream p * n + i."""
+    """The engine requests behind one API call: choice i of prompt p is stream p * n + i.
+    Built with `start`, which admits them all (or none); `close` aborts those not finished."""
 
-    def __init__(
-        self, engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, matcher: Any = None
-    ) -> None:
+    def __init__(self, engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams) -> None:
         engine.check_token_ids(params)
         self.engine, self.prompts, self.n = engine, prompts, params.n
         self.id = uuid.uuid4().hex
         self.created = int(time.time())
-        self.streams = [
-            # each stream walks the grammar on its own copy of the compiled matcher
-            engine.generate(ids, params.child(i), f"{self.id}-{p}-{i}",
-                            None if matcher is None else matcher.deep_copy())
-            for p, ids in enumerate(prompts) for i in range(params.n)
-        ]
-        self.choices = [Choice(index) for index in range(len(self.streams))]
+        self.streams: list[RequestStream] = []
+        self.choices: list[Choice] = []
         self.cached_tokens = 0
 
+    @classmethod
+    async def start(cls, engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, matcher: Any,
+                    deadline_at: float | None, prompt_param: str) -> Generation:
+        """Admit every sequence before anything is sent: a refusal raises here (a status code, not an event)."""
+        gen = cls(engine, prompts, params)
+        if len(prompts) * params.n <= FAN_OUT_ON_LOOP:
+            specs = gen._specs(params, matcher)
+        else:
+            specs = await asyncio.to_thread(gen._specs, params, matcher)
+        gen.streams = engine.submit(specs, deadline_at, prompt_param)
+        gen.choices = [Choice(index) for index in range(len(gen.streams))]
+        return gen
+
+    def _specs(self, params: SamplingParams, matcher: Any) -> list[SequenceSpec]:
+        # each stream walks the grammar on its own copy of the compiled matcher
+        return [
+            SequenceSpec(f"{self.id}-{p}-{i}", ids, params.child(i), None if matcher is None else matcher.deep_copy())
+            for p, ids in enumerate(self.prompts) for i in range(params.n)
+        ]
+
     async def deltas(self) -> AsyncIterator[tuple[Choice, StreamDelta]]:
-        async for index, delta in merge(self.streams):
-            if delta.error is not None:
-                raise ModelError(f"generation failed: {delta.error}")
-            choice = self.choices[index]
-            choice.add(delta)
-            if delta.finished and index % self.n == 0:
-                self.cached_tokens += delta.num_cached_tokens
-            yield choice, delta
+        async with contextlib.aclosing(merge(self.streams)) as merged:
+            async for index, delta in merged:
+                if delta.error is not None:
+                    raise ModelError(f"generation failed: {delta.error}")
+                if delta.finish_reason == "timeout":
+                    raise DeadlineExceeded("the request did not finish before its deadline (`timeout`, the "
+                                           "X-Request-Timeout header or the server's --request-timeout) and was "
+                                           "stopped", param="timeout")
+                choice = self.choices[index]
+                choice.add(delta)
+                if delta.finished and index % self.n == 0:
+                    self.cached_tokens += delta.num_cached_tokens
+                yield choice, delta
 
     async def run(self) -> None:
         async for _ in self.deltas():
             pass
+
+    def close(self) -> None:
+        """Abort every sequence not finished yet (client gone, error, deadline): frees its KV blocks."""
+        self.engine.abort(self.streams)
 
     def usage(self) -> dict[str, Any]:
         completion = sum(c.num_output_tokens for c in self.choices)
@@ -110,35 +143,25 @@ class OpenAIAPI:
 
     # -- completions ------------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
+        started = time.monotonic()
         req = await self._parse(request, CompletionRequest)
         engine = self._engine(req.model)
-        prompts = self._completion_prompts(engine, req.prompt)
+        deadline_at = deadline(request, req.timeout, engine.config, started)
+        check_fan_out(engine.config, count_prompts(req.prompt), req.n, "prompt")
+        prompts = await completion_prompts(engine, req.prompt)
         max_tokens = req.max_tokens or 16
         for ids in prompts:
             engine.check_length(len(ids), max_tokens, "prompt")
         # echo + logprobs scores the prompt too, as OpenAI's legacy completions do
         params = req.sampling_params(max_tokens, req.logprobs, req.logprobs if req.echo else None)
-        gen = Generation(engine, prompts, params, await _matcher(engine, req))
+        gen = await Generation.start(engine, prompts, params, await _matcher(engine, req), deadline_at, "prompt")
         model = req.model or engine.info.name
         if req.stream:
-            return _event_stream(self._completion_chunks(gen, req, model))
+            return _EventStream(self._completion_chunks(gen, req, model), gen)
         await _run_unless_disconnected(request, gen)
         choices = [self._completion_choice(gen, req, c) for c in gen.choices]
         return _json({"id": f"cmpl-{gen.id}", "object": "text_completion", "created": gen.created, "model": model,
                       "choices": choices, "usage": gen.usage()})
-
-    def _completion_prompts(self, engine: AsyncEngine, prompt: Any) -> list[list[int]]:
-        if isinstance(prompt, str) or isinstance(prompt[0], int):
-            prompt = [prompt]
-        prompts = []
-        for item in prompt:
-            ids = engine.tokenizer.encode(item) if isinstance(item, str) else list(item)
-            if not ids:
-                raise InvalidInput("the prompt encodes to no tokens", param="prompt")
-            if min(ids) < 0 or max(ids) >= engine.info.vocab_size:
-                raise InvalidInput(f"prompt token ids must be in [0, {engine.info.vocab_size})", param="prompt")
-            prompts.append(ids)
-        return prompts
 
     def _completion_choice(self, gen: Generation, req: CompletionRequest, c: Choice) -> dict[str, Any]:
         tokenizer = gen.engine.tokenizer
@@ -180,22 +203,19 @@ class OpenAIAPI:
 
     # -- chat completions ------------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
+        started = time.monotonic()
         req = await self._parse(request, ChatCompletionRequest)
         engine = self._engine(req.model)
-        messages = [m.as_template_dict() for m in req.messages]
-        kwargs = dict(req.chat_template_kwargs or {})
-        if req.continue_final_message:
-            kwargs["continue_final_message"] = True
-        ids = engine.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=req.add_generation_prompt and not req.continue_final_message, **kwargs
-        )
+        deadline_at = deadline(request, req.timeout, engine.config, started)
+        check_fan_out(engine.config, 1, req.n, "messages")
+        ids = await chat_prompt(engine, req)
         max_tokens = req.requested_max_tokens or max(engine.info.max_model_len - len(ids), 1)
         engine.check_length(len(ids), max_tokens, "messages")
         params = req.sampling_params(max_tokens, req.logprobs_k)
-        gen = Generation(engine, [ids], params, await _matcher(engine, req))
+        gen = await Generation.start(engine, [ids], params, await _matcher(engine, req), deadline_at, "messages")
         model = req.model or engine.info.name
         if req.stream:
-            return _event_stream(self._chat_chunks(gen, req, model))
+            return _EventStream(self._chat_chunks(gen, req, model), gen)
         await _run_unless_disconnected(request, gen)
         choices = [self._chat_choice(gen, req, c) for c in gen.choices]
         return _json({"id": f"chatcmpl-{gen.id}", "object": "chat.completion", "created": gen.created,
@@ -254,9 +274,19 @@ async def _matcher(engine: AsyncEngine, req: CompletionRequest | ChatCompletionR
     return None if found is None else await engine.compile_structured(*found)
 
 
-def _event_stream(chunks: AsyncIterator[bytes]) -> StreamingResponse:
-    headers = {"Cache-Control": "no-cache"}
-    return StreamingResponse(_with_errors(chunks), media_type="text/event-stream", headers=headers)
+class _EventStream(StreamingResponse):
+    """Server-sent events of an admitted generation: however the response ends (done, error, client gone,
+    or never started), its engine requests are closed."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], gen: Generation) -> None:
+        super().__init__(_with_errors(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.generation = gen
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.close()
 
 
 async def _with_errors(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -265,7 +295,7 @@ async def _with_errors(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         async for chunk in chunks:
             yield chunk
     except LadleError as exc:
-        yield sse({"error": {"message": exc.message, "type": "internal_error", "param": exc.param, "code": None}})
+        yield sse(openai_error_body(public_message(exc), exc.status, exc.param))  # internal detail: logged only
         yield DONE
 
 
@@ -276,4 +306,5 @@ async def _run_unless_disconnected(request: Request, gen: Generation) -> None:
     except ClientDisconnected:
         task.cancel()  # closes the engine streams, which aborts the requests and frees their blocks
         raise
-
+    finally:
+        gen.close()  # whatever ended it (done, error, deadline, client gone): nothing keeps generating

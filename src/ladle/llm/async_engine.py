@@ -1,8 +1,9 @@
 """The async client of one LLM engine: the API awaits token deltas while EngineCore runs in its own thread.
 
 Invariants: only the engine thread touches the core; the event loop only enqueues commands and
-receives one batched callback per step. A request whose consumer goes away (client disconnect,
-cancelled task) is aborted and its KV blocks freed at the next step boundary.
+receives one batched callback per step. A request is admitted (or refused with a status) synchronously,
+before anything is sent to its client; one whose consumer goes away (client disconnect, cancelled task),
+or whose deadline passes, is finished and its KV blocks freed at the next step boundary.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from typing import Any
 
 from ladle.config import LLMConfig
 from ladle.errors import InvalidInput, Unavailable
+from ladle.llm.admission import WaitingBudget
 from ladle.llm.engine import EngineCore
 from ladle.llm.output_processor import OutputProcessor, StreamDelta
-from ladle.llm.request import Request
+from ladle.llm.request import Request, SequenceSpec
 from ladle.llm.sampling_params import SamplingParams, StructuredSpec
 from ladle.llm.tokenizer import Tokenizer
 from ladle.metrics import LLMMetrics
@@ -39,6 +41,30 @@ class EngineInfo:
     created: int
 
 
+class RequestStream:
+    """The deltas of one admitted request, as an async iterator; `close()` before its last delta aborts it."""
+
+    __slots__ = ("_done", "_engine", "_queue", "request_id")
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue[StreamDelta]) -> None:
+        self._engine, self.request_id, self._queue = engine, request_id, queue
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StreamDelta:
+        if self._done:
+            raise StopAsyncIteration
+        delta = await self._queue.get()
+        if delta.finished:
+            self._done = True
+        return delta
+
+    def close(self) -> None:
+        self._engine.abort([self])
+
+
 class AsyncEngine:
     """Construction blocks until the engine thread has built the core (or failed to: the error is raised here).
 
@@ -54,7 +80,7 @@ class AsyncEngine:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.processor = OutputProcessor(tokenizer, metrics)
-        self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[StreamDelta]] = {}
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -63,8 +89,12 @@ class AsyncEngine:
         self._dead: str | None = None
         self._counts = (0, 0, 0)  # preemptions, prefix hits, prefix queries already exported
         self._closing = False
+        self._admission = WaitingBudget(name, self.config.max_waiting_requests, self.config.max_waiting_tokens)
         self.core = self._build_on_thread(name, build_core)
-        self.info = EngineInfo(name, self.core.scheduler.max_model_len, self.core.runner.vocab_size, int(time.time()))
+        scheduler = self.core.scheduler
+        self.info = EngineInfo(name, scheduler.max_model_len, self.core.runner.vocab_size, int(time.time()))
+        # a prompt longer than one step's budget is only schedulable in chunks
+        self._max_unchunked = None if scheduler.enable_chunked_prefill else scheduler.max_num_batched_tokens
 
     def _build_on_thread(self, name: str, build_core: Callable[[], EngineCore]) -> EngineCore:
         built: list[EngineCore | BaseException] = []
@@ -92,34 +122,72 @@ class AsyncEngine:
         self._loop = loop
         self._started.set()
 
+    @property
+    def alive(self) -> bool:
+        """The engine thread runs and its loop has not crashed (readiness probes include this)."""
+        return self._dead is None and self._thread.is_alive()
+
     # -- the API side ----------------------------------------------------------------------------
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None, matcher: Any = None
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None, matcher: Any = None,
+        deadline: float | None = None,
     ) -> AsyncIterator[StreamDelta]:
-        """Stream the request's deltas; leaving the iteration early aborts the request. A request with
-        params.structured needs its `matcher` (compile_structured, one per request: they hold its state)."""
+        """Stream one request's deltas; leaving the iteration early aborts the request. A request with
+        params.structured needs its `matcher` (compile_structured, one per request: they hold its state).
+        Admission happens at the first iteration; the API uses `submit`, which admits at once."""
+        self.check_length(len(prompt_token_ids), params.max_tokens)
+        spec = SequenceSpec(request_id or f"req-{next(self._ids)}", prompt_token_ids, params, matcher)
+        [stream] = self.submit([spec], deadline)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            stream.close()
+
+    def submit(self, specs: list[SequenceSpec], deadline: float | None = None, prompt_param: str = "prompt"
+               ) -> list[RequestStream]:
+        """Admit every sequence or none, synchronously, so that a refusal is a status code and never an error after
+        HTTP 200: Unavailable (the engine stopped or is shutting down), QueueFull (503: too many sequences or
+        prompt tokens waiting), InvalidInput (an id in use, a request that could never fit). Past `deadline`
+        (time.monotonic()) the engine finishes the sequences with finish_reason "timeout"."""
+        self._check_open()
+        streams = self._streams
+        ids = {spec.request_id for spec in specs}
+        if len(ids) != len(specs) or not ids.isdisjoint(streams):
+            raise InvalidInput("a request id is already in use")
+        for spec in specs:
+            if (spec.params.structured is None) != (spec.matcher is None):
+                raise ValueError("a structured request needs its matcher (and only a structured one has one)")
+            if self._max_unchunked is not None and len(spec.prompt_token_ids) > self._max_unchunked:
+                raise InvalidInput(f"the prompt has {len(spec.prompt_token_ids)} tokens, more than one step's "
+                                   f"{self._max_unchunked} with chunked prefill off", param=prompt_param)
+        self._admission.admit([(spec.request_id, len(spec.prompt_token_ids)) for spec in specs], prompt_param)
+        admitted = []
+        for spec in specs:
+            queue: asyncio.Queue[StreamDelta] = asyncio.Queue()
+            streams[spec.request_id] = queue
+            admitted.append(RequestStream(self, spec.request_id, queue))
+        self._commands.put(("add", (specs, deadline, time.monotonic())))
+        return admitted
+
+    def abort(self, streams: list[RequestStream]) -> None:
+        """Abort the streams not finished yet (one engine command for all); closing one twice is harmless."""
+        aborted = []
+        for stream in streams:
+            if not stream._done:
+                stream._done = True
+                if self._streams.get(stream.request_id) is stream._queue:
+                    del self._streams[stream.request_id]
+                    self._admission.release(stream.request_id)
+                    aborted.append(stream.request_id)
+        if aborted:
+            self._commands.put(("abort", aborted))
+
+    def _check_open(self) -> None:
         if self._dead is not None:
             raise Unavailable(f"the engine for {self.info.name} stopped: {self._dead}")
         if self._closing:
             raise Unavailable(f"model {self.info.name} is shutting down; retry later")
-        self.check_length(len(prompt_token_ids), params.max_tokens)
-        request_id = request_id or f"req-{next(self._ids)}"
-        request = self._request(request_id, prompt_token_ids, params)
-        if (params.structured is None) != (matcher is None):
-            raise ValueError("a structured request needs its matcher (and only a structured one has one)")
-        stream: asyncio.Queue[StreamDelta] = asyncio.Queue()
-        self._streams[request_id] = stream
-        self._commands.put(("add", (request, matcher)))
-        finished = False
-        try:
-            while not finished:
-                delta = await stream.get()
-                finished = delta.finished
-                yield delta
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self._commands.put(("abort", request_id))
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int, prompt_param: str = "prompt") -> None:
         """A prompt plus max_tokens over the context window is the client's error (400), never a crash."""
@@ -152,19 +220,29 @@ class AsyncEngine:
                 raise InvalidInput(f"{param} names token ids outside the vocabulary [0, {vocab}): {outside[:5]}",
                                    param=param)
 
-    def _request(self, request_id: str, prompt: list[int], params: SamplingParams) -> Request:
+    def _request(self, spec: SequenceSpec, arrival: float) -> Request:
+        params = spec.params
         eos = self.tokenizer.eos_token_id
         extra_eos = [t for t in self.tokenizer.eos_token_ids if t != eos]
         if extra_eos and not params.ignore_eos:
             # every EOS of the checkpoint stops generation; the scheduler knows one, the rest become stop tokens
             params = replace(params, stop_token_ids=tuple(dict.fromkeys([*params.stop_token_ids, *extra_eos])))
-        return Request(request_id, prompt, params, eos_token_id=eos)
+        return Request(spec.request_id, spec.prompt_token_ids, params, eos_token_id=eos, arrival_time=arrival)
 
-    def _deliver(self, deltas: list[StreamDelta]) -> None:
+    def _deliver(self, deltas: list[StreamDelta], started: list[str] | None = None) -> None:
+        """On the loop: requests the engine scheduled for the first time stop counting as waiting; a request's last
+        delta frees its id and its admission."""
+        release = self._admission.release
+        for request_id in started or ():
+            release(request_id)
+        streams = self._streams
         for delta in deltas:
-            stream = self._streams.get(delta.request_id)
+            stream = streams.get(delta.request_id)
             if stream is not None:
                 stream.put_nowait(delta)
+                if delta.finished:
+                    del streams[delta.request_id]
+                    release(delta.request_id)
 
     # -- the engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -174,6 +252,7 @@ class AsyncEngine:
                     self._record_state()  # idle now (e.g. the last request was aborted): gauges say so
                     continue
                 try:
+                    self._expire()
                     self._step()
                 except Exception as exc:  # any failure in a step: fail its requests, keep serving
                     self._restart(exc)
@@ -195,30 +274,49 @@ class AsyncEngine:
             except queue.Empty:
                 return self.core.has_unfinished_requests()
 
-    def _apply(self, command: tuple[str, object]) -> None:
+    def _apply(self, command: tuple[str, Any]) -> None:
         kind, payload = command
         if kind == "add":
-            request, matcher = payload
+            self._add(*payload)
+        elif kind == "abort":
+            # nobody reads these streams any more; processing the abort outputs still records their metrics
+            self.processor.process(self.core.abort(payload), self.core.first_scheduled)
+
+    def _add(self, specs: list[SequenceSpec], deadline: float | None, arrival: float) -> None:
+        failed = []
+        for spec in specs:
+            request = self._request(spec, arrival)
             self.processor.add_request(request)
             try:
-                self.core.add_request(request, matcher)
+                self.core.add_request(request, spec.matcher, deadline)
             except ValueError as exc:
                 self.processor.abort(request.request_id)
-                self._post([StreamDelta(request.request_id, "", [], [], error=str(exc))])
-        elif kind == "abort":
-            # nobody reads this stream any more; processing the abort output still records its metrics
-            self.processor.process(self.core.abort([str(payload)]), self.core.first_scheduled)
+                failed.append(StreamDelta(request.request_id, "", [], [], error=str(exc)))
+        if failed:
+            self._post(failed)
+
+    def _expire(self) -> None:
+        """Requests past their deadline end with finish_reason "timeout" and free their blocks (between steps)."""
+        outputs = self.core.expire(time.monotonic())
+        if outputs:
+            deltas = self.processor.process(outputs, self.core.first_scheduled)[0]
+            self._record_state()  # before the clients hear of it: the gauges agree with their answers
+            self._post(deltas)
 
     def _step(self) -> None:
-        outputs = self.core.step()
-        deltas, stopped = self.processor.process(outputs, self.core.first_scheduled)
+        core = self.core
+        outputs = core.step()
+        deltas, stopped = self.processor.process(outputs, core.first_scheduled)
         if stopped:
-            self.core.finish(list(stopped), stopped)
-        if deltas:
-            self._post(deltas)
+            core.finish(list(stopped), stopped)
         if self.metrics is not None:
-            self.metrics.batch_tokens.observe(self.core.last_step_tokens)
-        self._record_state()
+            self.metrics.batch_tokens.observe(core.last_step_tokens)
+        self._record_state()  # before the clients hear of the step: the gauges agree with their answers
+        started = core.started
+        if started:
+            core.started = []
+        if deltas or started:
+            self._post(deltas, started)
 
     def _restart(self, exc: Exception) -> None:
         """A step raised (a bug, a device error): which request caused it is unknown, so every request in the
@@ -237,9 +335,9 @@ class AsyncEngine:
                 self.metrics.finished("error")
         self._record_state()
 
-    def _post(self, deltas: list[StreamDelta]) -> None:
+    def _post(self, deltas: list[StreamDelta], started: list[str] | None = None) -> None:
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._deliver, deltas)
+            self._loop.call_soon_threadsafe(self._deliver, deltas, started)
 
     def _record_state(self) -> None:
         m = self.metrics

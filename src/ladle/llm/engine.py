@@ -2,11 +2,13 @@
 
 Invariant: the core is single-threaded (only the engine thread calls it) and owns every
 per-request object; seeded requests keep one torch.Generator for their whole life, so their
-tokens do not depend on what else shares the batch.
+tokens do not depend on what else shares the batch. Deadlines are checked between steps, never inside one.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from dataclasses import replace
 from typing import Any
@@ -29,10 +31,15 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self.generators: dict[str, torch.Generator] = {}
         self.first_scheduled: dict[str, float] = {}  # request id -> when its first step began (queue time)
+        self.started: list[str] = []  # requests first scheduled since the caller last took this list
         self.last_step_tokens = 0
+        # (deadline, tie-breaker, request): a min-heap, so the check per step is one comparison with its head
+        self._deadlines: list[tuple[float, int, Request]] = []
+        self._ties = itertools.count()
 
-    def add_request(self, request: Request, matcher: Any = None) -> None:
-        """Queue a request; `matcher` (from structured.compile) constrains its output."""
+    def add_request(self, request: Request, matcher: Any = None, deadline: float | None = None) -> None:
+        """Queue a request; `matcher` (from structured.compile) constrains its output; past `deadline`
+        (time.monotonic()) `expire` finishes it."""
         self.scheduler.add_request(request)
         self.requests[request.request_id] = request
         if matcher is not None:
@@ -41,6 +48,29 @@ class EngineCore:
             self.structured.add(request.request_id, matcher)
         if request.sampling_params.seed is not None:
             self.generators[request.request_id] = make_generator(request.sampling_params.seed, self.runner.device)
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, next(self._ties), request))
+            if len(self._deadlines) > 2 * len(self.requests) + 64:
+                # entries of requests that finished early stay until due: drop them now and then (amortized O(1))
+                self._deadlines = [e for e in self._deadlines if self.requests.get(e[2].request_id) is e[2]]
+                heapq.heapify(self._deadlines)
+
+    def expire(self, now: float) -> list[RequestOutput]:
+        """Finish the requests whose deadline has passed, waiting or running, and free their blocks now; their
+        outputs have finish_reason "timeout". One comparison when none is due: it runs at every step boundary."""
+        heap = self._deadlines
+        if not heap or heap[0][0] > now:
+            return []
+        expired: list[Request] = []
+        while heap and heap[0][0] <= now:
+            request = heapq.heappop(heap)[2]
+            if self.requests.get(request.request_id) is request:  # else it already finished
+                expired.append(request)
+        self.scheduler.finish_requests([r.request_id for r in expired], RequestStatus.FINISHED_TIMEOUT)
+        for request in expired:
+            self._drop(request.request_id)
+        return [RequestOutput(r.request_id, [], [], "timeout", None, r.num_prompt_tokens, r.num_cached_tokens)
+                for r in expired]
 
     def abort(self, request_ids: list[str]) -> list[RequestOutput]:
         outputs = self.scheduler.abort_requests([r for r in request_ids if r in self.requests])
@@ -62,6 +92,8 @@ class EngineCore:
         for request_id in failed:
             self._drop(request_id)
         self.first_scheduled.clear()
+        self.started.clear()
+        self._deadlines.clear()
         return failed
 
     def has_unfinished_requests(self) -> bool:
@@ -117,8 +149,11 @@ class EngineCore:
 
     def _note_first_schedule(self, sched: SchedulerOutput) -> None:
         now = time.monotonic()
+        first = self.first_scheduled
         for seq in sched.seqs:
-            self.first_scheduled.setdefault(seq.request_id, now)
+            if seq.request_id not in first:
+                first[seq.request_id] = now
+                self.started.append(seq.request_id)
 
     def _forget(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:

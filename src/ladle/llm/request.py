@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from ladle.llm.outputs import TokenLogprobs
 from ladle.llm.sampling_params import SamplingParams
@@ -20,6 +22,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3  # EOS, a stop token or a stop string
     FINISHED_LENGTH = 4  # max_tokens or the context window
     FINISHED_ABORTED = 5  # client went away or was cancelled
+    FINISHED_TIMEOUT = 6  # its deadline passed (queued or running)
 
     @property
     def finished(self) -> bool:
@@ -27,7 +30,18 @@ class RequestStatus(enum.IntEnum):
 
     @property
     def finish_reason(self) -> str | None:
-        return {3: "stop", 4: "length", 5: "abort"}.get(int(self))
+        return {3: "stop", 4: "length", 5: "abort", 6: "timeout"}.get(int(self))
+
+
+@dataclass(frozen=True)
+class SequenceSpec:
+    """One engine request as the API asks for it: its id, prompt, sampling params and (structured output only)
+    matcher, which holds the grammar's state and so is never shared between sequences."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    matcher: Any = None
 
 
 class Request:
