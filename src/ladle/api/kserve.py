@@ -6,6 +6,7 @@ failure answers `{"error": "..."}` with the status its LadleError carries.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "schedule_policy"]
 HEADER_LENGTH = b"inference-header-content-length"
 _INFER_HEADERS = (b"content-length", b"content-encoding", HEADER_LENGTH, b"accept-encoding")
+#: bodies (and results) larger than this are decoded (encoded) on a worker thread: parsing a 64 MiB JSON body
+#: takes hundreds of ms, which on the event loop would stall every other request; small ones stay inline,
+#: where the thread hand-off would cost more than the work
+OFFLOAD_BYTES = 256 * 1024
 
 
 def _json(payload: object, status: int = 200) -> Response:
@@ -113,10 +118,13 @@ class KServeAPI:
         try:
             headers = header_values(request, *_INFER_HEADERS)
             body = await read_body(request, self.max_request_bytes, headers.get(b"content-length"))
+            if mv.batcher is None:
+                raise InvalidInput(f"model '{mv.name}' is an LLM: use the OpenAI API (POST /v1/completions)")
+            req = await self._decode(headers, body)
             # again, now that no await separates it from submit: a reload may have retired that
             # version while the body arrived, and its successor must take the request
             mv = self._lookup(request)
-            response = await self._infer(request, mv, headers, body)
+            response = await self._infer(request, mv, headers, req)
         except ClientDisconnected:
             mv.metrics.outcome("cancelled")
             log.debug("infer %s:%d cancelled: client disconnected", mv.name, mv.version)
@@ -129,12 +137,24 @@ class KServeAPI:
         mv.metrics.request_duration.observe(elapsed)
         return response
 
-    async def _infer(self, request: Request, mv: ModelVersion, headers: dict[bytes, str], body: bytes) -> Response:
-        if mv.batcher is None:
-            raise InvalidInput(f"model '{mv.name}' is an LLM: use the OpenAI API (POST /v1/completions)")
-        body = codec.decode_content(body, headers.get(b"content-encoding"), self.max_request_bytes)
+    async def _decode(self, headers: dict[bytes, str], body: bytes) -> codec.InferRequest:
+        encoding = headers.get(b"content-encoding")
         header_length = _header_length(headers.get(HEADER_LENGTH))
-        req = codec.decode_infer_request(body, header_length)
+
+        def decode() -> codec.InferRequest:
+            raw = codec.decode_content(body, encoding, self.max_request_bytes)
+            return codec.decode_infer_request(raw, header_length)
+
+        # a compressed body may inflate to the full body limit: decompressing is large work too
+        if len(body) > OFFLOAD_BYTES or encoding not in (None, "", "identity"):
+            return await asyncio.to_thread(decode)
+        return decode()
+
+    async def _infer(
+        self, request: Request, mv: ModelVersion, headers: dict[bytes, str], req: codec.InferRequest
+    ) -> Response:
+        if mv.batcher is None:  # the version that took over during decoding may be an LLM
+            raise InvalidInput(f"model '{mv.name}' is an LLM: use the OpenAI API (POST /v1/completions)")
         inputs = {t.name: t.data for t in req.inputs}
         label = f"{mv.name}:{mv.version}"
         rows = check_inputs(label, mv.config, mv.inputs, {t.name: (t.datatype, t.data) for t in req.inputs})
@@ -152,7 +172,10 @@ class KServeAPI:
             "infer %s rows=%d queue=%.2fms compute=%.2fms batch=%d",
             label, rows, result.queue_s * 1e3, result.compute_s * 1e3, result.batch_rows,
         )
-        return self._encode(headers.get(b"accept-encoding"), req, mv, result.outputs)
+        accept = headers.get(b"accept-encoding")
+        if sum(getattr(a, "nbytes", 0) for a in result.outputs.values()) > OFFLOAD_BYTES:
+            return await asyncio.to_thread(self._encode, accept, req, mv, result.outputs)
+        return self._encode(accept, req, mv, result.outputs)
 
     def _encode(
         self, accept_encoding: str | None, req: codec.InferRequest, mv: ModelVersion, outputs: dict
