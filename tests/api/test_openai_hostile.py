@@ -168,6 +168,8 @@ def test_chat_collections_past_their_bounds_are_400s(server) -> None:
 @pytest.mark.parametrize(("path", "body"), [
     ("/v1/completions", {"prompt": "The quick brown fox jumps over the lazy dog. " * 33000}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Lorem ipsum dolor sit amet. " * 50000}]}),
+    # ~14 MB of token ids: parsing and validating the body is itself heavy, and happens off the loop too
+    ("/v1/completions", {"prompt": [[5, 6, 7, 8] * 500_000] * 2}),
 ])
 def test_megabyte_prompts_are_tokenized_off_the_event_loop(server, path: str, body: dict) -> None:
     busy, result = in_background(lambda: post(server, path, body))

@@ -25,7 +25,7 @@ from ladle.api.errors import openai_error_body, public_message
 from ladle.api.openai_format import Choice, chat_logprobs, completion_logprobs, echo_logprobs, usage
 from ladle.api.openai_limits import check_fan_out, count_prompts, deadline
 from ladle.api.openai_prompts import chat_prompt, completion_prompts
-from ladle.api.openai_protocol import ChatCompletionRequest, CompletionRequest, Schema, parse_request
+from ladle.api.openai_protocol import ChatCompletionRequest, CompletionRequest, Schema, parse_body
 from ladle.api.sse import DONE, merge, sse
 from ladle.errors import DeadlineExceeded, LadleError, ModelError, NotFound
 from ladle.llm.output_processor import StreamDelta
@@ -247,7 +247,7 @@ class OpenAIAPI:
 
     # -- shared ------------------------------------------------------------------------------------
     async def _parse(self, request: Request, schema: type[Schema]) -> Schema:
-        return parse_request(await read_body(request, self.max_request_bytes), schema)
+        return await parse_body(await read_body(request, self.max_request_bytes), schema)
 
     def _engine(self, model: str | None) -> AsyncEngine:
         engine = self.engines.get(model or "")

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ladle.api.body import ClientDisconnected, read_body, until_disconnect
-from ladle.api.openai_protocol import parse_request
+from ladle.api.openai_protocol import parse_body
 from ladle.errors import InvalidInput, NotFound
 from ladle.repository.registry import ModelRegistry, ModelVersion
 
@@ -41,7 +41,7 @@ class EmbeddingsAPI:
         return [Route("/v1/embeddings", self.embeddings, methods=["POST"])]
 
     async def embeddings(self, request: Request) -> Response:
-        req = parse_request(await read_body(request, self.max_request_bytes), EmbeddingRequest)
+        req = await parse_body(await read_body(request, self.max_request_bytes), EmbeddingRequest)
         mv = self._encoder(req.model)
         texts = [req.input] if isinstance(req.input, str) else req.input
         if req.dimensions is not None:

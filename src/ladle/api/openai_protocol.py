@@ -4,6 +4,7 @@ SamplingParams. Unknown fields are ignored like OpenAI does; wrong values are 40
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
@@ -24,6 +25,18 @@ MAX_MESSAGES = 2048  # OpenAI's own limit
 MAX_CONTENT_PARTS = 256  # per message
 INT64_MAX = 2**63 - 1
 TOP_K_MAX = 2**31 - 1  # any k >= the vocabulary means "off"; beyond int64 it would fail the engine step
+
+
+#: bodies larger than this are parsed and validated on a worker thread: a 64 MiB body of token ids takes hundreds of
+#: ms in orjson + pydantic, which on the event loop would stall every other request; small ones stay inline
+PARSE_INLINE_MAX_BYTES = 256 * 1024
+
+
+async def parse_body(body: bytes, schema: type[Schema]) -> Schema:
+    """parse_request, off the event loop when the body is large."""
+    if len(body) > PARSE_INLINE_MAX_BYTES:
+        return await asyncio.to_thread(parse_request, body, schema)
+    return parse_request(body, schema)
 
 
 def parse_request(body: bytes, schema: type[Schema]) -> Schema:
