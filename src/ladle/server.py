@@ -44,28 +44,30 @@ def serve(config: ServerConfig) -> int:
 def _uvicorn_config(app, http: HTTPConfig) -> uvicorn.Config:
     has = importlib.util.find_spec
     limit = http.max_concurrent_requests
+    # open connections (idle keep-alive ones too) may well outnumber requests in flight: generous headroom
+    connections = max(4 * limit, 4096) if limit > 0 else None
     return uvicorn.Config(
         app,
         host=http.host,
         port=http.port,
         loop="uvloop" if has("uvloop") else "asyncio",
-        http=_http_protocol() if has("httptools") else "h11",
+        http=_http_protocol(connections) if has("httptools") else "h11",
         log_config=None,
         access_log=False,
         lifespan="on",
-        # uvicorn counts connections (idle keep-alive ones too) against this: the headroom above the admission
-        # cap keeps health probes and /metrics answerable while every admitted slot is busy
-        limit_concurrency=limit + max(64, limit // 4) if limit > 0 else None,
+        # httptools: open connections are capped in the protocol (api/http_protocol.py), so health probes are never
+        # refused by uvicorn's limit_concurrency; h11 (no httptools installed) falls back to that limit
+        limit_concurrency=None if has("httptools") else connections,
         backlog=2048,
         h11_max_incomplete_event_size=64 * 1024,  # request line + headers (h11; httptools has its own bound)
         timeout_graceful_shutdown=http.drain_timeout,
     )
 
 
-def _http_protocol() -> type:
-    from ladle.api.http_protocol import BoundedHttpToolsProtocol  # imports httptools
+def _http_protocol(max_connections: int | None) -> type:
+    from ladle.api.http_protocol import bounded_protocol  # imports httptools
 
-    return BoundedHttpToolsProtocol
+    return bounded_protocol(max_connections)
 
 
 class DrainingServer(uvicorn.Server):

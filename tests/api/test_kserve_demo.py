@@ -52,6 +52,7 @@ def test_iris_metadata_and_config(client) -> None:
     assert client.get_model_metadata("iris", "2")["platform"] == "onnxruntime_onnx"
     config = client.get_model_config("iris")
     assert config["max_batch_size"] == 64
+    assert config["execution_timeout_ms"] == 60000  # the default bound on one batch
 
 
 @pytest.mark.parametrize("binary", [True, False])

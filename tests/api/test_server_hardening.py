@@ -194,6 +194,26 @@ def test_overload_is_a_503_at_once_and_health_still_answers(server) -> None:
     assert httpx.post(server.url + "/v2/models/probe/infer", json=x(2.0)).json()["outputs"][0]["data"] == [4.0]
 
 
+def test_open_connections_are_capped_and_probes_are_not_refused_below_the_cap(server) -> None:
+    # --max-concurrent-requests 2: the cap on open connections is max(4 x 2, 4096)
+    idle = []
+    try:
+        for _ in range(1000):  # idle keep-alive connections far beyond the request cap, far below the connection cap
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=30))
+        assert httpx.get(server.url + "/v2/health/live").status_code == 200  # uvicorn's limit_concurrency said 503
+        for _ in range(3200):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=30))
+        status, body = raw(server, "GET", "/v2/health/live")
+        assert (status, body) == (503, "too many open connections; retry later")
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while raw(server, "GET", "/v2/health/live")[0] != 200:  # the server sees the closes as they arrive
+        assert time.monotonic() < deadline, "connections closed by their clients still counted"
+        time.sleep(0.05)
+
+
 # -- LLM: internal errors, a dead engine, SIGTERM drain -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:

@@ -124,3 +124,27 @@ def test_a_deadline_finishes_queued_and_running_requests_as_timeout(model_dir) -
 
     asyncio.run(main())
     assert registry.get_sample_value("ladle_llm_requests_total", {"model": "tiny", "finish_reason": "timeout"}) == 2
+
+
+def test_precheck_refuses_only_what_admit_would_refuse_now() -> None:
+    from ladle.errors import QueueFull
+    from ladle.llm.admission import WaitingBudget
+
+    budget = WaitingBudget("m", max_sequences=4, max_tokens=100)
+    budget.precheck(4)  # empty: fits
+    budget.precheck(5)  # could never fit: left to admit(), which says 400, not 503
+    budget.admit([("a", 10), ("b", 10), ("c", 10)])
+    budget.precheck(1)
+    with pytest.raises(QueueFull):
+        budget.precheck(2)
+    budget.release("a")
+    budget.precheck(2)
+    budget.admit([("d", 70)])  # 90 of 100 tokens: fits
+    budget.precheck(1)  # tokens not yet at the bound: the exact check is admit()'s, with the prompt's size
+    budget.admit([("e", 10)])
+    with pytest.raises(QueueFull):  # sequences are full now too
+        budget.precheck(1)
+    tokens = WaitingBudget("m", max_sequences=10, max_tokens=100)
+    tokens.admit([("a", 100)])
+    with pytest.raises(QueueFull):  # 100 of 100 tokens waiting: nothing more fits, however few sequences
+        tokens.precheck(1)

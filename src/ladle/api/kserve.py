@@ -107,6 +107,7 @@ class KServeAPI:
             "output": [{"name": s.name, "data_type": f"TYPE_{s.datatype}", "dims": list(s.shape)} for s in mv.outputs],
             "dynamic_batching": batching,
             "instance_group": [{"count": c.instance_count, "kind": c.instance_kind}],
+            "execution_timeout_ms": c.execution_timeout_ms,
             "version_policy": {c.version_policy.kind: vars(c.version_policy)},
             "parameters": dict(c.parameters),
         })

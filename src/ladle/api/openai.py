@@ -147,7 +147,9 @@ class OpenAIAPI:
         req = await self._parse(request, CompletionRequest)
         engine = self._engine(req.model)
         deadline_at = deadline(request, req.timeout, engine.config, started)
-        check_fan_out(engine.config, count_prompts(req.prompt), req.n, "prompt")
+        num_prompts = count_prompts(req.prompt)
+        check_fan_out(engine.config, num_prompts, req.n, "prompt")
+        engine.precheck(num_prompts * req.n)  # under overload, refuse before tokenizing
         prompts = await completion_prompts(engine, req.prompt)
         max_tokens = req.max_tokens or 16
         for ids in prompts:
@@ -208,6 +210,7 @@ class OpenAIAPI:
         engine = self._engine(req.model)
         deadline_at = deadline(request, req.timeout, engine.config, started)
         check_fan_out(engine.config, 1, req.n, "messages")
+        engine.precheck(req.n)  # under overload, refuse before rendering the template
         ids = await chat_prompt(engine, req)
         max_tokens = req.requested_max_tokens or max(engine.info.max_model_len - len(ids), 1)
         engine.check_length(len(ids), max_tokens, "messages")

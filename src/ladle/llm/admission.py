@@ -39,6 +39,14 @@ class WaitingBudget:
         self.sequences += count
         self.tokens += tokens
 
+    def precheck(self, count: int) -> None:
+        """Refuse at once (503) when `count` more sequences cannot wait now, before the request is tokenized: under
+        overload most requests are refused, and each should cost as little as possible. admit() stays exact."""
+        if count <= self.max_sequences and (self.sequences + count > self.max_sequences
+                                            or self.tokens >= self.max_tokens):
+            raise QueueFull(f"model {self.model} is at capacity ({self.sequences} sequences and {self.tokens} "
+                            "prompt tokens waiting); retry later")
+
     def release(self, request_id: str) -> None:
         """The request left the waiting state (or never will run); releasing twice is harmless."""
         tokens = self._pending.pop(request_id, None)

@@ -144,6 +144,11 @@ class AsyncEngine:
         finally:
             stream.close()
 
+    def precheck(self, num_sequences: int) -> None:
+        """A cheap early refusal (503) for a request that could not be admitted now, before it is tokenized."""
+        self._check_open()
+        self._admission.precheck(num_sequences)
+
     def submit(self, specs: list[SequenceSpec], deadline: float | None = None, prompt_param: str = "prompt"
                ) -> list[RequestStream]:
         """Admit every sequence or none, synchronously, so that a refusal is a status code and never an error after
