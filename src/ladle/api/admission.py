@@ -28,13 +28,17 @@ class AdmissionMiddleware:
         self.app = app
         self.limit = max_concurrent_requests
         self.in_flight = 0
+        # built once: under overload most requests are refusals, and each should cost as little as possible
+        message = (f"the server is at its limit of {max_concurrent_requests} concurrent requests "
+                   "(--max-concurrent-requests); retry after 1 s")
+        self._refusals = (kserve_error(message, 503, retry_after_s=1), openai_error(message, 503, retry_after_s=1))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.limit:
-            await self._refuse(scope, receive, send)
+            await self._refusals[is_openai_path(scope["path"])](scope, receive, send)
             return
         self.in_flight += 1
         try:
@@ -42,12 +46,6 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = (f"the server is at its limit of {self.limit} concurrent requests "
-                   "(--max-concurrent-requests); retry after 1 s")
-        make = openai_error if is_openai_path(scope["path"]) else kserve_error
-        await make(message, 503, retry_after_s=1)(scope, receive, send)
 
 
 class LLMEngine(Protocol):
