@@ -31,8 +31,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 OUT = HERE / "out"
 sys.path.insert(0, str(HERE.parent))  # benchmarks/spawn.py
-from spawn import spawned_server  # noqa: E402
+from spawn import free_port, spawned_server  # noqa: E402
 
+PROBE_NICE = -10
 Send = Callable[[aiohttp.ClientSession], Any]  # one request; returns the HTTP status (or an error string)
 
 
@@ -123,6 +124,9 @@ def _session(limit: int) -> aiohttp.ClientSession:
 
 # -- observers: health from another process, RSS from /proc ------------------------------------------------
 def _probe(port: int, stop: Any, out: Any) -> None:
+    # a probe comes from another machine (the kubelet's core is not the server's): at a higher priority than the
+    # server, waiting for a CPU on this 2-core box does not count as the server's latency
+    os.setpriority(os.PRIO_PROCESS, 0, PROBE_NICE)
     latencies, failures = [], 0
     while not stop.is_set():
         started = time.perf_counter()
@@ -205,6 +209,8 @@ def overload(name: str, command: list[str], make: Callable[[str], Send], capacit
              args: argparse.Namespace) -> dict[str, Any]:
     log = OUT / f"{name}-server.log"
     log.write_bytes(b"")
+    health_port = free_port()
+    command = [*command, "--health-port", str(health_port)]
     with spawned_server(command, log, timeout_s=600, poll_s=0.2) as server:
         send = make(server.url)
         print(f"[{name}] measuring capacity: {capacity_concurrency} closed-loop clients, {args.capacity_s:.0f}s ...",
@@ -215,13 +221,13 @@ def overload(name: str, command: list[str], make: Callable[[str], Send], capacit
         print(f"[{name}] capacity {capacity:.1f} req/s; offering {rate:.0f} req/s for {args.duration:.0f}s ...",
               flush=True)
         port = int(server.url.rsplit(":", 1)[1])
-        probe, rss = HealthProbe(port), RSSWatch(server.process.pid)
+        probe, side_probe, rss = HealthProbe(port), HealthProbe(health_port), RSSWatch(server.process.pid)
         with niced(args.client_nice):
             load = asyncio.run(open_loop(send, rate, args.duration, args.max_inflight))
-        health, memory = probe.finish(), rss.finish()
+        health, side_health, memory = probe.finish(), side_probe.finish(), rss.finish()
         alive = server.process.poll() is None and asyncio.run(closed_loop(send, 1, 2)) > 0
     row = {"part": name, "capacity_rps": capacity, "factor": args.factor, "duration_s": args.duration, **load,
-           "health": health, **memory, "alive_after": alive}
+           "health": health, "health_port": side_health, **memory, "alive_after": alive}
     print(f"[{name}] {orjson.dumps(row).decode()}", flush=True)
     return row
 
@@ -252,17 +258,21 @@ def machine() -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| part | capacity req/s | offered req/s | admitted req/s (ratio) | answers | health p50 · p99 · max ms "
-             "(failed) | RSS start → peak → end MiB | up after |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| part | capacity req/s | offered req/s | admitted req/s (ratio) | answers | health, main port: p50 · "
+             "p99 · max ms (failed) | health, --health-port: p50 · p99 · max ms (failed) | RSS start → peak → end MiB "
+             "| up after |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        h = r["health"]
         answers = ", ".join(f"{k}: {v}" for k, v in sorted(r["statuses"].items()))
         lines.append(
             f"| {r['part']} | {r['capacity_rps']:.1f} | {r['offered_rps']:.0f} | {r['admitted_rps']:.1f} "
             f"({r['admitted_rps'] / r['capacity_rps']:.2f}) | {answers}; not sent {r['not_sent']}, unanswered "
-            f"{r['unanswered']} | {h['p50_ms']:.1f} · {h['p99_ms']:.1f} · {h['max_ms']:.1f} ({h['failures']}) | "
+            f"{r['unanswered']} | {_latencies(r['health'])} | {_latencies(r['health_port'])} | "
             f"{r['rss_start_mib']:.0f} → {r['rss_peak_mib']:.0f} → {r['rss_end_mib']:.0f} | {r['alive_after']} |")
     return "\n".join(lines)
+
+
+def _latencies(h: dict[str, float]) -> str:
+    return f"{h['p50_ms']:.1f} · {h['p99_ms']:.1f} · {h['max_ms']:.1f} ({h['failures']})"
 
 
 def main(argv: list[str] | None = None) -> int:

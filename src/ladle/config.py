@@ -33,6 +33,10 @@ class HTTPConfig:
         30.0, "on SIGTERM: seconds in-flight requests (streams included) may take to finish before the server "
         "stops its models and exits"
     )
+    health_port: int | None = option(
+        None, "also answer /v2/health/live, /v2/health/ready and /health on this port, from a thread of their own: "
+        "probes there never wait behind the main port's event loop, even under overload (same host as --host)"
+    )
 
 
 @dataclass(frozen=True)

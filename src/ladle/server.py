@@ -19,6 +19,7 @@ import uvicorn
 
 from ladle.api.admission import Readiness
 from ladle.api.app import create_app
+from ladle.api.health_server import HealthServer
 from ladle.config import HTTPConfig, LLMConfig, ServerConfig
 from ladle.logs import setup_logging
 from ladle.metrics import LLMMetricFamilies, Metrics
@@ -37,8 +38,21 @@ def serve(config: ServerConfig) -> int:
         return 1
     app = create_app(config, metrics, engines, repository_llm_loader(metrics.llm))
     server = DrainingServer(_uvicorn_config(app, config.http), app.state.readiness)
-    server.run()
+    health = _health_server(config.http, app.state.readiness)
+    try:
+        server.run()
+    finally:
+        if health is not None:
+            health.stop()
     return 0 if server.started else 1
+
+
+def _health_server(http: HTTPConfig, readiness: Readiness) -> HealthServer | None:
+    if http.health_port is None:
+        return None
+    health = HealthServer(http.host, http.health_port, readiness)
+    health.start()  # answers 503 on readiness until the models have loaded, then follows the main port's rule
+    return health
 
 
 def _uvicorn_config(app, http: HTTPConfig) -> uvicorn.Config:

@@ -20,7 +20,7 @@ import pytest
 
 from tests.fixtures.checkpoints import save_tiny_checkpoint
 from tests.repos import write_model, write_probe
-from tests.server import LadleServer
+from tests.server import LadleServer, free_port
 
 # Loaded into the server process only (PYTHONPATH), like tests/llm/test_engine_recovery.py's runner fault:
 # prompt token 7 makes an engine step raise, prompt token 8 crashes the engine loop itself, and
@@ -92,7 +92,10 @@ def outside(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(outside):
-    with LadleServer([outside / "repo", "--max-concurrent-requests", "2", "--allow-admin-without-key"]) as s:
+    health_port = free_port()
+    with LadleServer([outside / "repo", "--max-concurrent-requests", "2", "--allow-admin-without-key",
+                      "--health-port", str(health_port)]) as s:
+        s.health_url = f"http://127.0.0.1:{health_port}"
         yield s
 
 
@@ -187,6 +190,8 @@ def test_overload_is_a_503_at_once_and_health_still_answers(server) -> None:
             assert client.get(path).status_code == 200, path
             timings.append(time.monotonic() - started)
         assert statistics.median(timings) < 0.05, timings
+        for path, status in (("/v2/health/live", 200), ("/v2/health/ready", 200), ("/health", 200), ("/v2", 404)):
+            assert httpx.get(server.health_url + path).status_code == status, path  # --health-port, its own thread
         assert len(slow) == 0, "the probes answered while the slow requests still ran"
     for t in threads:
         t.join()
@@ -254,7 +259,8 @@ def test_llm_failures_are_generic_and_a_dead_engine_is_not_ready(checkpoint, fau
 
 def test_sigterm_drains_a_stream_and_a_classic_request_then_exits_0(checkpoint, faults, tmp_path) -> None:
     write_probe(tmp_path, "probe")
-    args = [tmp_path, "--model", checkpoint, *LLM_ARGS, "--drain-timeout", "20"]
+    health_port = free_port()
+    args = [tmp_path, "--model", checkpoint, *LLM_ARGS, "--drain-timeout", "20", "--health-port", str(health_port)]
     with LadleServer(args, env={**faults, "LADLE_TEST_STEP_SLEEP": "0.025"}) as server:
         first_chunk = threading.Event()
         lines: list[str] = []
@@ -282,6 +288,10 @@ def test_sigterm_drains_a_stream_and_a_classic_request_then_exits_0(checkpoint, 
         # the listening socket closes within uvicorn's 0.1 s tick (connection refused); until then readiness says no
         with contextlib.suppress(httpx.TransportError):
             assert httpx.get(server.url + "/v2/health/ready", timeout=2).status_code == 503
+        # the health port stays up while draining: not ready, but alive
+        health = f"http://127.0.0.1:{health_port}"
+        assert httpx.get(health + "/v2/health/ready", timeout=2).status_code == 503
+        assert httpx.get(health + "/v2/health/live", timeout=2).status_code == 200
         for t in threads:
             t.join(60)
         assert server.process.wait(30) == 0
