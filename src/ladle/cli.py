@@ -1,67 +1,22 @@
-"""The `ladle` command line. Flags are built from the config dataclasses (config.py), so every
-option has exactly one definition: its field, default and help live there.
+"""The `ladle` command line: `main` and the command handlers. Flags are built from the config dataclasses
+(config.py) by options.py, so every option has exactly one definition: its field, default and help live there.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import logging
 import os
 import sys
-import types
-import typing
 from pathlib import Path
-from typing import Any
 
 from ladle import __version__
 from ladle.bench import add_bench_parser
 from ladle.config import HTTPConfig, LLMConfig, RepositoryConfig, SecurityConfig, ServerConfig
+from ladle.options import add_dataclass_options, build_dataclass
 
 log = logging.getLogger("ladle")
-
-
-def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """One flag per field of `cls` (`max_request_bytes` -> `--max-request-bytes`)."""
-    group = parser.add_argument_group(title)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = _base_type(hints[f.name])
-        meta = f.metadata
-        kwargs: dict[str, Any] = {"help": meta.get("help", ""), "dest": f.name}
-        default = f.default
-        if meta.get("positional"):
-            group.add_argument(f.name, nargs="?", type=kind, default=default, help=kwargs["help"],
-                               metavar=f.name.upper())
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif kind is tuple:
-            kwargs.update(action="append", metavar=f.name.upper())
-            default = None
-        else:
-            kwargs.update(type=kind, choices=meta.get("choices"))
-        if kind is not tuple and default is not None:
-            kwargs["help"] += " (default: %(default)s)"
-        group.add_argument(flag, default=default, **kwargs)
-
-
-def _base_type(hint: Any) -> type:
-    """int | None -> int; tuple[str, ...] -> tuple; Path -> Path."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return typing.get_origin(hint) or hint
-
-
-def build_dataclass(cls: type, args: argparse.Namespace) -> Any:
-    values = {}
-    for f in dataclasses.fields(cls):
-        value = getattr(args, f.name)
-        if isinstance(f.default, tuple):
-            value = tuple(value or ())
-        values[f.name] = value
-    return cls(**values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(serve, HTTPConfig, "HTTP server")
     add_dataclass_options(serve, SecurityConfig, "security")
     serve.set_defaults(handler=run_serve)
+    schema = commands.add_parser(
+        "config-schema", help="print the JSON schema of a model's config.yaml",
+        description="Print the JSON schema of a model repository's config.yaml (for editors and CI checks).",
+    )
+    schema.set_defaults(handler=run_config_schema)
     add_bench_parser(commands)
     return parser
 
@@ -106,6 +66,13 @@ def run_serve(args: argparse.Namespace) -> int:
         print("ladle serve: give a model repository directory, --model CHECKPOINT, or both", file=sys.stderr)
         return 2
     return serve(config)
+
+
+def run_config_schema(args: argparse.Namespace) -> int:
+    from ladle.repository.model_config import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
