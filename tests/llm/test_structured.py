@@ -113,3 +113,22 @@ def test_engine_finishes_constrained_requests_and_leaves_neighbours_alone(tmp_pa
     assert re.fullmatch(r"[a-z]{3}-[0-9]{2}", by_regex[0]) and by_regex[1] == "stop"
     assert by_schema[1] == "stop" and set(json.loads(by_schema[0])) == {"name", "age", "ok"}
     assert engine.core.structured.matchers == {}  # dropped with their requests
+
+
+@pytest.mark.parametrize("constrained", [[1], [0, 2], [0, 1, 2]])
+def test_apply_bitmask_masks_only_constrained_rows(constrained: list[int]) -> None:
+    """Exactly the forbidden tokens of constrained rows become -inf (and every id past the mask: a model vocabulary
+    padded beyond the tokenizer's); unconstrained rows keep their logits bit for bit."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 70, generator=generator)  # mask covers 64 ids (2 words); ids 64..69 are padding
+    mask = torch.randint(-2**31, 2**31 - 1, (len(constrained), 2), dtype=torch.int32, generator=generator)
+    masked = logits.clone()
+    apply_bitmask(masked, torch.tensor(constrained), mask)
+    for row in range(3):
+        if row not in constrained:
+            assert torch.equal(masked[row], logits[row])
+            continue
+        words = mask[constrained.index(row)].tolist()
+        allowed = [t < 64 and (words[t // 32] >> (t % 32)) & 1 == 1 for t in range(70)]
+        assert torch.isinf(masked[row]).tolist() == [not a for a in allowed]
+        assert torch.equal(masked[row][torch.tensor(allowed)], logits[row][torch.tensor(allowed)])

@@ -14,7 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ladle.llm.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, StopStringMatcher
+from ladle.llm import detokenizer
+from ladle.llm.detokenizer import (
+    REPLACEMENT_CHAR,
+    IncrementalDetokenizer,
+    StopStringMatcher,
+    StreamDetokenizer,
+    WindowDetokenizer,
+)
 from ladle.llm.tokenizer import NoChatTemplate, Tokenizer, TokenizerLoadError
 from tests.fixtures.tiny_tokenizer import BOS_ID, EOS_ID, IM_END_ID, IM_START_ID, save_tiny_tokenizer
 
@@ -44,8 +51,19 @@ def byte_tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     return Tokenizer.from_dir(save_tiny_tokenizer(tmp_path_factory.mktemp("bytes"), kind="bytelevel"))
 
 
-def _stream(tok: Tokenizer, ids: list[int], prompt: list[int] | None = None, skip: bool = True) -> list[str]:
-    detok = IncrementalDetokenizer(tok, prompt or [], skip_special_tokens=skip)
+# Every detokenizer test runs on both implementations: DecodeStream (Rust) and the Python window.
+DETOKENIZERS = [StreamDetokenizer, WindowDetokenizer]
+Detok = type[IncrementalDetokenizer]
+
+
+@pytest.fixture(params=DETOKENIZERS, ids=lambda cls: cls.__name__)
+def detok_cls(request: pytest.FixtureRequest) -> Detok:
+    return request.param
+
+
+def _stream(tok: Tokenizer, ids: list[int], prompt: list[int] | None = None, skip: bool = True,
+            detok_cls: Detok = IncrementalDetokenizer) -> list[str]:
+    detok = detok_cls(tok, prompt or [], skip_special_tokens=skip)
     return [detok.push([i]) for i in ids] + [detok.flush()]
 
 
@@ -112,53 +130,53 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_stream_equals_decode_without_prompt(tok: Tokenizer, text: str) -> None:
+def test_stream_equals_decode_without_prompt(tok: Tokenizer, text: str, detok_cls: Detok) -> None:
     ids = tok.encode(text, add_special_tokens=False)
-    deltas = _stream(tok, ids)
+    deltas = _stream(tok, ids, detok_cls=detok_cls)
     assert "".join(deltas) == tok.decode(ids)
     assert deltas[-1] == ""  # every character was complete, so nothing was left for flush
     assert not any(REPLACEMENT_CHAR in d for d in deltas)
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_stream_after_a_prompt_decodes_in_context(tok: Tokenizer, text: str) -> None:
+def test_stream_after_a_prompt_decodes_in_context(tok: Tokenizer, text: str, detok_cls: Detok) -> None:
     prompt = tok.encode("User said:")
     full = tok.encode("User said: " + text)
     assert full[:len(prompt) - 1] == prompt[:-1]
     split = len(prompt) - 1  # re-tokenising may merge the prompt's last token with the space, so split before it
     prompt_ids, output_ids = full[:split], full[split:]
-    streamed = "".join(_stream(tok, output_ids, prompt_ids))
+    streamed = "".join(_stream(tok, output_ids, prompt_ids, detok_cls=detok_cls))
     assert streamed == tok.decode(full)[len(tok.decode(prompt_ids)):]
     # Byte-level: exactly decode(output). SentencePiece: the same, but the first piece keeps its space in context.
     assert streamed.lstrip(" ") == tok.decode(output_ids).lstrip(" ")
 
 
-def test_emoji_split_across_byte_level_tokens(byte_tok: Tokenizer) -> None:
+def test_emoji_split_across_byte_level_tokens(byte_tok: Tokenizer, detok_cls: Detok) -> None:
     ids = byte_tok.encode("a 👍🏽 b", add_special_tokens=False)
     assert len(ids) > 3  # the emoji spans several tokens, some ending mid-codepoint
-    deltas = _stream(byte_tok, ids)
+    deltas = _stream(byte_tok, ids, detok_cls=detok_cls)
     assert "".join(deltas) == "a 👍🏽 b" and not any(REPLACEMENT_CHAR in d for d in deltas)
     assert "" in deltas[:-1]  # at least one token was held back
 
 
-def test_byte_fallback_pieces(tmp_path: Path) -> None:
+def test_byte_fallback_pieces(tmp_path: Path, detok_cls: Detok) -> None:
     tok = Tokenizer.from_dir(save_tiny_tokenizer(tmp_path, kind="metaspace"))
     ids = tok.encode("😀", add_special_tokens=False)
     pieces = tok.hf.convert_ids_to_tokens(ids)
     assert pieces[-4:] == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
-    deltas = _stream(tok, ids)
+    deltas = _stream(tok, ids, detok_cls=detok_cls)
     assert deltas[-2:] == ["😀", ""] and set(deltas[:-2]) <= {"", " "}
 
 
-def test_skip_special_tokens(tok: Tokenizer) -> None:
+def test_skip_special_tokens(tok: Tokenizer, detok_cls: Detok) -> None:
     ids = [*tok.encode("Hi there", add_special_tokens=False), IM_END_ID, *tok.encode(" more", add_special_tokens=False)]
-    assert "".join(_stream(tok, ids)) == tok.decode(ids) and "<|im_end|>" not in tok.decode(ids)
-    kept = "".join(_stream(tok, ids, skip=False))
+    assert "".join(_stream(tok, ids, detok_cls=detok_cls)) == tok.decode(ids) and "<|im_end|>" not in tok.decode(ids)
+    kept = "".join(_stream(tok, ids, skip=False, detok_cls=detok_cls))
     assert kept == tok.decode(ids, skip_special_tokens=False) and "<|im_end|>" in kept
 
 
-def _widest_window(tok: Tokenizer, ids: list[int], step: int) -> tuple[str, int]:
-    detok = IncrementalDetokenizer(tok, [], skip_special_tokens=True)
+def _widest_window(tok: Tokenizer, ids: list[int], step: int, detok_cls: Detok) -> tuple[str, int]:
+    detok = detok_cls(tok, [], skip_special_tokens=True)
     out, widest = "", 0
     for start in range(0, len(ids), step):
         out += detok.push(ids[start:start + step])
@@ -166,24 +184,25 @@ def _widest_window(tok: Tokenizer, ids: list[int], step: int) -> tuple[str, int]
     return out + detok.flush(), widest
 
 
-def test_multi_token_pushes_and_bounded_window(byte_tok: Tokenizer) -> None:
+def test_multi_token_pushes_and_bounded_window(byte_tok: Tokenizer, detok_cls: Detok) -> None:
     short = byte_tok.encode(" ".join(TEXTS) * 2, add_special_tokens=False)
     long = byte_tok.encode(" ".join(TEXTS) * 40, add_special_tokens=False)
     for step in (1, 3):
-        text, widest = _widest_window(byte_tok, long, step)
+        text, widest = _widest_window(byte_tok, long, step, detok_cls)
         assert text == byte_tok.decode(long)
         # The decoded window depends on the content (runs of split characters), never on the output's length.
-        assert widest == _widest_window(byte_tok, short, step)[1] <= 8 * step
+        assert widest == _widest_window(byte_tok, short, step, detok_cls)[1] <= 8 * step
 
 
+@pytest.mark.parametrize("detok_cls", DETOKENIZERS, ids=lambda cls: cls.__name__)
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())
-def test_random_ids_never_emit_broken_characters(byte_tok: Tokenizer, data: st.DataObject) -> None:
+def test_random_ids_never_emit_broken_characters(byte_tok: Tokenizer, detok_cls: Detok, data: st.DataObject) -> None:
     # Single-byte tokens (ids 5..260 in the byte-level alphabet) split codepoints; include merges and specials too.
     ids = data.draw(st.lists(st.one_of(st.integers(5, 260), st.integers(0, byte_tok.vocab_size - 1)), max_size=30))
     prompt = data.draw(st.sampled_from([[], byte_tok.encode("Prompt: 日本 "), [IM_START_ID]]))
     skip = data.draw(st.booleans())
-    detok = IncrementalDetokenizer(byte_tok, prompt, skip_special_tokens=skip)
+    detok = detok_cls(byte_tok, prompt, skip_special_tokens=skip)
     streamed = ""
     for i, token in enumerate(ids):
         streamed += detok.push([token])
@@ -261,15 +280,75 @@ def test_stop_strings_do_not_depend_on_chunking(text: str, stop: tuple[str, ...]
     assert (emitted, matcher.matched) == _reference_stop(text, stop, include)
 
 
-def test_detokenizer_and_stop_strings_together(byte_tok: Tokenizer) -> None:
+def test_detokenizer_and_stop_strings_together(byte_tok: Tokenizer, detok_cls: Detok) -> None:
     ids = byte_tok.encode("Hi 😀 there STOP ignored", add_special_tokens=False)
-    detok, matcher = IncrementalDetokenizer(byte_tok, []), StopStringMatcher(("STOP",))
+    detok, matcher = detok_cls(byte_tok, []), StopStringMatcher(("STOP",))
     out = ""
     for token in ids:
         out += matcher.push(detok.push([token]))
         if matcher.matched:
             break
     assert (out, matcher.matched) == ("Hi 😀 there ", "STOP")
+
+
+def test_decode_stream_is_chosen_once_per_tokenizer(tok: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert detokenizer.decode_stream_supported(tok)  # both fixture kinds pass the probe
+    assert type(IncrementalDetokenizer(tok, [BOS_ID])) is StreamDetokenizer
+    monkeypatch.setattr(detokenizer, "PREFER_DECODE_STREAM", False)
+    assert type(IncrementalDetokenizer(tok, [BOS_ID])) is WindowDetokenizer
+
+
+class _AlwaysRefuses:
+    def __init__(self, ids: list[int], skip_special_tokens: bool) -> None:
+        pass
+
+    def step(self, tokenizer: object, ids: list[int]) -> str | None:
+        raise Exception("Invalid prefix encountered while decoding stream")  # the bare type tokenizers raises
+
+
+@pytest.mark.parametrize("decode_stream", [None, _AlwaysRefuses], ids=["absent", "refuses"])
+def test_without_a_working_decode_stream_the_window_serves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           decode_stream: type | None) -> None:
+    monkeypatch.setattr(detokenizer, "DecodeStream", decode_stream)  # tokenizers too old, or wrong for this tokenizer
+    fresh = Tokenizer.from_dir(save_tiny_tokenizer(tmp_path))
+    assert not detokenizer.decode_stream_supported(fresh)
+    assert type(IncrementalDetokenizer(fresh)) is WindowDetokenizer
+    assert "".join(_stream(fresh, fresh.encode("Café 😀", add_special_tokens=False))) == "Café 😀"
+
+
+def test_prompt_ending_mid_character(byte_tok: Tokenizer, detok_cls: Detok) -> None:
+    """The prompt's unfinished bytes are completed by the output: the character is emitted once, with the output."""
+    ids = byte_tok.encode("Hi 👍🏽 there", add_special_tokens=False)
+    split = next(k for k in range(1, len(ids)) if byte_tok.decode(ids[:k]).endswith(REPLACEMENT_CHAR))
+    deltas = _stream(byte_tok, ids[split:], ids[:split], detok_cls=detok_cls)
+    prompt_text = byte_tok.decode(ids[:split]).rstrip(REPLACEMENT_CHAR)
+    assert "".join(deltas) == byte_tok.decode(ids)[len(prompt_text):]
+    assert not any(REPLACEMENT_CHAR in d for d in deltas) and deltas[-1] == ""
+
+
+def test_decode_stream_refusing_a_step_falls_back_without_losing_text(byte_tok: Tokenizer,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """tokenizers raises "Invalid prefix encountered" when a decoder's text stops extending its prefix (vLLM
+    #17448); the request continues on the Python window from the same point: nothing lost, nothing repeated."""
+    real = detokenizer.DecodeStream
+
+    class RefusesFifthStep:
+        def __init__(self, ids: list[int], skip_special_tokens: bool) -> None:
+            self._stream, self._steps = real(ids=ids, skip_special_tokens=skip_special_tokens), 0
+
+        def step(self, tokenizer: object, ids: list[int]) -> str | None:
+            self._steps += 1
+            if self._steps == 5:
+                raise Exception("Invalid prefix encountered while decoding stream")  # the bare type tokenizers raises
+            return self._stream.step(tokenizer, ids)
+
+    monkeypatch.setattr(detokenizer, "DecodeStream", RefusesFifthStep)
+    text = "Hi 😀 there, 中文 done"
+    ids = byte_tok.encode(text, add_special_tokens=False)
+    for step in (1, 2):
+        detok = StreamDetokenizer(byte_tok, byte_tok.encode("Prompt:"))
+        out = "".join(detok.push(ids[i:i + step]) for i in range(0, len(ids), step)) + detok.flush()
+        assert out == text and detok.window_tokens <= 8 * step
 
 
 def test_copied_checkpoint_directory_loads(tmp_path: Path) -> None:

@@ -1,15 +1,18 @@
 """Structured output: constrain a request's tokens to a JSON schema, a regex, a choice of strings or a Lark grammar.
 
 Each constrained request owns an llguidance matcher. Every step, the rows of constrained requests get a bitmask of
-the tokens their grammar allows (applied to the logits before sampling, like any logits processor), and each
-sampled token is fed back to its matcher; a grammar that is complete finishes its request ("stop").
+the tokens their grammar allows (llguidance.torch allocates, fills and applies it to the logits before sampling,
+like any logits processor), and each sampled token is fed back to its matcher; a grammar that is complete finishes
+its request ("stop").
 Invariant: a matcher has consumed exactly the request's output tokens (preemption recomputes KV, not tokens).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import types
 from typing import Any
 
 import llguidance
@@ -50,6 +53,7 @@ class StructuredOutputs:
     def tokenizer(self) -> llguidance.LLTokenizer:
         if self._tokenizer is None:
             self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self._vocab_size)
+            _llguidance_torch()  # first use is compile(), on a worker thread: import the bitmask helpers there
         return self._tokenizer
 
     def compile(self, spec: StructuredSpec, param: str) -> llguidance.LLMatcher:
@@ -78,10 +82,10 @@ class StructuredOutputs:
         rows = [i for i, request_id in enumerate(request_ids) if request_id in self.matchers]
         if not rows:
             return None
-        mask = torch.empty(len(rows), (self.tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
-        row_bytes = mask.shape[1] * mask.element_size()
+        llg_torch = _llguidance_torch()
+        mask = llg_torch.allocate_token_bitmask(len(rows), self.tokenizer.vocab_size)
         for j, row in enumerate(rows):  # the matcher writes its allowed-token bits straight into row j
-            self.matchers[request_ids[row]].unsafe_compute_mask_ptr(mask[j].data_ptr(), row_bytes)
+            llg_torch.fill_next_token_bitmask(self.matchers[request_ids[row]], mask, j)
         return torch.tensor(rows, dtype=torch.long), mask
 
     def accept(self, request_ids: list[str], token_ids: list[int]) -> frozenset[str]:
@@ -99,15 +103,26 @@ class StructuredOutputs:
         return frozenset(complete)
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
+@functools.cache
+def _llguidance_torch() -> types.ModuleType:
+    """llguidance.torch, imported on first use: it imports torch._dynamo (1-2 s), which serving never needs otherwise.
+    StructuredOutputs.tokenizer imports it on the compile worker thread, so the engine thread never waits for it."""
+    import llguidance.torch
+
+    return llguidance.torch
 
 
 def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> None:
-    """Set the logits of tokens a row's grammar forbids to -inf, in place. Bit t % 32 of word t // 32 allows
-    token t; tokens past the mask (the model's vocabulary can be padded beyond the tokenizer's) are forbidden."""
-    vocab = logits.shape[-1]
-    bits = (mask.to(logits.device).unsqueeze(-1) >> _BITS.to(logits.device)) & 1  # [rows, words, 32]
-    allowed = bits.view(len(rows), -1)[:, :vocab].bool()
-    if allowed.shape[1] < vocab:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    """Set the logits of tokens a row's grammar forbids to -inf, in place; other rows are untouched. Bit t % 32 of
+    word t // 32 allows token t; tokens past the mask (the model's vocabulary can be padded beyond the tokenizer's)
+    are forbidden (llguidance's apply does both)."""
+    mask = mask.to(logits.device, non_blocking=True)
+    # Rows are distinct and ascending: as many as the batch means all of them, in order (no gather / scatter).
+    target = logits if len(rows) == logits.shape[0] else logits[rows]
+    # Eager: llguidance's kernel is torch.compile'd, whose first call compiles for ~20 s (on CPU, with a C++
+    # compiler that a server may lack) and again for new shapes, all on the engine thread. Eager costs within
+    # 7-28% of ladle's former hand-written apply (benchmarks/micro/structured_mask.py, RESULTS.md).
+    with torch.compiler.set_stance("force_eager"):
+        _llguidance_torch().apply_token_bitmask_inplace(target, mask)
+    if target is not logits:
+        logits[rows] = target
