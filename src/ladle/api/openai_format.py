@@ -7,11 +7,13 @@ OpenAI API reference so the official `openai` client parses them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ladle.llm.output_processor import StreamDelta
 from ladle.llm.outputs import TokenLogprobs
-from ladle.llm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the tokenizer needs the llm extra: a core install never imports it
+    from ladle.llm.tokenizer import Tokenizer
 
 
 @dataclass

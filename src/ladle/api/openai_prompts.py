@@ -12,8 +12,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from jinja2 import TemplateError
-
 from ladle.api.openai_protocol import ChatCompletionRequest
 from ladle.errors import InvalidInput
 from ladle.llm.chat_template import DeadlineExpired, call_with_deadline
@@ -112,6 +110,8 @@ def _template_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
 
 def _render_and_encode(tokenizer: Tokenizer, req: ChatCompletionRequest, template: str | None,
                        kwargs: dict[str, Any], timeout_s: float) -> list[int]:
+    from jinja2 import TemplateError  # the llm extra's: only a served LLM renders templates
+
     messages = [m.as_template_dict() for m in req.messages]  # joins content parts: linear in the body, so here
     param = "messages" if template is None else ("chat_template" if req.chat_template else "chat_template_kwargs")
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ladle.config import option
+from ladle.extras import MissingExtra, require_extra
+from ladle.options import add_dataclass_options, build_dataclass
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,6 @@ def _check_positive(**values: float | None) -> None:
 
 def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     """Add `bench` and its tools to the `ladle` command's subparsers."""
-    # Imported here, not at the top: ladle.cli imports this module while it is itself loading.
-    from ladle.cli import add_dataclass_options
-
     bench = commands.add_parser("bench", help="load-test a running server",
                                 description="Load generators for a running ladle (or any compatible) server.")
     tools = bench.add_subparsers(dest="tool", required=True, metavar="TOOL")
@@ -84,8 +83,6 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_tool(tool: str, config_class: type, args: argparse.Namespace, entry: Callable[[Any], int]) -> int:
     """Build a tool's config from parsed options (a bad value: message and exit status 2), then run it."""
-    from ladle.cli import build_dataclass
-
     try:
         config = build_dataclass(config_class, args)
     except ValueError as exc:
@@ -94,7 +91,19 @@ def run_tool(tool: str, config_class: type, args: argparse.Namespace, entry: Cal
     return entry(config)
 
 
+def bench_extra_missing(tool: str) -> bool:
+    """True, after saying which extra to install, when the load generators' client packages are missing."""
+    try:
+        require_extra("bench", f"ladle bench {tool}")
+    except MissingExtra as exc:
+        print(exc, file=sys.stderr)
+        return True
+    return False
+
+
 def _run_infer(args: argparse.Namespace) -> int:
+    if bench_extra_missing("infer"):
+        return 2
     from ladle.bench.infer import main
 
     return run_tool("infer", InferBenchConfig, args, main)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ladle.config import option
+from ladle.options import add_dataclass_options
 
 if TYPE_CHECKING:
     from ladle.bench.serve_runner import ServeBenchResult
@@ -118,8 +119,6 @@ def run(config: ServeBenchConfig) -> ServeBenchResult:
 
 def add_serve_parser(tools: argparse._SubParsersAction) -> None:
     """Add `serve` to the `ladle bench` tools."""
-    from ladle.cli import add_dataclass_options  # here: ladle.cli imports the bench package while loading
-
     parser = tools.add_parser(
         "serve", help="OpenAI-API LLM serving load (TTFT, TPOT, ITL, goodput), as `vllm bench serve`",
         description="Stream completions from any OpenAI-compatible server and report throughput and latency with "
@@ -130,7 +129,10 @@ def add_serve_parser(tools: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from ladle.bench import run_tool
+    from ladle.bench import bench_extra_missing, run_tool
+
+    if bench_extra_missing("serve"):
+        return 2
     from ladle.bench.serve_runner import main as run_main
 
     return run_tool("serve", ServeBenchConfig, args, run_main)

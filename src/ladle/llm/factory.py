@@ -10,17 +10,24 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from ladle.config import LLMConfig, parse_bytes
-from ladle.llm.async_engine import AsyncEngine
-from ladle.llm.engine import EngineCore
+from ladle.extras import raise_missing_extra
 from ladle.llm.kv_cache import BlockPool, KVCacheManager
-from ladle.llm.runner import ModelRunner
 from ladle.llm.scheduler import Scheduler
-from ladle.llm.structured import StructuredOutputs
-from ladle.llm.tokenizer import Tokenizer
 from ladle.metrics import LLMMetricFamilies, LLMMetrics
+from ladle.process import pin_torch_threads
+
+try:  # the llm extra's packages: a core install is told which extra to add, not which module was first missing
+    import torch
+
+    from ladle.llm.async_engine import AsyncEngine
+    from ladle.llm.engine import EngineCore
+    from ladle.llm.runner import ModelRunner
+    from ladle.llm.structured import StructuredOutputs
+    from ladle.llm.tokenizer import Tokenizer
+except ModuleNotFoundError as exc:
+    raise_missing_extra("llm", "serving an LLM", exc)
+    raise
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +75,7 @@ def build_engine(config: LLMConfig, name: str, model_dir: Path, families: LLMMet
 
 def build_core(config: LLMConfig, model_dir: Path, tokenizer: Tokenizer | None = None) -> EngineCore:
     """Runner, block pool, scheduler: what the engine thread steps (built on that thread)."""
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    pin_torch_threads(config.num_threads, "an LLM engine")  # this is the engine thread: the count stays its own
     dtype = DTYPES["bfloat16" if config.dtype == "auto" else config.dtype]
     runner = ModelRunner(
         model_dir, dtype=dtype, device=pick_device(config.device), block_size=config.block_size,

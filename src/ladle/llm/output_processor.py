@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ladle.llm.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from ladle.llm.outputs import RequestOutput, TokenLogprobs
 from ladle.llm.request import Request
-from ladle.llm.tokenizer import Tokenizer
 from ladle.metrics import LLMMetrics
+
+if TYPE_CHECKING:  # the tokenizer needs the llm extra; the API imports StreamDelta on a core install too
+    from ladle.llm.tokenizer import Tokenizer
 
 
 @dataclass

@@ -7,13 +7,13 @@ exactly one UTF-8 text whose embedding has the model's dimension.
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ladle.errors import InvalidInput
+from ladle.process import hub_offline, pin_torch_threads
 from ladle.repository.model_config import ModelConfig
 from ladle.runtimes.base import RuntimeLoadError
 from ladle.runtimes.common import cast_output, item_to_served, param_bool, param_int, param_str
@@ -73,15 +73,12 @@ def _decode(items: np.ndarray, name: str) -> list[str]:
 
 def load(version_dir: Path, config: ModelConfig) -> EmbeddingRuntime:
     """Find the model folder, load it offline, and settle the text input and embedding output."""
-    # Set before sentence_transformers/huggingface_hub are imported: they read it once at import.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hub_offline()  # before sentence_transformers/huggingface_hub are imported: they read it once at import
     model_dir = _model_dir(version_dir, config)
     threads = param_int(config, "num_threads", None, minimum=1)
     model = _open(model_dir, config)
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)  # process-wide: meant for a model that owns its worker process
+    # load runs on the instance's own thread (or worker process), which also runs its batches
+    pin_torch_threads(threads, f"model {config.name}")
     getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     dim = getter()
     if not isinstance(dim, int):

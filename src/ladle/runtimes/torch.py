@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ladle.errors import ModelError
+from ladle.process import pin_torch_threads
 from ladle.repository.model_config import ModelConfig
 from ladle.runtimes.base import RuntimeLoadError
 from ladle.runtimes.common import artifact_names, cast_output, find_artifact, param_int, param_str, served_shape
@@ -81,9 +82,8 @@ def _map_outputs(result: Any, outputs: tuple[TensorSpec, ...]) -> dict[str, torc
 
 def load(version_dir: Path, config: ModelConfig) -> TorchRuntime:
     """Load `model.pt` (torchscript) or `model.pt2` (torch_export), per `config.backend`."""
-    threads = param_int(config, "num_threads", None, minimum=1)
-    if threads is not None:
-        torch.set_num_threads(threads)  # process-wide: meant for a model that owns its worker process
+    # load runs on the instance's own thread (or worker process), which also runs its batches
+    pin_torch_threads(param_int(config, "num_threads", None, minimum=1), f"model {config.name}")
     device = _device(config)
     if config.backend == "torch_export":
         path = find_artifact(version_dir, artifact_names(config, ["model.pt2"]))
