@@ -21,6 +21,11 @@ class HTTPConfig:
     max_request_bytes: int = option(
         64 * 1024 * 1024, "largest request body accepted, in bytes; larger bodies get HTTP 413"
     )
+    max_openai_request_bytes: int = option(
+        4 * 1024 * 1024, "largest request body accepted on the OpenAI API (/v1/), in bytes (at most "
+        "--max-request-bytes); larger bodies get HTTP 413. Parsing JSON holds the GIL, so this bounds how long one "
+        "body can hold up other requests (~12 ms per MiB of token ids)"
+    )
     log_level: str = option(
         "info", "logging level", choices=("debug", "info", "warning", "error")
     )

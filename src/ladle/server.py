@@ -1,5 +1,5 @@
-"""The composition root: logging, LLM engines given on the command line, the repository's LLM loader,
-and uvicorn with the fastest event loop and HTTP parser available.
+"""The composition root: logging, the model host (with the --model LLM pinned in it), the app, and uvicorn
+with the fastest event loop and HTTP parser available.
 
 Invariant: an LLM named by --model that cannot load stops start-up with a clear message (exit 1),
 before the port is bound, so an orchestrator never routes to a half-working server. SIGTERM drains: no new
@@ -8,35 +8,35 @@ connections, readiness false, in-flight requests (streams too) finish up to --dr
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 import signal
-from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
-from ladle.api.admission import Readiness
 from ladle.api.app import create_app
 from ladle.api.health_server import HealthServer
-from ladle.config import HTTPConfig, LLMConfig, ServerConfig
+from ladle.config import HTTPConfig, ServerConfig
 from ladle.logs import setup_logging
-from ladle.metrics import LLMMetricFamilies, Metrics
-from ladle.repository.model_config import ConfigError, ModelConfig
+from ladle.metrics import Metrics
+from ladle.process import configure_process
+from ladle.serving.host import ModelHost, Readiness
 
 log = logging.getLogger("ladle")
 
 
 def serve(config: ServerConfig) -> int:
     setup_logging(config.http.log_level, config.http.log_format)
-    metrics = Metrics()
-    try:
-        engines = _command_line_engines(config.llm, metrics.llm)
-    except Exception as exc:  # a bad checkpoint or option: say so plainly and exit
-        log.error("cannot serve --model %s: %s", config.llm.model, exc)
-        return 1
-    app = create_app(config, metrics, engines, repository_llm_loader(metrics.llm))
+    configure_process(config.llm.model)  # process-wide settings (ladle/process.py), before any model loads
+    host = ModelHost(config.repository.repository, Metrics())
+    if config.llm.model:
+        try:
+            host.pin_llm(config.llm)  # built now, before the port is bound
+        except Exception as exc:  # a bad checkpoint or option: say so plainly and exit
+            log.error("cannot serve --model %s: %s", config.llm.model, exc)
+            return 1
+    app = create_app(config, host)
     server = DrainingServer(_uvicorn_config(app, config.http), app.state.readiness)
     health = _health_server(config.http, app.state.readiness)
     try:
@@ -104,33 +104,3 @@ class DrainingServer(uvicorn.Server):
             # status 143); a drained SIGTERM is a clean stop, so it is not re-raised
             self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
-
-def _command_line_engines(config: LLMConfig, families: LLMMetricFamilies) -> dict:
-    if not config.model:
-        return {}
-    from ladle.llm.factory import build_engine, resolve_model_dir
-
-    model_dir = resolve_model_dir(config.model)
-    name = config.served_model_name or model_dir.name
-    return {name: build_engine(config, name, model_dir, families)}
-
-
-def llm_config_from_parameters(parameters: dict, model_dir: Path, where: str) -> LLMConfig:
-    """An LLMConfig from a repository model's `parameters` (the CLI flags' names, underscored)."""
-    known = {f.name for f in dataclasses.fields(LLMConfig)} - {"model"}
-    unknown = set(parameters) - known
-    if unknown:
-        raise ConfigError(where, f"parameters.{sorted(unknown)[0]}", f"one of {sorted(known)}")
-    return LLMConfig(model=str(model_dir), **parameters)
-
-
-def repository_llm_loader(families: LLMMetricFamilies):
-    """The registry's hook for `backend: llm` models: each version directory is a checkpoint."""
-
-    def load(name: str, version: int, version_dir: Path, config: ModelConfig):
-        from ladle.llm.factory import build_engine
-
-        llm_config = llm_config_from_parameters(dict(config.parameters), version_dir, str(version_dir.parent))
-        return build_engine(llm_config, name, version_dir, families)
-
-    return load

@@ -115,9 +115,24 @@ def test_admin_endpoints_need_the_admin_key(keyed) -> None:
     assert httpx.post(keyed.url + "/v2/repository/models/probe/unload", headers=bearer(ENV_KEYS[0])).status_code == 403
     assert httpx.post(load, headers=bearer(ADMIN_KEY)).status_code == 200
     index = httpx.post(keyed.url + "/v2/repository/index", headers=bearer(API_KEY))  # metadata: an API key
-    assert index.status_code == 200 and [row["name"] for row in index.json()] == ["probe"]
+    # the --model LLM is a (pinned) entry of the host, listed with the repository's models
+    assert index.status_code == 200 and [row["name"] for row in index.json()] == ["probe", "tiny"]
     r = httpx.post(keyed.url + "/v2/models/probe/infer", json=PROBE, headers=bearer(ADMIN_KEY))
     assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [2.0]
+
+
+def test_the_command_line_llm_is_listed_and_cannot_be_unloaded(keyed) -> None:
+    """--model is pinned in the host: READY in the index, and the repository API refuses to load or unload it."""
+    index = httpx.post(keyed.url + "/v2/repository/index", headers=bearer(API_KEY)).json()
+    assert {"name": "tiny", "version": "1", "state": "READY", "reason": ""} in index
+    for action in ("unload", "load"):
+        r = httpx.post(f"{keyed.url}/v2/repository/models/tiny/{action}", headers=bearer(ADMIN_KEY))
+        assert r.status_code == 400 and "given with --model" in r.json()["error"], r.text
+    client = openai.OpenAI(base_url=keyed.url + "/v1", api_key=API_KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    r = client.completions.create(model="tiny", prompt="ladle", max_tokens=2, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 2
+    assert httpx.get(keyed.url + "/v2/health/ready").status_code == 200
 
 
 def test_keys_never_appear_in_the_log(keyed) -> None:

@@ -46,3 +46,13 @@ def test_embedding_errors(demo_server, client) -> None:
         client.embeddings.create(model="nope", input="x")
     r = httpx.post(demo_server.url + "/v1/embeddings", json={"model": "minilm", "input": []})
     assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+
+
+def test_usage_counts_the_models_tokenizer_tokens(client, reference) -> None:
+    texts = ["ladle serves models", "  a sentence about soup, spoons and ladles  "]
+    r = client.embeddings.create(model="minilm", input=texts)
+    expected = int(reference.tokenize(texts)["attention_mask"].sum())  # exactly the tokens the model saw
+    assert expected == sum(len(reference.tokenizer(t.strip())["input_ids"]) for t in texts) > 2 * len(texts)
+    assert r.usage.prompt_tokens == expected and r.usage.total_tokens == expected
+    one = client.embeddings.create(model="minilm", input="hello")
+    assert one.usage.prompt_tokens == len(reference.tokenizer("hello")["input_ids"]) == 3  # [CLS] hello [SEP]

@@ -1,4 +1,4 @@
-"""Server-level admission: a cap on HTTP requests in flight, and the readiness the health probes report.
+"""Server-level admission: a cap on HTTP requests in flight (readiness is the model host's: serving/host.py).
 
 Invariant: beyond the cap a request is answered at once (503, Retry-After: 1, in its protocol's shape), never
 queued in the server; health probes and /metrics are never counted nor refused, so they answer while saturated.
@@ -6,11 +6,10 @@ queued in the server; health probes and /metrics are never counted nor refused, 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 from ladle.api.errors import is_openai_path, kserve_error, openai_error
-from ladle.repository.registry import ModelRegistry
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -47,22 +46,3 @@ class AdmissionMiddleware:
         finally:
             self.in_flight -= 1
 
-
-class LLMEngine(Protocol):
-    @property
-    def alive(self) -> bool: ...
-
-
-class Readiness:
-    """What /v2/health/ready and /health answer: every wanted model loaded, every LLM engine alive (those given
-    with --model too), and not draining after SIGTERM."""
-
-    def __init__(self, registry: ModelRegistry, engines: Callable[[], Iterable[LLMEngine]]) -> None:
-        self.registry = registry
-        self.engines = engines
-        self.draining = False
-
-    def __call__(self) -> bool:
-        if self.draining:
-            return False
-        return self.registry.is_ready() and all(engine.alive for engine in self.engines())

@@ -47,7 +47,8 @@ async def read_body(request: Request, limit: int, declared: str | None = None) -
 
 
 def _too_large(size: int, limit: int) -> str:
-    return f"request body of {size} bytes is over the server's limit of {limit} bytes (--max-request-bytes)"
+    return (f"request body of {size} bytes is over the server's limit of {limit} bytes (--max-request-bytes; "
+            "--max-openai-request-bytes on the OpenAI API)")
 
 
 #: requests answered faster than this never pay for a disconnect watcher (most small-model inferences)

@@ -1,12 +1,13 @@
 """KServe v2 / Open Inference Protocol over REST, with Triton's binary tensor and repository extensions.
 
-A thin adapter: decode (kserve_codec) -> check against the signature -> batcher -> encode. Every
-failure answers `{"error": "..."}` with the status its LadleError carries.
+A thin adapter over the model host: decode (kserve_codec) -> serving.submit (check, batcher, outcome) -> encode.
+Every failure answers `{"error": "..."}` with the status its LadleError carries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -18,20 +19,22 @@ from starlette.routing import Route
 from ladle import __version__
 from ladle.api import kserve_codec as codec
 from ladle.api.body import ClientDisconnected, header_values, read_body, until_disconnect
+from ladle.api.offload import ProcessOffload
 from ladle.errors import InvalidInput, LadleError
-from ladle.metrics import Metrics
 from ladle.repository.layout import parse_version
-from ladle.repository.registry import ModelRegistry, ModelVersion
-from ladle.repository.signature import check_inputs, check_outputs, served_shape
+from ladle.repository.signature import served_shape
+from ladle.serving.host import ModelHost
+from ladle.serving.submit import Outcome, submit
+from ladle.serving.versions import ModelVersion
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "schedule_policy"]
 HEADER_LENGTH = b"inference-header-content-length"
 _INFER_HEADERS = (b"content-length", b"content-encoding", HEADER_LENGTH, b"accept-encoding")
-#: bodies (and results) larger than this are decoded (encoded) on a worker thread: parsing a 64 MiB JSON body
-#: takes hundreds of ms, which on the event loop would stall every other request; small ones stay inline,
-#: where the thread hand-off would cost more than the work
+#: bodies larger than this are decoded in a helper process, results larger than this encoded on a worker thread
+#: (encoding is mostly numpy tobytes/tolist, which copes with threads better than parsing); small ones stay inline,
+#: where the hand-off would cost more than the work
 OFFLOAD_BYTES = 256 * 1024
 
 
@@ -40,10 +43,10 @@ def _json(payload: object, status: int = 200) -> Response:
 
 
 class KServeAPI:
-    def __init__(self, registry: ModelRegistry, metrics: Metrics, max_request_bytes: int) -> None:
-        self.registry = registry
-        self.metrics = metrics
+    def __init__(self, host: ModelHost, max_request_bytes: int, offload: ProcessOffload | None = None) -> None:
+        self.host = host
         self.max_request_bytes = max_request_bytes
+        self.offload = offload or ProcessOffload()
 
     def routes(self) -> list[Route]:
         model = "/v2/models/{model}"
@@ -69,20 +72,19 @@ class KServeAPI:
         return Response(status_code=200)
 
     async def ready(self, request: Request) -> Response:
-        # the app's Readiness: models, LLM engines (--model ones too) and SIGTERM draining
+        # the host's readiness rule: models, LLM engines (--model's too) and SIGTERM draining
         return Response(status_code=200 if request.app.state.readiness() else 503)
 
     def _lookup(self, request: Request) -> ModelVersion:
         raw = request.path_params.get("version")
         version = None if raw in (None, "") else parse_version(raw)
-        return self.registry.get(request.path_params["model"], version)
+        return self.host.get(request.path_params["model"], version)
 
     async def model_metadata(self, request: Request) -> Response:
         mv = self._lookup(request)
-        record = self.registry.models[mv.name]
         return _json({
             "name": mv.name,
-            "versions": [str(v) for v in sorted(record.ready)],
+            "versions": [str(v) for v in self.host.ready_versions(mv.name)],
             "platform": mv.config.platform,
             "inputs": [_tensor_meta(mv, s) for s in mv.inputs],
             "outputs": [_tensor_meta(mv, s) for s in mv.outputs],
@@ -100,7 +102,7 @@ class KServeAPI:
     async def model_config(self, request: Request) -> Response:
         mv = self._lookup(request)
         c = mv.config
-        batching = None if c.dynamic_batching is None else vars(c.dynamic_batching)
+        batching = None if c.dynamic_batching is None else c.dynamic_batching.model_dump()
         return _json({
             "name": c.name, "backend": c.backend, "platform": c.platform, "max_batch_size": c.max_batch_size,
             "input": [{"name": s.name, "data_type": f"TYPE_{s.datatype}", "dims": list(s.shape)} for s in mv.inputs],
@@ -108,7 +110,7 @@ class KServeAPI:
             "dynamic_batching": batching,
             "instance_group": [{"count": c.instance_count, "kind": c.instance_kind}],
             "execution_timeout_ms": c.execution_timeout_ms,
-            "version_policy": {c.version_policy.kind: vars(c.version_policy)},
+            "version_policy": {c.version_policy.kind: c.version_policy.model_dump()},
             "parameters": dict(c.parameters),
         })
 
@@ -116,67 +118,39 @@ class KServeAPI:
     async def infer(self, request: Request) -> Response:
         started = time.monotonic()
         mv = self._lookup(request)  # an unknown model is refused before its body is read
+        outcome = Outcome(mv, started, ClientDisconnected)
         try:
-            headers = header_values(request, *_INFER_HEADERS)
-            body = await read_body(request, self.max_request_bytes, headers.get(b"content-length"))
-            if mv.batcher is None:
-                raise InvalidInput(f"model '{mv.name}' is an LLM: use the OpenAI API (POST /v1/completions)")
-            req = await self._decode(headers, body)
-            # again, now that no await separates it from submit: a reload may have retired that
-            # version while the body arrived, and its successor must take the request
-            mv = self._lookup(request)
-            response = await self._infer(request, mv, headers, req)
+            with outcome:
+                headers = header_values(request, *_INFER_HEADERS)
+                body = await read_body(request, self.max_request_bytes, headers.get(b"content-length"))
+                if mv.batcher is None:
+                    raise InvalidInput(f"model '{mv.name}' is an LLM: use the OpenAI API (POST /v1/completions)")
+                req = await self._decode(headers, body)
+                # again, now that no await separates it from submit: a reload may have retired that
+                # version while the body arrived, and its successor must take the request
+                outcome.mv = mv = self._lookup(request)
+                priority, timeout_s = _schedule_parameters(req.parameters)
+                inputs = {t.name: (t.datatype, t.data) for t in req.inputs}
+                requested = None if req.outputs is None else [o.name for o in req.outputs]
+                result = await submit(mv, inputs, functools.partial(until_disconnect, request), priority,
+                                      timeout_s, requested)
+                accept = headers.get(b"accept-encoding")
+                if sum(getattr(a, "nbytes", 0) for a in result.outputs.values()) > OFFLOAD_BYTES:
+                    return await asyncio.to_thread(self._encode, accept, req, mv, result.outputs)
+                return self._encode(accept, req, mv, result.outputs)
         except ClientDisconnected:
-            mv.metrics.outcome("cancelled")
             log.debug("infer %s:%d cancelled: client disconnected", mv.name, mv.version)
             return Response(status_code=499)
-        except LadleError as exc:
-            mv.metrics.outcome("error" if exc.status >= 500 else "rejected")
-            raise
-        elapsed = time.monotonic() - started
-        mv.metrics.outcome("success")
-        mv.metrics.request_duration.observe(elapsed)
-        return response
 
     async def _decode(self, headers: dict[bytes, str], body: bytes) -> codec.InferRequest:
         encoding = headers.get(b"content-encoding")
         header_length = _header_length(headers.get(HEADER_LENGTH))
-
-        def decode() -> codec.InferRequest:
-            raw = codec.decode_content(body, encoding, self.max_request_bytes)
-            return codec.decode_infer_request(raw, header_length)
-
-        # a compressed body may inflate to the full body limit: decompressing is large work too
+        args = (body, encoding, header_length, self.max_request_bytes)
+        # a large or compressed body (which may inflate to the full limit) is parsed in a helper process: parsing
+        # holds the GIL, so on a thread it would still stall the event loop (~170 ms for 16 MB of JSON, measured)
         if len(body) > OFFLOAD_BYTES or encoding not in (None, "", "identity"):
-            return await asyncio.to_thread(decode)
-        return decode()
-
-    async def _infer(
-        self, request: Request, mv: ModelVersion, headers: dict[bytes, str], req: codec.InferRequest
-    ) -> Response:
-        if mv.batcher is None:  # the version that took over during decoding may be an LLM
-            raise InvalidInput(f"model '{mv.name}' is an LLM: use the OpenAI API (POST /v1/completions)")
-        inputs = {t.name: t.data for t in req.inputs}
-        label = f"{mv.name}:{mv.version}"
-        rows = check_inputs(label, mv.config, mv.inputs, {t.name: (t.datatype, t.data) for t in req.inputs})
-        if req.outputs is not None:
-            check_outputs(label, mv.outputs, (o.name for o in req.outputs))
-        priority, timeout_s = _schedule_parameters(req.parameters)
-        pending = mv.batcher.submit(inputs, rows, priority, timeout_s)
-        try:
-            result = await until_disconnect(request, pending.future)
-        except ClientDisconnected:
-            mv.batcher.cancel(pending)
-            raise
-        mv.metrics.queue_duration.observe(result.queue_s)
-        log.debug(
-            "infer %s rows=%d queue=%.2fms compute=%.2fms batch=%d",
-            label, rows, result.queue_s * 1e3, result.compute_s * 1e3, result.batch_rows,
-        )
-        accept = headers.get(b"accept-encoding")
-        if sum(getattr(a, "nbytes", 0) for a in result.outputs.values()) > OFFLOAD_BYTES:
-            return await asyncio.to_thread(self._encode, accept, req, mv, result.outputs)
-        return self._encode(accept, req, mv, result.outputs)
+            return await self.offload.run(codec.decode_request, *args)
+        return codec.decode_request(*args)
 
     def _encode(
         self, accept_encoding: str | None, req: codec.InferRequest, mv: ModelVersion, outputs: dict
@@ -203,22 +177,19 @@ class KServeAPI:
     async def repository_index(self, request: Request) -> Response:
         body = await read_body(request, self.max_request_bytes)
         options = _json_object(body)
-        return _json(self.registry.index(ready_only=bool(options.get("ready", False))))
+        return _json(self.host.index(ready_only=bool(options.get("ready", False))))
 
     async def load(self, request: Request) -> Response:
         _json_object(await read_body(request, self.max_request_bytes))
         name = request.path_params["model"]
-        await self.registry.load(name)
-        record = self.registry.models[name]
-        if not record.ready:
-            reasons = [f"version {v}: {s.reason}" for v, s in sorted(record.status.items()) if s.reason]
-            detail = "; ".join(reasons) or record.reason
-            return codec_error(f"failed to load model '{name}': {detail}", 400)
+        failure = await self.host.load(name)
+        if failure is not None:
+            return codec_error(f"failed to load model '{name}': {failure}", 400)
         return _json({})
 
     async def unload(self, request: Request) -> Response:
         _json_object(await read_body(request, self.max_request_bytes))
-        await self.registry.unload(request.path_params["model"])
+        await self.host.unload(request.path_params["model"])
         return _json({})
 
 

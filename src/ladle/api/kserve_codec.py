@@ -399,3 +399,10 @@ def _preferred_coding(accept_encoding: str | None) -> str | None:
     if max(gzip_weight, deflate_weight) <= 0:
         return None
     return "gzip" if gzip_weight >= deflate_weight else "deflate"
+
+
+def decode_request(body: bytes, content_encoding: str | None, header_length: int | None,
+                   max_size: int | None) -> InferRequest:
+    """The whole decode of a request body in one picklable call, so that a large one can run in a helper process
+    (api/offload.py): parsing JSON holds the GIL, so a thread would still stall the event loop."""
+    return decode_infer_request(decode_content(body, content_encoding, max_size), header_length)

@@ -31,7 +31,7 @@ from ladle.errors import DeadlineExceeded, LadleError, ModelError, NotFound
 from ladle.llm.output_processor import StreamDelta
 from ladle.llm.request import SequenceSpec
 from ladle.llm.sampling_params import SamplingParams
-from ladle.repository.registry import ModelRegistry
+from ladle.serving.host import ModelHost
 
 if TYPE_CHECKING:  # the engine pulls in torch; a server without LLMs never imports it
     from ladle.llm.async_engine import AsyncEngine, RequestStream
@@ -109,11 +109,10 @@ class Generation:
 
 
 class OpenAIAPI:
-    """Serves the engines given at start-up (--model) and the repository's `backend: llm` models."""
+    """Serves the host's LLMs: the repository's `backend: llm` models and the one given with --model."""
 
-    def __init__(self, engines: dict[str, AsyncEngine], registry: ModelRegistry, max_request_bytes: int) -> None:
-        self.engines = engines
-        self.registry = registry
+    def __init__(self, host: ModelHost, max_request_bytes: int) -> None:
+        self.host = host
         self.max_request_bytes = max_request_bytes
 
     def routes(self) -> list[Route]:
@@ -124,14 +123,8 @@ class OpenAIAPI:
         ]
 
     def _served(self) -> dict[str, AsyncEngine]:
-        """Every servable LLM by name (a repository model by its newest version: what /v1/models describes)."""
-        served = dict(self.engines)
-        for name, record in self.registry.models.items():
-            if record.ready:
-                newest = record.ready[max(record.ready)]
-                if newest.engine is not None:
-                    served.setdefault(name, newest.engine)
-        return served
+        """Every servable LLM by name (a model by its newest version: what /v1/models describes)."""
+        return self.host.llm_engines()  # type: ignore[return-value]  # the host holds AsyncEngines
 
     async def models(self, request: Request) -> Response:
         data = [
@@ -253,21 +246,14 @@ class OpenAIAPI:
         return await parse_body(await read_body(request, self.max_request_bytes), schema)
 
     def _engine(self, model: str | None) -> AsyncEngine:
-        engine = self.engines.get(model or "")
+        if model is None:  # OpenAI clients may leave `model` out when the server has one
+            served = self._served()
+            model = next(iter(served)) if len(served) == 1 else None
+        # the version this request goes to (traffic_split), or the model's own state: not ready, unloading, ...
+        engine = None if model is None else self.host.llm_engine(model)
         if engine is not None:
-            return engine
-        served = self._served()
-        if model is None and len(served) == 1:
-            model = next(iter(served))
-        if model in self.engines:
-            return self.engines[model]
-        record = self.registry.models.get(model or "")
-        if record is not None and record.config is not None:
-            # the version this request goes to (traffic_split), or the model's own state: not ready, unloading, ...
-            routed = self.registry.get(model)
-            if routed.engine is not None:
-                return routed.engine
-        names = ", ".join(sorted(served)) or "none"
+            return engine  # type: ignore[return-value]
+        names = ", ".join(sorted(self._served())) or "none"
         raise NotFound(f"the model '{model}' does not exist; served models: {names}", param="model")
 
 

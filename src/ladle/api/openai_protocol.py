@@ -27,8 +27,9 @@ INT64_MAX = 2**63 - 1
 TOP_K_MAX = 2**31 - 1  # any k >= the vocabulary means "off"; beyond int64 it would fail the engine step
 
 
-#: bodies larger than this are parsed and validated on a worker thread: a 64 MiB body of token ids takes hundreds of
-#: ms in orjson + pydantic, which on the event loop would stall every other request; small ones stay inline
+#: bodies larger than this are parsed and validated on a worker thread. orjson and pydantic hold the GIL while they
+#: work (~12 ms per MiB of token ids), so the thread does not make that time free for the event loop, but it lets
+#: the loop run between the two phases; what bounds the stall is the body limit (--max-openai-request-bytes)
 PARSE_INLINE_MAX_BYTES = 256 * 1024
 
 

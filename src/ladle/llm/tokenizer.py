@@ -14,9 +14,8 @@ from typing import Any
 import tokenizers
 
 from ladle.errors import InvalidInput, LadleError
-from ladle.llm.detokenizer import IncrementalDetokenizer, StopStringMatcher
 
-__all__ = ["IncrementalDetokenizer", "NoChatTemplate", "StopStringMatcher", "Tokenizer", "TokenizerLoadError"]
+__all__ = ["NoChatTemplate", "Tokenizer", "TokenizerLoadError"]
 
 
 class TokenizerLoadError(LadleError):

@@ -1,1 +1,1 @@
-"""The versioned model repository: layout on disk, per-model config, and the live registry."""
+"""The versioned model repository, pure data: layout on disk, per-model config, signatures (the host: serving/)."""

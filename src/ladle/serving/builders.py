@@ -1,0 +1,90 @@
+"""Building one loaded ModelVersion from a version directory: a batcher over instances (classic models and
+embeddings) or an LLM engine (backend: llm). Blocking model work runs off the event loop.
+
+Invariant: llm/ (which imports torch) is imported only when an LLM is built, so a classic-only server never
+loads torch for it; a version is returned only once it can serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import threading
+from pathlib import Path
+from typing import Any
+
+from ladle.batching.batcher import Batcher
+from ladle.batching.instances import Instance, create_instances
+from ladle.config import LLMConfig
+from ladle.metrics import Metrics
+from ladle.repository.model_config import ConfigError, ModelConfig
+from ladle.serving.versions import LLMEngine, ModelVersion, TokenCounter
+
+
+def llm_config_from_parameters(parameters: dict, model_dir: Path, where: str) -> LLMConfig:
+    """An LLMConfig from a `backend: llm` model's `parameters` (the CLI flags' names, underscored)."""
+    known = {f.name for f in dataclasses.fields(LLMConfig)} - {"model"}
+    unknown = set(parameters) - known
+    if unknown:
+        raise ConfigError(where, f"parameters.{sorted(unknown)[0]}", f"one of {sorted(known)}")
+    return LLMConfig(model=str(model_dir), **parameters)
+
+
+def llm_parameters(llm: LLMConfig) -> dict[str, Any]:
+    """The inverse for `--model`: its command-line options as the `parameters` of an in-memory `backend: llm` entry."""
+    return {f.name: getattr(llm, f.name) for f in dataclasses.fields(LLMConfig) if f.name != "model"}
+
+
+def build_llm_engine(metrics: Metrics, name: str, version_dir: Path, config: ModelConfig) -> LLMEngine:
+    """Load a checkpoint into an engine, not started (blocking: call off the event loop, or before it runs)."""
+    from ladle.llm.factory import build_engine  # torch: only when an LLM is served
+
+    llm_config = llm_config_from_parameters(dict(config.parameters), version_dir, str(version_dir.parent))
+    return build_engine(llm_config, name, version_dir, metrics.llm)
+
+
+def llm_version(metrics: Metrics, name: str, version: int, config: ModelConfig, engine: LLMEngine) -> ModelVersion:
+    return ModelVersion(name, version, config, (), (), None, metrics.for_version(name, version), 0.0, engine=engine)
+
+
+async def build_version(metrics: Metrics, name: str, version: int, version_dir: Path,
+                        config: ModelConfig) -> ModelVersion:
+    """Load one version, ready to serve (an LLM engine is started on the running loop)."""
+    if config.is_llm:
+        engine = await asyncio.to_thread(build_llm_engine, metrics, name, version_dir, config)
+        engine.start(asyncio.get_running_loop())
+        return llm_version(metrics, name, version, config, engine)
+    instances, counter = await asyncio.to_thread(_load_instances, name, version, version_dir, config)
+    vm = metrics.for_version(name, version)
+    batcher = Batcher(f"{name}:{version}", config, instances, observer=vm)
+    vm.watch(lambda: len(batcher.queue), lambda: batcher.inflight)
+    first = instances[0]
+    return ModelVersion(name, version, config, first.inputs, first.outputs, batcher, vm, 0.0, count_tokens=counter)
+
+
+def _load_instances(name: str, version: int, version_dir: Path,
+                    config: ModelConfig) -> tuple[list[Instance], TokenCounter | None]:
+    instances = create_instances(name, version, version_dir, config)
+    return instances, token_counter(instances[0]) if config.backend == "sentence_transformers" else None
+
+
+def token_counter(instance: Instance) -> TokenCounter | None:
+    """Counts tokens as the encoder's own tokenizer does (special tokens and truncation included), on a private
+    copy: sentence-transformers sets truncation on the shared tokenizer per call, so one tokenizer is never used
+    from two threads. None when the model lives in a worker process (instance_kind: process)."""
+    model = getattr(getattr(instance, "runtime", None), "model", None)
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None or not callable(tokenizer):
+        return None
+    private = copy.deepcopy(tokenizer)
+    max_length = getattr(model, "max_seq_length", None)
+    lock = threading.Lock()
+
+    def count(texts: list[str]) -> int:
+        stripped = [text.strip() for text in texts]  # as sentence-transformers' Transformer.tokenize does
+        with lock:
+            encoded = private(stripped, truncation=max_length is not None, max_length=max_length)
+        return sum(len(ids) for ids in encoded["input_ids"])
+
+    return count
