@@ -38,30 +38,26 @@ Send = Callable[[aiohttp.ClientSession], Any]  # one request; returns the HTTP s
 
 
 # -- what the server is asked -----------------------------------------------------------------------------
-def minilm_request(url: str) -> Send:
-    body = orjson.dumps({"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES",
-                                     "data": ["ladle keeps serving when traffic spikes"]}]})
+def post_json(url: str, payload: dict[str, Any]) -> Send:
+    """One POST of a fixed JSON body; the answer is read whole and only its status kept."""
+    body = orjson.dumps(payload)
 
     async def send(session: aiohttp.ClientSession) -> int:
-        async with session.post(f"{url}/v2/models/minilm/infer", data=body,
-                                headers={"Content-Type": "application/json"}) as response:
+        async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
             await response.read()
             return response.status
 
     return send
+
+
+def minilm_request(url: str) -> Send:
+    return post_json(f"{url}/v2/models/minilm/infer", {"inputs": [{
+        "name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["ladle keeps serving when traffic spikes"]}]})
 
 
 def completion_request(url: str, max_tokens: int) -> Send:
-    body = orjson.dumps({"model": "smollm", "prompt": "Overload tests ask a server " * 8, "max_tokens": max_tokens,
-                         "ignore_eos": True, "temperature": 0})
-
-    async def send(session: aiohttp.ClientSession) -> int:
-        async with session.post(f"{url}/v1/completions", data=body,
-                                headers={"Content-Type": "application/json"}) as response:
-            await response.read()
-            return response.status
-
-    return send
+    return post_json(f"{url}/v1/completions", {"model": "smollm", "prompt": "Overload tests ask a server " * 8,
+                                               "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0})
 
 
 # -- load -----------------------------------------------------------------------------------------------------
