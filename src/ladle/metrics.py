@@ -50,7 +50,12 @@ class Metrics:
         self.state = Gauge(
             "ladle_model_state", "1 for the version's current state, 0 for the others", (*labels, "state"), registry=r
         )
-        self.llm = LLMMetricFamilies(r)
+        self.refused = Counter(
+            "ladle_requests_refused", "Requests answered before reaching a model: unauthorized (401), forbidden "
+            "(403), rate_limited (429), over_concurrency (503, --max-concurrent-requests), llm_queue_full (503)",
+            ("reason",), registry=r,
+        )
+        self.llm = LLMMetricFamilies(r, self.refused)
 
     def for_version(self, model: str, version: int | str) -> VersionMetrics:
         return VersionMetrics(self, model, str(version))
@@ -103,9 +108,10 @@ REQUEST_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0
 class LLMMetricFamilies:
     """The LLM engine's metric families (one set per server; engines bind their model label)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, refused: Counter | None = None) -> None:
         m = ("model",)
         r = registry
+        self.refused = refused  # the server-wide refusal counter: engines count their queue-full refusals there
         self.ttft = Histogram("ladle_llm_time_to_first_token_seconds", "Time to first token", m,
                               buckets=TOKEN_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("ladle_llm_inter_token_latency_seconds", "Time between consecutive output tokens", m,
@@ -143,6 +149,8 @@ class LLMMetrics:
                      "generation_tokens", "preemptions", "prefix_hits", "prefix_queries", "batch_tokens",
                      "step_failures"):
             setattr(self, name, getattr(families, name).labels(model))
+
+        self.queue_full = families.refused.labels("llm_queue_full") if families.refused is not None else None
 
     def finished(self, reason: str) -> None:
         self.families.finished.labels(self.model, reason).inc()

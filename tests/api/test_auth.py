@@ -5,6 +5,7 @@ limits (429 with Retry-After); plus the key ring, bucket table and path rules on
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -202,6 +203,17 @@ def test_rate_limit_burst_then_429_per_key(limited) -> None:
         assert [client.get("/v2", headers=key_b).status_code for _ in range(3)] == [200, 200, 200]
         assert client.get("/v2", headers=key_b).status_code == 429
         assert all(client.get("/v2/health/live").status_code == 200 for _ in range(20))
+        key_c = bearer("key-c-0123456789abcdef")  # --protect-metrics: reading them takes a key (and its tokens)
+
+        def refused() -> dict[str, float]:
+            text = client.get("/metrics", headers=key_c).text
+            return {m[0]: float(m[1]) for m in re.findall(r'^ladle_requests_refused_total\{reason="(\w+)"\} (\S+)$',
+                                                            text, re.M)}
+
+        before = refused()
+        assert before["rate_limited"] == 3.0  # key A twice, key B once
+        assert client.post("/v2/models/probe/infer", json=PROBE, headers=bearer("wrong")).status_code == 401
+        assert refused()["unauthorized"] == before.get("unauthorized", 0.0) + 1
 
 
 def test_rate_limit_per_client_ip_without_keys(tmp_path) -> None:

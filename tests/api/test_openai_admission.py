@@ -122,6 +122,9 @@ def test_a_flood_beyond_the_waiting_bound_is_shed_with_503_and_admitted_requests
     shed = [r for r in responses if r.status_code == 503]
     served = [r for r in responses if r.status_code == 200]
     assert len(shed) == 2 * WAITING and len(served) == WAITING
+    refused = re.search(r'^ladle_requests_refused_total\{reason="llm_queue_full"\} (\S+)$',
+                        httpx.get(server.url + "/metrics").text, re.M)
+    assert refused is not None and float(refused.group(1)) >= 2 * WAITING  # earlier tests may have refused some too
     for r in shed:
         assert r.headers["retry-after"] == "1"
         assert assert_openai_error(r, 503)["type"] == "service_unavailable"

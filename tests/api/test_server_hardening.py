@@ -190,6 +190,7 @@ def test_overload_is_a_503_at_once_and_health_still_answers(server) -> None:
             assert client.get(path).status_code == 200, path
             timings.append(time.monotonic() - started)
         assert statistics.median(timings) < 0.05, timings
+        assert 'ladle_requests_refused_total{reason="over_concurrency"} 2.0' in client.get("/metrics").text
         for path, status in (("/v2/health/live", 200), ("/v2/health/ready", 200), ("/health", 200), ("/v2", 404)):
             assert httpx.get(server.health_url + path).status_code == status, path  # --health-port, its own thread
         assert len(slow) == 0, "the probes answered while the slow requests still ran"

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from prometheus_client import Counter
+
 from ladle.api.errors import is_openai_path, kserve_error, openai_error
 
 Scope = MutableMapping[str, Any]
@@ -23,8 +25,9 @@ EXEMPT_PATHS = frozenset({"/health", "/v2/health/live", "/v2/health/ready", "/me
 class AdmissionMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware: no extra task or body copy per request); its cost is one counter."""
 
-    def __init__(self, app: ASGIApp, max_concurrent_requests: int) -> None:
+    def __init__(self, app: ASGIApp, max_concurrent_requests: int, refused: Counter | None = None) -> None:
         self.app = app
+        self.refused = refused  # a bound counter child (metrics: ladle_requests_refused_total), or None
         self.limit = max_concurrent_requests
         self.in_flight = 0
         # built once: under overload most requests are refusals, and each should cost as little as possible
@@ -37,6 +40,8 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.limit:
+            if self.refused is not None:
+                self.refused.inc()
             await self._refusals[is_openai_path(scope["path"])](scope, receive, send)
             return
         self.in_flight += 1

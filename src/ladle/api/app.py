@@ -77,6 +77,8 @@ def create_app(config: ServerConfig, host: ModelHost | None = None) -> Starlette
     app.state.metrics = metrics
     app.state.readiness = readiness  # server.py marks it draining on SIGTERM
     if config.http.max_concurrent_requests > 0:
-        app.add_middleware(AdmissionMiddleware, max_concurrent_requests=config.http.max_concurrent_requests)
-    install_access_control(app, config.security, config.http.host)  # added last: outermost, before admission
+        app.add_middleware(AdmissionMiddleware, max_concurrent_requests=config.http.max_concurrent_requests,
+                           refused=metrics.refused.labels("over_concurrency"))
+    # added last: outermost, so a refused request never takes an admission slot
+    install_access_control(app, config.security, config.http.host, metrics.refused)
     return app

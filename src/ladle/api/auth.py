@@ -6,6 +6,7 @@ health probes are always open and never limited; with no key and no rate limit t
 installed at all, and the admin endpoints are off unless an admin key or --allow-admin-without-key is set.
 """
 
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
+from prometheus_client import Counter
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -215,10 +217,15 @@ class AccessControl:
     """Pure ASGI middleware: authenticate and rate-limit, then hand the request on untouched (streams
     included); a rejection is answered here in the route's protocol shape."""
 
-    def __init__(self, app: ASGIApp, policy: Policy, limiter: RateLimiter | None) -> None:
+    def __init__(
+        self, app: ASGIApp, policy: Policy, limiter: RateLimiter | None, refused: Counter | None = None
+    ) -> None:
         self.app = app
         self.policy = policy
         self.limiter = limiter
+        # ladle_requests_refused_total by reason, children bound once (None: not counted)
+        self._refused = {} if refused is None else {status: refused.labels(reason) for status, reason in
+                                                    ((401, "unauthorized"), (403, "forbidden"), (429, "rate_limited"))}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -234,6 +241,8 @@ class AccessControl:
         if denied is None:
             return await self.app(scope, receive, send)
         log.debug("%s %s -> %d: %s", scope["method"], scope["path"], denied.status, denied.message)
+        if (counter := self._refused.get(denied.status)) is not None:
+            counter.inc()
         await _render(scope, denied)(scope, receive, send)
 
     def _limit(self, identity: int | str) -> TooManyRequests | None:
@@ -264,7 +273,8 @@ def _render(scope: Scope, error: LadleError) -> Response:
 
 
 # -- wiring ---------------------------------------------------------------------------------------------
-def install_access_control(app: Starlette, config: SecurityConfig, host: str = "127.0.0.1") -> None:
+def install_access_control(app: Starlette, config: SecurityConfig, host: str = "127.0.0.1",
+                           refused: Counter | None = None) -> None:
     """Switch the admin endpoints off unless allowed, and add the middleware only when there is a key or a
     rate limit to enforce (otherwise requests pay nothing). Logs how many keys there are, never a key."""
     if not config.admin_key and not config.allow_admin_without_key:
@@ -278,7 +288,7 @@ def install_access_control(app: Starlette, config: SecurityConfig, host: str = "
     if config.rate_limit > 0:
         burst = config.rate_limit_burst or max(1.0, 2.0 * config.rate_limit)
         limiter = RateLimiter(config.rate_limit, float(burst))
-    app.add_middleware(AccessControl, policy=policy, limiter=limiter)
+    app.add_middleware(AccessControl, policy=policy, limiter=limiter, refused=refused)
 
 
 def _switch_off_admin_routes(app: Starlette) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ladle.config import LLMConfig
-from ladle.errors import InvalidInput, Unavailable
+from ladle.errors import InvalidInput, QueueFull, Unavailable
 from ladle.llm.admission import WaitingBudget
 from ladle.llm.engine import EngineCore
 from ladle.llm.output_processor import OutputProcessor, StreamDelta
@@ -147,7 +147,15 @@ class AsyncEngine:
     def precheck(self, num_sequences: int) -> None:
         """A cheap early refusal (503) for a request that could not be admitted now, before it is tokenized."""
         self._check_open()
-        self._admission.precheck(num_sequences)
+        try:
+            self._admission.precheck(num_sequences)
+        except QueueFull:
+            self._count_refusal()
+            raise
+
+    def _count_refusal(self) -> None:
+        if self.metrics is not None and self.metrics.queue_full is not None:
+            self.metrics.queue_full.inc()
 
     def submit(self, specs: list[SequenceSpec], deadline: float | None = None, prompt_param: str = "prompt"
                ) -> list[RequestStream]:
@@ -166,7 +174,11 @@ class AsyncEngine:
             if self._max_unchunked is not None and len(spec.prompt_token_ids) > self._max_unchunked:
                 raise InvalidInput(f"the prompt has {len(spec.prompt_token_ids)} tokens, more than one step's "
                                    f"{self._max_unchunked} with chunked prefill off", param=prompt_param)
-        self._admission.admit([(spec.request_id, len(spec.prompt_token_ids)) for spec in specs], prompt_param)
+        try:
+            self._admission.admit([(spec.request_id, len(spec.prompt_token_ids)) for spec in specs], prompt_param)
+        except QueueFull:
+            self._count_refusal()
+            raise
         admitted = []
         for spec in specs:
             queue: asyncio.Queue[StreamDelta] = asyncio.Queue()
