@@ -161,11 +161,13 @@ def test_emoji_split_across_byte_level_tokens(byte_tok: Tokenizer, detok_cls: De
 
 def test_byte_fallback_pieces(tmp_path: Path, detok_cls: Detok) -> None:
     tok = Tokenizer.from_dir(save_tiny_tokenizer(tmp_path, kind="metaspace"))
-    ids = tok.encode("😀", add_special_tokens=False)
+    # a character the training corpus lacks: always byte fallback (the trainer's 90-character alphabet breaks ties
+    # between equally rare characters in no fixed order, so a corpus emoji such as 😀 is sometimes a piece)
+    ids = tok.encode("🦀", add_special_tokens=False)
     pieces = tok.hf.convert_ids_to_tokens(ids)
-    assert pieces[-4:] == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+    assert pieces[-4:] == ["<0xF0>", "<0x9F>", "<0xA6>", "<0x80>"]
     deltas = _stream(tok, ids, detok_cls=detok_cls)
-    assert deltas[-2:] == ["😀", ""] and set(deltas[:-2]) <= {"", " "}
+    assert deltas[-2:] == ["🦀", ""] and set(deltas[:-2]) <= {"", " "}
 
 
 def test_skip_special_tokens(tok: Tokenizer, detok_cls: Detok) -> None:
