@@ -21,7 +21,7 @@ from ladle.config import HTTPConfig, ServerConfig
 from ladle.logs import setup_logging
 from ladle.metrics import Metrics
 from ladle.process import configure_process
-from ladle.serving.host import ModelHost, Readiness
+from ladle.serving.host import ModelHost
 
 log = logging.getLogger("ladle")
 
@@ -37,8 +37,8 @@ def serve(config: ServerConfig) -> int:
             log.error("cannot serve --model %s: %s", config.llm.model, exc)
             return 1
     app = create_app(config, host)
-    server = DrainingServer(_uvicorn_config(app, config.http), app.state.readiness)
-    health = _health_server(config.http, app.state.readiness)
+    server = DrainingServer(_uvicorn_config(app, config.http), app.state.host)
+    health = _health_server(config.http, app.state.host)
     try:
         server.run()
     finally:
@@ -47,10 +47,10 @@ def serve(config: ServerConfig) -> int:
     return 0 if server.started else 1
 
 
-def _health_server(http: HTTPConfig, readiness: Readiness) -> HealthServer | None:
+def _health_server(http: HTTPConfig, host: ModelHost) -> HealthServer | None:
     if http.health_port is None:
         return None
-    health = HealthServer(http.host, http.health_port, readiness)
+    health = HealthServer(http.host, http.health_port, host.is_ready)
     health.start()  # answers 503 on readiness until the models have loaded, then follows the main port's rule
     return health
 
@@ -89,12 +89,12 @@ class DrainingServer(uvicorn.Server):
     closes the listening socket, waits for in-flight requests up to the drain timeout, and runs the lifespan
     shutdown (batchers drain, engines stop)."""
 
-    def __init__(self, config: uvicorn.Config, readiness: Readiness) -> None:
+    def __init__(self, config: uvicorn.Config, host: ModelHost) -> None:
         super().__init__(config)
-        self.readiness = readiness
+        self.host = host
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.readiness.draining = True
+        self.host.draining = True
         if sig == signal.SIGTERM and not self.should_exit:
             log.info("SIGTERM: draining in-flight requests (up to %ss), then stopping",
                      self.config.timeout_graceful_shutdown)

@@ -28,7 +28,7 @@ from ladle.api.openai_embeddings import EmbeddingsAPI
 from ladle.config import ServerConfig
 from ladle.metrics import Metrics
 from ladle.process import freeze_loaded_objects
-from ladle.serving.host import ModelHost, Readiness
+from ladle.serving.host import ModelHost
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,8 @@ def create_app(config: ServerConfig, host: ModelHost | None = None) -> Starlette
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    readiness = Readiness(host)
-
     async def health(request: Request) -> Response:
-        return Response(status_code=200 if readiness() else 503)
+        return Response(status_code=200 if host.is_ready() else 503)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -75,7 +73,6 @@ def create_app(config: ServerConfig, host: ModelHost | None = None) -> Starlette
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.state.host = host
     app.state.metrics = metrics
-    app.state.readiness = readiness  # server.py marks it draining on SIGTERM
     if config.http.max_concurrent_requests > 0:
         app.add_middleware(AdmissionMiddleware, max_concurrent_requests=config.http.max_concurrent_requests,
                            refused=metrics.refused.labels("over_concurrency"))

@@ -73,7 +73,7 @@ class KServeAPI:
 
     async def ready(self, request: Request) -> Response:
         # the host's readiness rule: models, LLM engines (--model's too) and SIGTERM draining
-        return Response(status_code=200 if request.app.state.readiness() else 503)
+        return Response(status_code=200 if self.host.is_ready() else 503)
 
     def _lookup(self, request: Request) -> ModelVersion:
         raw = request.path_params.get("version")

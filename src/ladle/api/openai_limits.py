@@ -11,11 +11,11 @@ from typing import Any
 
 from starlette.requests import Request
 
+from ladle.api.openai_protocol import MAX_TIMEOUT_S
 from ladle.config import LLMConfig
 from ladle.errors import InvalidInput
 
 TIMEOUT_HEADER = "x-request-timeout"
-MAX_TIMEOUT_S = 86400.0  # the same bound as the `timeout` body field
 
 
 def count_prompts(prompt: Any) -> int:

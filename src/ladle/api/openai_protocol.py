@@ -25,6 +25,7 @@ MAX_MESSAGES = 2048  # OpenAI's own limit
 MAX_CONTENT_PARTS = 256  # per message
 INT64_MAX = 2**63 - 1
 TOP_K_MAX = 2**31 - 1  # any k >= the vocabulary means "off"; beyond int64 it would fail the engine step
+MAX_TIMEOUT_S = 86400.0  # a request's deadline: the `timeout` field and the X-Request-Timeout header
 
 
 #: bodies larger than this are parsed and validated on a worker thread. orjson and pydantic hold the GIL while they
@@ -108,7 +109,7 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # the request's deadline in seconds, queue and generation included (ladle's extension; see openai_limits)
-    timeout: Annotated[float, Field(gt=0.0, le=86400.0, allow_inf_nan=False)] | None = None
+    timeout: Annotated[float, Field(gt=0.0, le=MAX_TIMEOUT_S, allow_inf_nan=False)] | None = None
     logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     # structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
     response_format: ResponseFormat | None = None

@@ -257,22 +257,3 @@ class ModelHost:
 
 async def _retire(versions: Iterable[ModelVersion]) -> None:
     await asyncio.gather(*(mv.close() for mv in versions))
-
-
-class Readiness:
-    """The host's readiness rule as what the probes call (/v2/health/ready, /health, the --health-port thread);
-    `draining = True` (set on SIGTERM) turns it false for good."""
-
-    def __init__(self, host: ModelHost) -> None:
-        self.host = host
-
-    @property
-    def draining(self) -> bool:
-        return self.host.draining
-
-    @draining.setter
-    def draining(self, value: bool) -> None:
-        self.host.draining = value
-
-    def __call__(self) -> bool:
-        return self.host.is_ready()
