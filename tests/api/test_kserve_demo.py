@@ -114,7 +114,7 @@ def test_repository_index_lists_every_version(client) -> None:
     index = client.get_model_repository_index()
     rows = {(r["name"], r.get("version")): r["state"] for r in index}
     assert rows == {("iris", "1"): "READY", ("iris", "2"): "READY", ("minilm", "1"): "READY",
-                    ("textstats", "1"): "READY"}
+                    ("textstats", "1"): "READY", ("smollm2", "1"): "READY"}
 
 
 def test_metrics_after_traffic(demo_server, client) -> None:

@@ -1,5 +1,5 @@
-"""Building a ready-to-start AsyncEngine from an LLMConfig: resolve the checkpoint, pick device and
-dtype, size the KV cache, and wire runner, block pool, scheduler and tokenizer together.
+"""Building a ready-to-start AsyncEngine from an LLMConfig: resolve the checkpoint, pick device, dtype and weight
+quantization, size the KV cache, and wire runner, block pool, scheduler and tokenizer together.
 
 Invariant: everything a bad configuration can get wrong fails here, at start-up, with a message.
 """
@@ -21,7 +21,11 @@ try:  # the llm extra's packages: a core install is told which extra to add, not
     import torch
 
     from ladle.llm.async_engine import AsyncEngine
+    from ladle.llm.dtypes import resolve_dtype
     from ladle.llm.engine import EngineCore
+    from ladle.llm.models.gguf import GGUFCheckpoint
+    from ladle.llm.models.loader import Checkpoint, open_checkpoint
+    from ladle.llm.models.quant import QuantizationError, QuantScheme, describe, resolve_scheme
     from ladle.llm.runner import ModelRunner
     from ladle.llm.structured import StructuredOutputs
     from ladle.llm.tokenizer import Tokenizer
@@ -31,16 +35,14 @@ except ModuleNotFoundError as exc:
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def resolve_model_dir(model: str) -> Path:
     """A local checkpoint directory, or a hub id downloaded with huggingface_hub where a network exists."""
     path = Path(model).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
         return path
     if path.exists() or model.startswith((".", "/")):
-        raise FileNotFoundError(f"--model {model}: not a checkpoint directory")
+        raise FileNotFoundError(f"--model {model}: not a checkpoint directory or .gguf file")
     from huggingface_hub import snapshot_download
 
     log.info("downloading %s from the Hugging Face hub ...", model)
@@ -59,29 +61,44 @@ def pick_device(name: str) -> str:
 
 
 def build_engine(config: LLMConfig, name: str, model_dir: Path, families: LLMMetricFamilies | None) -> AsyncEngine:
-    """Load the checkpoint and build the engine (blocking: call off the event loop)."""
+    """Load the checkpoint (a directory or a GGUF file) and build the engine (blocking: call off the event loop)."""
     started = time.monotonic()
-    tokenizer = Tokenizer.from_dir(model_dir)
+    checkpoint = open_checkpoint(model_dir)
+    tokenizer = load_tokenizer(checkpoint)
     metrics = LLMMetrics(families, name) if families is not None else None
-    engine = AsyncEngine(name, lambda: build_core(config, model_dir, tokenizer), tokenizer, metrics, config)
+    engine = AsyncEngine(name, lambda: build_core(config, model_dir, tokenizer, checkpoint), tokenizer, metrics, config)
     runner = engine.core.runner
     log.info(
-        "LLM %s (%s, %s on %s) ready in %.1fs: context %d tokens, %d KV blocks of %d tokens",
-        name, runner.architecture, str(runner.dtype).removeprefix("torch."), runner.device,
+        "LLM %s (%s, %s%s on %s) ready in %.1fs: context %d tokens, %d KV blocks of %d tokens",
+        name, runner.architecture, str(runner.dtype).removeprefix("torch."),
+        f", {describe(runner.quantization)}" if runner.quantization else "", runner.device,
         time.monotonic() - started, engine.info.max_model_len, runner.num_blocks, config.block_size,
     )
     return engine
 
 
-def build_core(config: LLMConfig, model_dir: Path, tokenizer: Tokenizer | None = None) -> EngineCore:
+def load_tokenizer(checkpoint: Checkpoint) -> Tokenizer:
+    if isinstance(checkpoint, GGUFCheckpoint):
+        return Tokenizer(checkpoint.tokenizer(), checkpoint.eos_token_ids, name=checkpoint.path.stem)
+    return Tokenizer.from_dir(checkpoint.path)
+
+
+def build_core(
+    config: LLMConfig, model_dir: Path, tokenizer: Tokenizer | None = None, checkpoint: Checkpoint | None = None,
+) -> EngineCore:
     """Runner, block pool, scheduler: what the engine thread steps (built on that thread)."""
     pin_torch_threads(config.num_threads, "an LLM engine")  # this is the engine thread: the count stays its own
-    dtype = DTYPES["bfloat16" if config.dtype == "auto" else config.dtype]
+    checkpoint = checkpoint or open_checkpoint(model_dir)
+    device = torch.device(pick_device(config.device))
+    dtype, why = resolve_dtype(config.dtype, checkpoint.config, device, checkpoint.quantized)
+    log.info("dtype %s (%s)", str(dtype).removeprefix("torch."), why)
+    scheme = choose_quantization(config, checkpoint, dtype, device)
     runner = ModelRunner(
-        model_dir, dtype=dtype, device=pick_device(config.device), block_size=config.block_size,
+        model_dir, dtype=dtype, device=str(device), block_size=config.block_size,
         num_blocks=config.num_kv_blocks,
         kv_cache_memory=None if config.num_kv_blocks else parse_bytes(config.kv_cache_memory),
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+        quantization=scheme, checkpoint=checkpoint,
     )
     max_model_len = min(config.max_model_len or runner.max_model_len, runner.max_model_len)
     pool = BlockPool(runner.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
@@ -92,3 +109,30 @@ def build_core(config: LLMConfig, model_dir: Path, tokenizer: Tokenizer | None =
     )
     structured = StructuredOutputs(tokenizer.hf, runner.vocab_size) if tokenizer is not None else None
     return EngineCore(runner, scheduler, structured)
+
+
+def choose_quantization(
+    config: LLMConfig, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device
+) -> QuantScheme | None:
+    """--quantization resolved for this checkpoint and host. auto keeps a GGUF's own width: Q4_x -> int4 (int8
+    where int4 would be slower here), other quantized types -> int8; a float checkpoint stays full width."""
+    requested = config.quantization
+    if requested == "auto":
+        if not checkpoint.quantized:
+            return None
+        requested = "int4" if gguf_mostly_4bit(checkpoint) else "int8"
+        if requested == "int4":
+            try:
+                return resolve_scheme("int4", dtype, device, config.quantization_group_size)
+            except QuantizationError as e:
+                log.info("quantization auto: int8 instead of int4 for this Q4 GGUF (%s)", e)
+                requested = "int8"
+    if requested == "none":
+        return None
+    return resolve_scheme(requested, dtype, device, config.quantization_group_size)
+
+
+def gguf_mostly_4bit(checkpoint: Checkpoint) -> bool:
+    """Whether most of a GGUF's quantized tensors are 4-bit (Q4_0/Q4_1/Q4_K; a Q4_K_M file mixes in Q6_K)."""
+    kinds = [t for t in getattr(checkpoint, "tensor_types", {}).values() if t.startswith(("Q", "IQ"))]
+    return sum(t.startswith("Q4") for t in kinds) * 2 > len(kinds)

@@ -27,14 +27,15 @@ class WeightTarget:
     """Where one checkpoint tensor goes: `param[rows]` (a slice of a fused q/k/v or gate/up weight), transposed for
     GPT-2's Conv1D, which stores [in, out]."""
 
-    param: torch.Tensor
+    param: Any  # torch.Tensor, or a sink with .shape and .write(rows, value) for quantized weights
     rows: slice | None = None
     transpose: bool = False
 
     @property
     def expected_shape(self) -> tuple[int, ...]:
-        dest = self.param if self.rows is None else self.param[self.rows]
-        shape = tuple(dest.shape)
+        shape = tuple(self.param.shape)  # a Parameter, or a quantized layer's staging sink (quant.py)
+        if self.rows is not None:
+            shape = (len(range(*self.rows.indices(shape[0]))), *shape[1:])
         return shape[::-1] if self.transpose else shape
 
 
@@ -52,19 +53,30 @@ class CausalLM(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.packed_head: PackedLinear | None = None  # set by prepack(); not a class attribute, which would shadow it
+        # The output head when it is not a plain matmul with lm_head_weight(): oneDNN-prepacked (prepack()) or
+        # quantized (set_head()). An instance attribute: a class attribute would shadow the submodule.
+        self.head: nn.Module | None = None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] for the given final hidden rows (matmul in the model dtype, as vLLM does)."""
-        if self.packed_head is not None:
-            return self.packed_head(hidden).float()
+        if self.head is not None:
+            return self.head(hidden).float()
         return F.linear(hidden, self.lm_head_weight()).float()
 
     def prepack(self) -> None:
         """Switch every linear layer, and the output head, to oneDNN-prepacked weights (see linear.py).
         A tied head keeps the embedding table for lookups and adds a packed copy."""
         prepack_linears(self)
-        self.packed_head = PackedLinear(self.lm_head_weight())
+        if self.head is None:
+            self.head = PackedLinear(self.lm_head_weight())
+
+    def set_head(self, head: nn.Module) -> None:
+        """Compute logits with `head` (a quantized copy of the head weight). An untied lm_head's full-width
+        weight is then dropped; a tied one stays, as the embedding table."""
+        self.head = head
+        lm_head = getattr(self, "lm_head", None)
+        if isinstance(lm_head, nn.Parameter):
+            lm_head.data = torch.empty(0, dtype=lm_head.dtype, device=lm_head.device)
 
     def lm_head_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -132,6 +144,12 @@ def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     )
     factor = cfg_get(params, "partial_rotary_factor", default=config.get("partial_rotary_factor", 1.0))
     require(factor == 1.0, f"partial_rotary_factor={factor} is not supported (only 1.0)")
+    # GGUF files of Llama 3.x carry their rope scaling as per-frequency divisors (llama.cpp's rope_freqs tensor).
+    params["freq_factors"] = config.get("rope_freq_factors")
+    require(
+        not (params["freq_factors"] and params["rope_type"] == "llama3"),
+        "both rope_freq_factors and llama3 rope scaling are set; they describe the same scaling twice",
+    )
     return params
 
 
@@ -139,6 +157,10 @@ def rope_inv_freq(head_dim: int, params: dict[str, Any], max_position: int) -> t
     """Inverse frequencies [head_dim // 2], float32, the way transformers computes them (incl. llama3 scaling)."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (float(params["rope_theta"]) ** exponent)
+    if params.get("freq_factors"):
+        factors = torch.tensor(params["freq_factors"], dtype=torch.float32)
+        require(factors.shape == inv_freq.shape, f"rope_freq_factors has {factors.numel()} values, not {head_dim // 2}")
+        return inv_freq / factors
     if params["rope_type"] != "llama3":
         return inv_freq
     factor, low, high = float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"])

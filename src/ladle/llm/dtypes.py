@@ -1,0 +1,63 @@
+"""Choosing the dtype an LLM computes in: `--dtype auto` picks what this machine runs natively.
+
+Invariant: auto never picks a dtype the hardware only emulates. bfloat16 on a CPU without avx512_bf16/AMX is
+emulated (measured on an AVX2-only EPYC: 4.7x slower than float32 at batch 32), so such CPUs get float32; CUDA
+and CPUs with native bf16 get the checkpoint's own dtype. The choice and its reason are logged by the caller.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is no such file, e.g. macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """x86 with avx512_bf16 or AMX; elsewhere torch's own capability string (e.g. an ARM CPU with bf16)."""
+    flags = cpu_flags()
+    if flags:
+        return any(f in flags for f in NATIVE_BF16_FLAGS) or "bf16" in flags  # "bf16": aarch64's flag name
+    return "AMX" in torch.backends.cpu.get_cpu_capability()
+
+
+def checkpoint_dtype(config: dict) -> str | None:
+    """The dtype a checkpoint was saved in: config.json's `dtype` (transformers 5) or `torch_dtype` (4.x)."""
+    value = config.get("dtype") or config.get("torch_dtype")
+    name = str(value).removeprefix("torch.") if value else None
+    return name if name in DTYPES else None
+
+
+def resolve_dtype(
+    requested: str, config: dict, device: torch.device, quantized: bool = False
+) -> tuple[torch.dtype, str]:
+    """(dtype, why) for `--dtype requested` on `device` with this checkpoint config. A quantized checkpoint (a GGUF
+    of Q4/Q8 blocks) has no float dtype of its own: it counts as bfloat16, the narrowest that keeps the range."""
+    if requested != "auto":
+        return DTYPES[requested], "asked for with --dtype"
+    saved = "bfloat16" if quantized else checkpoint_dtype(config) or "bfloat16"
+    if device.type == "cuda":
+        # float32 checkpoints run in bfloat16 on a GPU (vLLM does the same): full width buys nothing there.
+        chosen = "bfloat16" if saved == "float32" else saved
+        return DTYPES[chosen], f"auto: the checkpoint's {saved} on CUDA"
+    if not cpu_has_native_bf16():
+        return torch.float32, "auto: this CPU has no native bfloat16 (no avx512_bf16/AMX), so float32 runs fastest"
+    if saved == "float16":  # CPUs add float16 in software; native bf16 keeps the range and runs at full speed
+        return torch.bfloat16, "auto: float16 checkpoint on a CPU with native bfloat16 (float16 is emulated)"
+    return DTYPES[saved], f"auto: the checkpoint's {saved}; this CPU has native bfloat16"
