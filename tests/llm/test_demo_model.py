@@ -16,6 +16,7 @@ import torch
 
 from ladle.config import LLMConfig
 from ladle.llm.factory import build_core, load_tokenizer
+from ladle.llm.models import quant
 from ladle.llm.models.loader import open_checkpoint
 from ladle.llm.tokenizer import Tokenizer
 from tests.llm.test_gguf_models import all_position_logits, greedy, runner
@@ -32,6 +33,12 @@ pytestmark = pytest.mark.skipif(
     not DEMO_GGUF.exists(), reason="the demo GGUF is fetched by `python examples/build_demo.py` (make install)"
 )
 
+
+
+@pytest.fixture(autouse=True)
+def int4_anywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """int4's correctness is tested on every host; only its speed needs AVX-512 (where `auto` picks it)."""
+    monkeypatch.setattr(quant, "int4_capable_cpu", lambda: None)
 
 @pytest.fixture(scope="module")
 def tokenizer(demo_repository: Path) -> Tokenizer:

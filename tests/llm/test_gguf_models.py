@@ -23,6 +23,7 @@ from ladle.config import LLMConfig
 from ladle.llm import dtypes
 from ladle.llm.engine import EngineCore
 from ladle.llm.factory import build_core, choose_quantization, load_tokenizer
+from ladle.llm.models import quant
 from ladle.llm.models.loader import open_checkpoint
 from ladle.llm.outputs import ScheduledSeq, SchedulerOutput
 from ladle.llm.request import Request
@@ -36,6 +37,12 @@ PROMPTS = [[(7 * i + 3) % 500 + 3 for i in range(n)] for n in (5, 23, 40)]
 LONG_PROMPT = [(11 * i + 5) % 509 for i in range(70)]
 GGUF_VARIANTS = ("llama", "llama3_rope", "mistral", "qwen2", "qwen3")
 
+
+
+@pytest.fixture(autouse=True)
+def int4_anywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """int4's correctness is tested on every host; only its speed needs AVX-512 (where `auto` picks it)."""
+    monkeypatch.setattr(quant, "int4_capable_cpu", lambda: None)
 
 def hf_dir(root: Path, variant: str) -> Path:
     arch, overrides = VARIANTS[variant]

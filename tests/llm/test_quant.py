@@ -333,7 +333,17 @@ def test_refusals(no_probe: None, monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_scheme("int4", torch.bfloat16, "cpu")
 
 
-def test_defaults_without_probing(no_probe: None) -> None:
+def test_int4_needs_a_cpu_that_runs_it_fast(no_probe: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.raises(QuantizationError, match=r"int4 would be slower than int8 here: .*AVX2"):
+        resolve_scheme("int4", torch.bfloat16, "cpu")
+    assert resolve_scheme("int8", torch.bfloat16, "cpu") == QuantScheme("int8-dynamic")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert resolve_scheme("int4", torch.bfloat16, "cpu").method == "int4"
+
+
+def test_defaults_without_probing(no_probe: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert resolve_scheme("int8", torch.bfloat16, "cpu") == QuantScheme("int8-dynamic")
     assert resolve_scheme("int4", torch.float32, "cpu", 64) == QuantScheme("int4", 64, "int8-dynamic")
     assert resolve_scheme("int8-weight-only", torch.bfloat16, "cpu").method == "int8-weight-only"

@@ -63,9 +63,14 @@ Method = Literal["int8-dynamic", "int8-weight-only", "int4"]
 Int8Method = Literal["int8-dynamic", "int8-weight-only"]
 INT8_METHODS: tuple[Int8Method, ...] = ("int8-dynamic", "int8-weight-only")
 INT4_GROUP_SIZES = (32, 64, 128)
-# LADLE_QUANT_PROBE=0 skips the timing probe: "int8" is then int8-dynamic wherever fbgemm runs (it won on every
-# host measured, AVX2 and AVX-512 alike) and "int4" is accepted wherever its kernel runs.
+# Kernels are chosen by rules measured on real hosts (benchmarks/micro/quant_linear.py, RESULTS.md), not by timing
+# at start-up: "int8" is int8-dynamic wherever fbgemm runs (fastest int8 at every batch size on the AVX2 and AVX-512
+# hosts measured) and "int4" needs AVX-512 (on an AVX2-only EPYC its kernel ran at 0.1-0.3x of float32 while int8
+# ran 2.2-5.8x). A start-up probe was tried first: on a box busy loading other models it timed int4 10x slower than
+# int8 (stragglers in its thread pool), so the demo's format flipped between restarts. LADLE_QUANT_PROBE=1 still
+# lets a timing probe overrule the rules on an unfamiliar host (only where a kernel is clearly slower, 1.5x).
 PROBE_ENV = "LADLE_QUANT_PROBE"
+INT4_CPU_CAPABILITIES = ("AVX512", "AMX", "NEON", "SVE")  # torch.backends.cpu.get_cpu_capability() prefixes
 
 _COMPUTE = torch.bfloat16  # the weight-only kernels' activation dtype (see the module docstring)
 # _weight_int8pack_mm's cost is linear in M: from ~16 rows on, widening the weight to bfloat16 (in slabs of
@@ -596,7 +601,18 @@ def _plain(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _probing() -> bool:
-    return os.environ.get(PROBE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get(PROBE_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def int4_capable_cpu() -> str | None:
+    """None where the int4 kernel is fast (AVX-512/AMX x86, ARM), else why int4 is refused."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.upper().startswith(INT4_CPU_CAPABILITIES):
+        return None
+    return (
+        f"this CPU's best vector ISA is {capability}: the int4 kernel needs AVX-512 to beat int8 (measured on an "
+        "AVX2-only EPYC: int4 at 0.1-0.3x of float32, int8 at 2.2-5.8x)"
+    )
 
 
 def _pick_int8(dtype: torch.dtype, group_size: int) -> tuple[Int8Method, str]:
@@ -605,7 +621,7 @@ def _pick_int8(dtype: torch.dtype, group_size: int) -> tuple[Int8Method, str]:
     if not usable:
         raise QuantizationError(f"no int8 kernel runs on this host: {kernel_available('int8-dynamic', dtype)}")
     if not _probing():
-        return usable[0], f"{PROBE_ENV}=0: the default"
+        return usable[0], "the fastest int8 kernel on every host measured"
     times = probe_times(dtype, group_size)
     # Dynamic unless weight-only is clearly faster at batch 1: dynamic also wins every batch size above 1 on both
     # hosts measured (RESULTS.md), and a margin keeps a noisy probe from flipping the choice between restarts.
@@ -616,8 +632,8 @@ def _pick_int8(dtype: torch.dtype, group_size: int) -> tuple[Int8Method, str]:
 
 
 def resolve_scheme(name: str, dtype: torch.dtype, device: torch.device | str, group_size: int = 32) -> QuantScheme:
-    """--quantization for this host: "int8" picks the faster int8 kernel by a timing probe; "int4" is refused
-    where its kernel is missing or the probe finds it slower than int8; anything on CUDA is refused."""
+    """--quantization for this host: "int8" is the faster int8 kernel; "int4" is refused where its kernel is missing
+    or would be slower than int8 (see PROBE_ENV); anything on CUDA is refused."""
     device = torch.device(device)
     if name not in QUANTIZATION_CHOICES:
         raise QuantizationError(f"unknown quantization {name!r}; choose from {', '.join(QUANTIZATION_CHOICES)}")
@@ -641,6 +657,8 @@ def resolve_scheme(name: str, dtype: torch.dtype, device: torch.device | str, gr
     reason = kernel_available("int4", dtype)
     if reason is not None:
         raise QuantizationError(f"int4 cannot run on this host: {reason}; use --quantization int8")
+    if not _probing() and (slow := int4_capable_cpu()) is not None:
+        raise QuantizationError(f"int4 would be slower than int8 here: {slow}; use --quantization int8")
     if _probing():
         times = probe_times(dtype, group_size)
         if times["int4"] > CLEARLY_SLOWER * times[int8]:
