@@ -132,3 +132,12 @@ def test_apply_bitmask_masks_only_constrained_rows(constrained: list[int]) -> No
         allowed = [t < 64 and (words[t // 32] >> (t % 32)) & 1 == 1 for t in range(70)]
         assert torch.isinf(masked[row]).tolist() == [not a for a in allowed]
         assert torch.equal(masked[row][torch.tensor(allowed)], logits[row][torch.tensor(allowed)])
+
+
+def test_a_schema_cannot_lift_the_whitespace_bound() -> None:
+    """ladle's JSON options override a client's `x-guidance` (whitespace_flexible would allow unbounded gaps)."""
+    from ladle.llm.structured import JSON_WHITESPACE, grammar_for
+
+    schema = {"type": "object", "x-guidance": {"whitespace_flexible": True, "whitespace_pattern": "[ ]*"}}
+    grammar = json.loads(grammar_for(StructuredSpec("json", json.dumps(schema))))
+    assert grammar["grammars"][0]["json_schema"]["x-guidance"]["whitespace_pattern"] == JSON_WHITESPACE
