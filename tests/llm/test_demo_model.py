@@ -3,8 +3,8 @@ a factual question correctly, full width and as served, and each quantized forma
 (the GGUF's blocks dequantized, run in float32) on the top-1 token of real text at a stated rate.
 
 Measured here on four chat answers of 64 tokens (256 positions; the test uses three of 48): bfloat16 0.988,
-int4 (the Q4_1 blocks repacked as they are, int8-dynamic head) 0.973, int8-weight-only 0.973, int8-dynamic 0.875 (it also quantizes
-activations, per token).
+int4 (the Q4_1 blocks repacked as they are, int8-dynamic head) 0.973, int8-weight-only 0.973, int8-dynamic 0.875
+(it also quantizes activations, per token).
 """
 
 from __future__ import annotations
