@@ -18,7 +18,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from ladle.llm.models.gguf import GGUFCheckpoint, GGUFError, find_gguf, is_gguf
 from ladle.llm.models.qtensor import GGMLBlocks
 from ladle.llm.models.registry import resolve_architecture
-from tests.fixtures.tiny_gguf import save_tiny_gguf
+from tests.fixtures.tiny_gguf import finish_gguf, save_tiny_gguf
 from tests.fixtures.tiny_llm import LLAMA3_ROPE, VARIANTS, save_tiny_model, tiny_config
 from tests.fixtures.tiny_tokenizer import CORPUS, save_tiny_tokenizer
 
@@ -241,13 +241,7 @@ def write_gguf(path: Path, arch: str = "llama", tensors: tuple = (), **kv: int) 
     for key, value in kv.items():
         writer.add_uint16(key, value)
     writer.add_tensor("token_embd.weight", np.ones((16, 32), np.float32))
-    for name, array, raw_dtype in tensors:
-        writer.add_tensor(name, array, raw_dtype=raw_dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return finish_gguf(writer, tensors, path)
 
 
 @pytest.mark.parametrize("qtype", ["Q5_0", "Q2_K", "IQ4_NL"])
