@@ -133,6 +133,8 @@ def choose_quantization(
 
 
 def gguf_mostly_4bit(checkpoint: Checkpoint) -> bool:
-    """Whether most of a GGUF's quantized tensors are 4-bit (Q4_0/Q4_1/Q4_K; a Q4_K_M file mixes in Q6_K)."""
-    kinds = [t for t in getattr(checkpoint, "tensor_types", {}).values() if t.startswith(("Q", "IQ"))]
+    """Whether most of a GGUF's quantized tensors are 4-bit (Q4_0/Q4_1/Q4_K; a Q4_K_M file mixes in Q6_K).
+    Only GGUF checkpoints hold quantized tensors."""
+    assert isinstance(checkpoint, GGUFCheckpoint), "only a GGUF checkpoint is quantized"
+    kinds = [t for t in checkpoint.tensor_types.values() if t.startswith(("Q", "IQ"))]
     return sum(t.startswith("Q4") for t in kinds) * 2 > len(kinds)

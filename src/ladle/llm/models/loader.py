@@ -116,6 +116,10 @@ class Checkpoint(Protocol):
     @property
     def tensor_count(self) -> int: ...
 
+    def where(self, name: str) -> str:
+        """Which file (and, for GGUF, which tensor name there) `name` came from, for error messages."""
+        ...
+
     def tensors(self) -> Iterator[tuple[str, torch.Tensor | GGMLBlocks]]: ...
 
 
@@ -194,11 +198,6 @@ def _tensor_names(file: Path) -> list[str]:
         raise ModelLoadError(f"cannot read {file}: {e} (the file is corrupt or not safetensors; re-download it)") from e
 
 
-def _where(checkpoint: Checkpoint, name: str) -> str:
-    where = getattr(checkpoint, "where", None)
-    return where(name) if where is not None else checkpoint.path.name
-
-
 def _load_tensor(
     model: CausalLM, layout: dict[str, WeightTarget], checkpoint: Checkpoint, name: str,
     value: torch.Tensor | GGMLBlocks, loaded: set[str],
@@ -209,14 +208,14 @@ def _load_tensor(
         if key.endswith(model.ignored_checkpoint_suffixes()):
             return 0
         raise ModelLoadError(
-            f"unexpected tensor {name!r} in {_where(checkpoint, name)}: {type(model).__name__} has no such weight "
+            f"unexpected tensor {name!r} in {checkpoint.where(name)}: {type(model).__name__} has no such weight "
             "(is the config's architecture right for these weights?)"
         )
     if key in loaded:
-        raise ModelLoadError(f"tensor {name!r} appears twice (again in {_where(checkpoint, name)})")
+        raise ModelLoadError(f"tensor {name!r} appears twice (again in {checkpoint.where(name)})")
     if tuple(value.shape) != target.expected_shape:
         raise ModelLoadError(
-            f"tensor {name!r} in {_where(checkpoint, name)} has shape {tuple(value.shape)}, expected "
+            f"tensor {name!r} in {checkpoint.where(name)} has shape {tuple(value.shape)}, expected "
             f"{target.expected_shape} from the config (does the config belong to these weights?)"
         )
     if hasattr(target.param, "write"):  # a quantized layer's staging sink takes floats or blocks as they come
