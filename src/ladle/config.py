@@ -91,6 +91,20 @@ class LLMConfig:
     enable_prefix_caching: bool = option(True, "reuse the KV cache of shared prompt prefixes across requests")
     enable_chunked_prefill: bool = option(True, "split long prompts over several steps so decodes keep flowing")
     num_threads: int | None = option(None, "torch CPU threads for the engine (default: torch's choice)")
+    # -- speculative decoding (issue 10); None = not set here: a repository LLM then takes the server's flag --
+    speculative_method: str | None = option(
+        None, "speculative decoding: ngram (prompt lookup: propose what followed the context's last n-gram earlier "
+        "in the context), draft_model (a smaller checkpoint, --speculative-model), none (default: none, or "
+        "draft_model when --speculative-model is given)", choices=("none", "ngram", "draft_model")
+    )
+    speculative_model: str | None = option(
+        None, "draft checkpoint (directory or .gguf) sharing the model's tokenizer, for speculative decoding"
+    )
+    num_speculative_tokens: int | None = option(
+        None, "most draft tokens verified per request and step (default 4); fewer where acceptance is poor"
+    )
+    ngram_min: int | None = option(None, "shortest context suffix n-gram the ngram method matches (default 2)")
+    ngram_max: int | None = option(None, "longest context suffix n-gram the ngram method matches (default 4)")
     # -- limits on what one client may ask of the engine (issue 7: hardening) --
     trust_request_chat_template: bool = option(
         False, "accept a chat template sent by the client (chat_template / chat_template_kwargs.chat_template); "
@@ -163,3 +177,7 @@ class ServerConfig:
     repository: RepositoryConfig = field(default_factory=RepositoryConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+
+
+# LLMConfig fields a repository LLM takes from the server's flags when its own config leaves them unset (None)
+SPECULATIVE_FIELDS = ("speculative_method", "speculative_model", "num_speculative_tokens", "ngram_min", "ngram_max")

@@ -134,6 +134,16 @@ class LLMMetricFamilies:
                                 registry=r)
         self.step_failures = Counter("ladle_llm_engine_step_failures", "Engine steps that raised; their requests "
                                      "failed and the engine started over with an empty KV cache", m, registry=r)
+        self.spec_draft = Counter("ladle_llm_spec_decode_draft_tokens", "Draft tokens verified (speculative "
+                                  "decoding)", m, registry=r)
+        self.spec_accepted = Counter("ladle_llm_spec_decode_accepted_tokens", "Draft tokens accepted (speculative "
+                                     "decoding)", m, registry=r)
+        pos = (*m, "position")
+        self.spec_draft_pos = Counter("ladle_llm_spec_decode_draft_tokens_per_pos", "Draft tokens verified at each "
+                                      "draft position (0 = the first after the last known token)", pos, registry=r)
+        self.spec_accepted_pos = Counter("ladle_llm_spec_decode_accepted_tokens_per_pos", "Draft tokens accepted at "
+                                         "each draft position: / draft tokens per position = acceptance rate", pos,
+                                         registry=r)
         self.batch_tokens = Histogram("ladle_llm_step_tokens", "Tokens per engine step", m,
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
                                       registry=r)
@@ -154,3 +164,16 @@ class LLMMetrics:
 
     def finished(self, reason: str) -> None:
         self.families.finished.labels(self.model, reason).inc()
+
+    def speculation(self, drafted: list[int], accepted: list[int]) -> None:
+        """Add per-position draft and accepted token counts (increments since the last call)."""
+        f = self.families
+        for position, (d, a) in enumerate(zip(drafted, accepted, strict=True)):
+            if d:
+                f.spec_draft_pos.labels(self.model, str(position)).inc(d)
+            if a:
+                f.spec_accepted_pos.labels(self.model, str(position)).inc(a)
+        if total := sum(drafted):
+            f.spec_draft.labels(self.model).inc(total)
+        if total := sum(accepted):
+            f.spec_accepted.labels(self.model).inc(total)

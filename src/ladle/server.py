@@ -29,7 +29,7 @@ log = logging.getLogger("ladle")
 def serve(config: ServerConfig) -> int:
     setup_logging(config.http.log_level, config.http.log_format)
     configure_process(config.llm.model)  # process-wide settings (ladle/process.py), before any model loads
-    host = ModelHost(config.repository.repository, Metrics())
+    host = ModelHost(config.repository.repository, Metrics(), config.llm)
     if config.llm.model:
         try:
             host.pin_llm(config.llm)  # built now, before the port is bound

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 def create_app(config: ServerConfig, host: ModelHost | None = None) -> Starlette:
     """`host` may hold models built before start-up (server.py pins the --model LLM); its repository loads here."""
-    host = host or ModelHost(config.repository.repository, Metrics())
+    host = host or ModelHost(config.repository.repository, Metrics(), config.llm)
     metrics = host.metrics
     offload = ProcessOffload()  # parses large KServe bodies in a helper process (api/offload.py)
     kserve = KServeAPI(host, config.http.max_request_bytes, offload)

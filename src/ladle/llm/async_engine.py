@@ -88,6 +88,7 @@ class AsyncEngine:
         self._started = threading.Event()
         self._dead: str | None = None
         self._counts = (0, 0, 0)  # preemptions, prefix hits, prefix queries already exported
+        self._spec_counts: tuple[list[int], list[int]] | None = None  # draft / accepted per position, exported
         self._closing = False
         self._admission = WaitingBudget(name, self.config.max_waiting_requests, self.config.max_waiting_tokens)
         self.core = self._build_on_thread(name, build_core)
@@ -370,6 +371,13 @@ class AsyncEngine:
             if now > before:
                 counter.inc(now - before)
         self._counts = counts
+        stats = getattr(self.core, "stats", None)  # a speculative core's draft / accepted counts
+        if stats is not None:
+            drafted, accepted = list(stats.drafted), list(stats.accepted)
+            before_d, before_a = self._spec_counts or ([0] * len(drafted), [0] * len(accepted))
+            m.speculation([n - b for n, b in zip(drafted, before_d, strict=True)],
+                          [n - b for n, b in zip(accepted, before_a, strict=True)])
+            self._spec_counts = (drafted, accepted)
 
     def _fail_all(self, message: str) -> None:
         self._post([StreamDelta(rid, "", [], [], error=message) for rid in list(self._streams)])

@@ -1,8 +1,8 @@
 """EngineCore: one engine step is schedule -> execute -> sample -> update, and nothing else.
 
 Invariant: the core is single-threaded (only the engine thread calls it) and owns every
-per-request object; seeded requests keep one torch.Generator for their whole life, so their
-tokens do not depend on what else shares the batch. Deadlines are checked between steps, never inside one.
+per-request object; a seeded request's draw for its t-th token depends only on (seed, t) (sampler.token_seed), so
+its tokens do not depend on what else shares the batch. Deadlines are checked between steps, never inside one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from ladle.llm.outputs import RequestOutput, SamplerOutput, SchedulerOutput
 from ladle.llm.request import Request, RequestStatus
 from ladle.llm.runner import ModelRunner
-from ladle.llm.sampler import PromptScoring, SamplingMetadata, SamplingRow, make_generator, sample
+from ladle.llm.sampler import PromptScoring, SamplingMetadata, SamplingRow, sample, token_seed
 from ladle.llm.scheduler import Scheduler
 from ladle.llm.structured import StructuredOutputs
 
@@ -29,7 +29,8 @@ class EngineCore:
         self.scheduler = scheduler
         self.structured = structured
         self.requests: dict[str, Request] = {}
-        self.generators: dict[str, torch.Generator] = {}
+        self.seeds: dict[str, int] = {}
+        self._row_generators: list[torch.Generator] = []  # one per logits row, re-seeded for the row's token
         self.first_scheduled: dict[str, float] = {}  # request id -> when its first step began (queue time)
         self.started: list[str] = []  # requests first scheduled since the caller last took this list
         self.last_step_tokens = 0
@@ -47,7 +48,7 @@ class EngineCore:
                 raise ValueError("this engine was built without structured output support")
             self.structured.add(request.request_id, matcher)
         if request.sampling_params.seed is not None:
-            self.generators[request.request_id] = make_generator(request.sampling_params.seed, self.runner.device)
+            self.seeds[request.request_id] = request.sampling_params.seed
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._ties), request))
             if len(self._deadlines) > 2 * len(self.requests) + 64:
@@ -122,14 +123,34 @@ class EngineCore:
 
     def _sampling_metadata(self, sched: SchedulerOutput, allowed: tuple[torch.Tensor, torch.Tensor] | None = None
                            ) -> SamplingMetadata:
-        rows = []
-        for request_id in sched.sampled_ids:
-            request = self.requests[request_id]
-            rows.append(SamplingRow(
-                request.sampling_params, request.prompt_token_ids, request.output_token_ids,
-                self.generators.get(request_id), request.eos_token_id,
-            ))
-        return SamplingMetadata.build(rows, self.runner.device, self._prompt_scoring(sched), allowed)
+        return SamplingMetadata.build(self._sampling_rows(sched), self.runner.device, self._prompt_scoring(sched),
+                                      allowed)
+
+    def _sampling_rows(self, sched: SchedulerOutput) -> list[SamplingRow]:
+        """One row per logits row: a seq with draft tokens gets one per verified position, each seeing the drafts
+        before it as output."""
+        rows: list[SamplingRow] = []
+        for seq in sched.seqs:
+            if not seq.sample:
+                continue
+            request = self.requests[seq.request_id]
+            seed = self.seeds.get(seq.request_id)
+            drafts = seq.spec_token_ids
+            for j in range(seq.num_rows):
+                generator = None if seed is None else self.row_generator(len(rows), token_seed(
+                    seed, request.num_output_tokens + j))
+                rows.append(SamplingRow(request.sampling_params, request.prompt_token_ids, request.output_token_ids,
+                                        generator, request.eos_token_id, drafts[:j]))
+        return rows
+
+    def row_generator(self, row: int, seed: int) -> torch.Generator:
+        """The generator of logits row `row` this step, seeded with `seed` (generators are reused across steps)."""
+        pool = self._row_generators
+        while len(pool) <= row:
+            pool.append(torch.Generator(device=self.runner.device))
+        generator = pool[row]
+        generator.manual_seed(seed)
+        return generator
 
     def _prompt_scoring(self, sched: SchedulerOutput) -> PromptScoring | None:
         """Which prompt token each scored position predicts (the one after it)."""
@@ -162,6 +183,6 @@ class EngineCore:
 
     def _drop(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
-        self.generators.pop(request_id, None)
+        self.seeds.pop(request_id, None)
         if self.structured is not None:
             self.structured.remove(request_id)

@@ -27,6 +27,7 @@ try:  # the llm extra's packages: a core install is told which extra to add, not
     from ladle.llm.models.loader import Checkpoint, open_checkpoint
     from ladle.llm.models.quant import QuantizationError, QuantScheme, describe, resolve_scheme
     from ladle.llm.runner import ModelRunner
+    from ladle.llm.spec_setup import build_spec_core, spec_config
     from ladle.llm.structured import StructuredOutputs
     from ladle.llm.tokenizer import Tokenizer
 except ModuleNotFoundError as exc:
@@ -63,6 +64,7 @@ def pick_device(name: str) -> str:
 def build_engine(config: LLMConfig, name: str, model_dir: Path, families: LLMMetricFamilies | None) -> AsyncEngine:
     """Load the checkpoint (a directory or a GGUF file) and build the engine (blocking: call off the event loop)."""
     started = time.monotonic()
+    spec_config(config)  # a bad speculation option fails before the checkpoint loads
     checkpoint = open_checkpoint(model_dir)
     tokenizer = load_tokenizer(checkpoint)
     metrics = LLMMetrics(families, name) if families is not None else None
@@ -108,6 +110,9 @@ def build_core(
         enable_chunked_prefill=config.enable_chunked_prefill,
     )
     structured = StructuredOutputs(tokenizer.hf, runner.vocab_size) if tokenizer is not None else None
+    spec = spec_config(config)
+    if spec is not None:
+        return build_spec_core(config, spec, runner, scheduler, structured, tokenizer)
     return EngineCore(runner, scheduler, structured)
 
 

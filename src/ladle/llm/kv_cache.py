@@ -135,6 +135,19 @@ class KVCacheManager:
             parent = pool.cache_block(table[i], (parent, tuple(ids[i * bs : (i + 1) * bs])))
             chain.append(parent)
 
+    def truncate(self, request_id: str, num_tokens: int) -> None:
+        """Release the request's blocks past those holding its first num_tokens tokens (speculative decoding: the
+        blocks only rejected draft tokens were written to). They were never registered: a block is cached only
+        once full of computed tokens, and computed tokens stay within num_tokens."""
+        table = self._tables.get(request_id)
+        keep = -(-num_tokens // self.block_size)
+        if table is None or len(table) <= keep:
+            return
+        assert len(self._chains.get(request_id, ())) <= keep, f"{request_id}: truncating registered blocks"
+        surplus = table[keep:]
+        del table[keep:]
+        self.pool.release(reversed(surplus))
+
     def free(self, request_id: str) -> None:
         """Drop the request's blocks. Released tail first, so that among its cached blocks the tail
         ones reach the free queue first and are evicted before its (more shareable) prefix."""

@@ -8,7 +8,7 @@ of a stop string; a stop string match finishes the request in the same step.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ladle.llm.detokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -89,8 +89,16 @@ class OutputProcessor:
         self._states.pop(request_id, None)
 
     def _delta(self, state: _State, output: RequestOutput, now: float, scheduled_at: float | None) -> StreamDelta:
-        if output.new_token_ids:
-            self._time_tokens(state, output, now, scheduled_at)
+        if state.stop is not None and len(output.new_token_ids) > 1:
+            delta = self._tokenwise(state, output)
+        else:
+            delta = self._text_delta(state, output)
+        if delta.token_ids:
+            self._time_tokens(state, len(delta.token_ids), now, scheduled_at)
+        delta.num_output_tokens = state.num_output_tokens
+        return delta
+
+    def _text_delta(self, state: _State, output: RequestOutput) -> StreamDelta:
         text = state.detokenizer.push(output.new_token_ids) if output.new_token_ids else ""
         finish, stop_reason = output.finish_reason, output.stop_reason
         if finish is not None:
@@ -104,12 +112,27 @@ class OutputProcessor:
                 text += state.stop.flush()
         return StreamDelta(
             output.request_id, text, list(output.new_token_ids), list(output.new_logprobs), finish, stop_reason,
-            output.num_prompt_tokens or state.num_prompt_tokens, state.num_output_tokens, output.num_cached_tokens,
+            output.num_prompt_tokens or state.num_prompt_tokens, 0, output.num_cached_tokens,
             prompt_logprobs=output.prompt_logprobs,
         )
 
-    def _time_tokens(self, state: _State, output: RequestOutput, now: float, scheduled_at: float | None) -> None:
-        count = len(output.new_token_ids)
+    def _tokenwise(self, state: _State, output: RequestOutput) -> StreamDelta:
+        """Several tokens in one step (speculative decoding) under stop strings: fed one at a time, and those after
+        the token that completes a stop string are dropped, as if the tokens had come one per step."""
+        ids, parts = output.new_token_ids, []
+        for i in range(len(ids)):
+            last = i == len(ids) - 1
+            parts.append(self._text_delta(state, replace(
+                output, new_token_ids=ids[i : i + 1], new_logprobs=output.new_logprobs[i : i + 1],
+                finish_reason=output.finish_reason if last else None, stop_reason=output.stop_reason if last else None,
+                prompt_logprobs=output.prompt_logprobs if i == 0 else None)))
+            if state.stopped_by_string:
+                break
+        end = parts[-1]
+        return replace(end, text="".join(p.text for p in parts), token_ids=[t for p in parts for t in p.token_ids],
+                       logprobs=[lp for p in parts for lp in p.logprobs], prompt_logprobs=parts[0].prompt_logprobs)
+
+    def _time_tokens(self, state: _State, count: int, now: float, scheduled_at: float | None) -> None:
         state.num_output_tokens += count
         m = self.metrics
         if m is not None:

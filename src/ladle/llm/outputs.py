@@ -17,7 +17,8 @@ class ScheduledSeq:
     for start_pos + len(token_ids) tokens). `sample` is true when the last fed token is the last
     known token of the request, so its logits pick the next token; false for a prefill chunk that
     does not yet reach the end of the prompt. `prompt_logits` indexes the fed tokens whose logits
-    score the next prompt token (prompt logprobs); empty for nearly every request.
+    score the next prompt token (prompt logprobs); empty for nearly every request. The last `num_spec` fed tokens
+    are draft tokens (speculative decoding) to verify: a sampled seq then gets 1 + num_spec logits rows.
     """
 
     request_id: str
@@ -26,6 +27,16 @@ class ScheduledSeq:
     block_ids: list[int]
     sample: bool
     prompt_logits: range = range(0)
+    num_spec: int = 0
+
+    @property
+    def num_rows(self) -> int:
+        """Logits rows this seq gets in the sampled part of the step's logits."""
+        return 1 + self.num_spec if self.sample else 0
+
+    @property
+    def spec_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.token_ids) - self.num_spec:] if self.num_spec else []
 
     @property
     def num_tokens(self) -> int:
@@ -40,8 +51,8 @@ class ScheduledSeq:
 @dataclass(frozen=True)
 class SchedulerOutput:
     """Everything one engine step runs, in the scheduler's order (the runner may regroup
-    internally, but returns logits rows in `sampled_ids` order, then the `prompt_logits` rows
-    of each seq in seq order)."""
+    internally, but returns logits rows in `sampled_ids` order, 1 + num_spec rows per sampled seq, then the
+    `prompt_logits` rows of each seq in seq order)."""
 
     seqs: list[ScheduledSeq]
     num_batched_tokens: int
@@ -55,6 +66,10 @@ class SchedulerOutput:
     def sampled_ids(self) -> list[str]:
         """Request ids whose logits the runner returns, in row order."""
         return [s.request_id for s in self.seqs if s.sample]
+
+    @property
+    def num_spec_tokens(self) -> int:
+        return sum(s.num_spec for s in self.seqs)
 
     @property
     def scored_prompts(self) -> list[ScheduledSeq]:
@@ -73,13 +88,18 @@ class TokenLogprobs:
 
 @dataclass(frozen=True)
 class SamplerOutput:
-    """One row per sampled request, in SchedulerOutput.sampled_ids order; prompt logprobs by request id,
-    one entry per scored prompt position (the logprob of the prompt token that follows it)."""
+    """One token per sampled logits row, in SchedulerOutput.sampled_ids order (1 + num_spec rows per seq); prompt
+    logprobs by request id, one entry per scored prompt position (the logprob of the prompt token that follows it).
+
+    Speculative decoding: `num_accepted[i]` is how many draft tokens of the i-th sampled seq were accepted, and its
+    rows' first num_accepted + 1 tokens are what it emits (the accepted drafts, then the target's own token).
+    """
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
-    completed: frozenset[str] = frozenset()  # requests whose structured output this token completed
+    completed: frozenset[str] = frozenset()  # requests whose structured output this step completed
+    num_accepted: list[int] | None = None  # per sampled seq; None: no seq carried draft tokens
 
 
 @dataclass

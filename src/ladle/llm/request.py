@@ -48,7 +48,7 @@ class Request:
     __slots__ = (
         "all_token_ids", "arrival_time", "eos_token_id", "num_cached_tokens", "num_computed_tokens",
         "num_preemptions", "output_token_ids", "prompt_logprobs", "prompt_token_ids", "request_id",
-        "sampling_params", "status", "stop_reason",
+        "sampling_params", "spec_token_ids", "status", "stop_reason",
     )
 
     def __init__(
@@ -73,6 +73,9 @@ class Request:
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+        # speculative decoding: draft tokens proposed for the next step (the scheduler feeds them after the last
+        # known token, and the target model verifies them); empty without speculation
+        self.spec_token_ids: list[int] = []
         # prompt_logprobs[i] scores prompt token i; it grows as prefill chunks run (token 0 has nothing before it)
         self.prompt_logprobs: list[TokenLogprobs | None] = [None] if sampling_params.prompt_logprobs is not None else []
 

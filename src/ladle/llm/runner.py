@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -123,6 +124,27 @@ class ModelRunner:
         hidden = self.model(step.input_ids, step.positions, step.meta)
         return self.model.compute_logits(hidden.index_select(0, step.logits_indices))
 
+    def time_step(self, num_seqs: int, tokens_per_seq: int, repeat: int = 2) -> float | None:
+        """Best-of-`repeat` seconds of a step feeding num_seqs sequences tokens_per_seq tokens each, after one block
+        of context. Only for start-up measurements: it writes K/V into blocks no request owns yet. None when the
+        cache or the step limits cannot hold that shape."""
+        per_seq = -(-(self.block_size + tokens_per_seq) // self.block_size)
+        if (num_seqs * per_seq > self.num_blocks or num_seqs > self.max_num_seqs
+                or num_seqs * tokens_per_seq > self.max_num_batched_tokens
+                or self.block_size + tokens_per_seq > self.max_model_len):
+            return None
+        seqs = [ScheduledSeq(f"probe-{i}", [1] * tokens_per_seq, self.block_size,
+                             list(range(i * per_seq, (i + 1) * per_seq)), True) for i in range(num_seqs)]
+        sched = SchedulerOutput(seqs, num_seqs * tokens_per_seq)
+        best = float("inf")
+        for _ in range(repeat):
+            started = time.perf_counter()
+            self.execute(sched)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            best = min(best, time.perf_counter() - started)
+        return best
+
     def prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
         seqs = sched.seqs
         lengths = np.fromiter((s.num_tokens for s in seqs), np.int64, len(seqs))
@@ -145,6 +167,9 @@ class ModelRunner:
         rank[order] = np.arange(len(order))  # original index -> position in the ordered batch
         sampled = np.fromiter((s.sample for s in seqs), bool, len(seqs))
         logits_rows = (ends - 1)[rank[sampled]]
+        if sched.num_spec_tokens:  # each verified draft token's position gets logits too, in position order
+            counts = np.fromiter((s.num_rows for s in seqs if s.sample), np.int64, len(logits_rows))
+            logits_rows = np.repeat(logits_rows - counts + 1, counts) + _ranges(counts)
         if scored := [(i, s.prompt_logits) for i, s in enumerate(seqs) if s.prompt_logits]:
             first_row = (ends - num_tokens)[rank]  # original index -> its first row in the flat batch
             logits_rows = np.concatenate([logits_rows, *(first_row[i] + np.arange(r.start, r.stop) for i, r in scored)])
@@ -177,6 +202,11 @@ class ModelRunner:
             )
         if problems:
             raise ValueError("invalid scheduled batch: " + "; ".join(problems))
+
+
+def _ranges(counts: np.ndarray) -> np.ndarray:
+    """concatenate(arange(c) for c in counts), without a Python loop."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 def read_eos_token_ids(model_dir: Path, config: dict) -> list[int]:

@@ -14,7 +14,7 @@ from itertools import chain
 import torch
 
 from ladle.llm.outputs import SamplerOutput, TokenLogprobs
-from ladle.llm.sampler_ops import Seeded, apply_min_p, sample_logits, sample_top_k_top_p
+from ladle.llm.sampler_ops import Seeded, apply_min_p, apply_top_k_top_p, sample_logits, sample_top_k_top_p
 from ladle.llm.sampling_params import SamplingParams
 from ladle.llm.structured import apply_bitmask
 
@@ -22,12 +22,23 @@ from ladle.llm.structured import apply_bitmask
 GREEDY_TEMPERATURE_EPS = 1e-5
 
 
+_MASK64 = (1 << 64) - 1
+
+
 def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A generator for one seeded request. The engine creates it once, when the request arrives, and keeps it for
-    the request's whole life: each sampling step advances it, so step t's draw depends only on (seed, t)."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    generator.manual_seed(seed & _MASK64)
     return generator
+
+
+def token_seed(seed: int, index: int) -> int:
+    """The seed of a seeded request's draw for output token `index` (splitmix64 of both): each token's draw depends
+    only on (seed, index), never on how many draws came before, so a seeded request samples the same tokens whether
+    or not speculative decoding verified several of them in one step, and whatever shares its batch."""
+    x = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 def is_greedy(params: SamplingParams) -> bool:
@@ -39,6 +50,8 @@ class SamplingRow:
     """One logits row's request state. `generator` is the request's own (see make_generator) or None.
 
     `eos_token_id` (with params.stop_token_ids) is masked while fewer than params.min_tokens tokens are out.
+    `draft_token_ids`: speculative decoding's draft tokens between the output and this row's position; they count
+    as output here (penalties, min_tokens), since the row's token is only kept if they are all accepted.
     """
 
     params: SamplingParams
@@ -46,6 +59,12 @@ class SamplingRow:
     output_token_ids: Sequence[int] = ()
     generator: torch.Generator | None = None
     eos_token_id: int | None = None
+    draft_token_ids: Sequence[int] = ()
+
+    @property
+    def history(self) -> Sequence[int]:
+        """The output tokens that precede this row's."""
+        return [*self.output_token_ids, *self.draft_token_ids] if self.draft_token_ids else self.output_token_ids
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,16 @@ class RandomGroup:
             min_p=_column([p.min_p for p in params], 0.0, torch.float32, device),
             seeded=tuple((j, rows[i].generator) for j, i in enumerate(members) if rows[i].generator is not None),
         )
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """What `sample` draws from, as probabilities [R, V]."""
+        if self.temperature is not None:
+            logits = logits / self.temperature
+        if self.min_p is not None:
+            logits = apply_min_p(logits, self.min_p)
+        if self.top_k is not None or self.top_p is not None:
+            logits = apply_top_k_top_p(logits, self.top_k, self.top_p)
+        return torch.softmax(logits, dim=-1)
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """temperature -> min_p -> top_k/top_p -> draw; row-wise throughout, and never modifies `logits`."""
@@ -194,10 +223,8 @@ def _build_penalties(rows: Sequence[SamplingRow], device: str | torch.device) ->
         return None
     params = [row.params for row in rows]
     # Only rows that use a penalty pay for turning their history into tensors.
-    seen = [(i, list(r.prompt_token_ids) + list(r.output_token_ids))
-            for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
-    counted = [(i, r.output_token_ids) for i, r in enumerate(rows)
-               if r.params.presence_penalty or r.params.frequency_penalty]
+    seen = [(i, [*r.prompt_token_ids, *r.history]) for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    counted = [(i, r.history) for i, r in enumerate(rows) if r.params.presence_penalty or r.params.frequency_penalty]
     seen_rows, seen_ids = _flatten(seen, device)
     output_rows, output_ids = _flatten(counted, device)
     return Penalties(
@@ -225,7 +252,7 @@ def _banned_tokens(rows: Sequence[SamplingRow], device: str | torch.device
     banned: list[tuple[int, Sequence[int]]] = []
     for i, row in enumerate(rows):
         p = row.params
-        if len(row.output_token_ids) >= p.min_tokens:
+        if len(row.output_token_ids) + len(row.draft_token_ids) >= p.min_tokens:
             continue
         eos = () if p.ignore_eos or row.eos_token_id is None else (row.eos_token_id,)
         if ids := tuple(p.stop_token_ids) + eos:
@@ -252,6 +279,25 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
     token_ids = tokens.tolist()
     logprobs = [None] * meta.num_rows if log_probs is None else _logprobs(log_probs, tokens, token_ids, meta)
     return SamplerOutput(token_ids, logprobs, prompt_logprobs)
+
+
+def probabilities(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """The distribution each row's token is drawn from [num_rows, V]: after the grammar mask, penalties, temperature,
+    min_p and top-k/top-p; one-hot at the argmax for a greedy row. Speculative decoding's rejection sampling
+    compares these for the target and the draft model."""
+    logits = logits.float()[: meta.num_rows]
+    if meta.allowed is not None:
+        logits = logits.clone()
+        apply_bitmask(logits, *meta.allowed)
+    if meta.adjusts_logits:
+        logits = apply_penalties(logits.clone(), meta)
+    probs = torch.zeros_like(logits)
+    if meta.greedy_rows.numel():
+        best = logits[meta.greedy_rows].argmax(dim=-1, keepdim=True)
+        probs[meta.greedy_rows] = torch.zeros_like(logits[meta.greedy_rows]).scatter_(-1, best, 1.0)
+    for group in meta.random_groups:
+        probs[group.rows] = group.probabilities(logits[group.rows])
+    return probs
 
 
 def score_prompts(logits: torch.Tensor, prompt: PromptScoring) -> dict[str, list[TokenLogprobs]]:

@@ -136,14 +136,23 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
-            n = self._num_new_tokens(req.num_tokens - req.num_computed_tokens, budget)
+            remaining = req.num_tokens - req.num_computed_tokens
+            num_spec = self._num_spec(req, budget) if req.spec_token_ids and remaining == 1 else 0
+            n = num_spec + self._num_new_tokens(remaining, budget - num_spec)
             if n:
                 if not self._allocate_or_preempt(req, n, preempted):
                     break
-                seqs.append(self._scheduled_seq(req, n))
+                seqs.append(self._scheduled_seq(req, n, num_spec))
                 budget -= n
             i += 1
         return budget
+
+    def _num_spec(self, req: Request, budget: int) -> int:
+        """Draft tokens to verify with a decode step: what was proposed, within the budget (the last known token
+        comes first), the context window, and the tokens max_tokens still allows (all accepted + 1 must fit)."""
+        params = req.sampling_params
+        limit = min(budget - 1, self.max_model_len - req.num_tokens, params.max_tokens - req.num_output_tokens - 1)
+        return max(0, min(len(req.spec_token_ids), limit))
 
     def _allocate_or_preempt(self, req: Request, n: int, preempted: list[str]) -> bool:
         """Allocate n slots for req, preempting the newest running requests until they fit; False when
@@ -159,6 +168,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         # Recompute on resumption: all_token_ids (prompt + outputs so far) is prefilled again.
         self.kv.free(req.request_id)
+        req.spec_token_ids = []
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -196,13 +206,16 @@ class Scheduler:
         # outputs can outgrow the whole budget, and must then be fed in chunks or it never resumes.
         return budget if remaining > self.max_num_batched_tokens else 0
 
-    def _scheduled_seq(self, req: Request, n: int) -> ScheduledSeq:
+    def _scheduled_seq(self, req: Request, n: int, num_spec: int = 0) -> ScheduledSeq:
         start = req.num_computed_tokens
-        end = start + n
-        assert req.num_tokens <= self.max_model_len, f"{req.request_id}: exceeds max_model_len"
+        end = start + n - num_spec  # known tokens fed; the draft tokens follow them
+        assert req.num_tokens + num_spec <= self.max_model_len, f"{req.request_id}: exceeds max_model_len"
+        token_ids = req.all_token_ids[start:end]
+        if num_spec:
+            token_ids += req.spec_token_ids[:num_spec]
         return ScheduledSeq(
-            req.request_id, req.all_token_ids[start:end], start, list(self.kv.block_table(req.request_id)),
-            end == req.num_tokens, _prompt_logits(req, start, end),
+            req.request_id, token_ids, start, list(self.kv.block_table(req.request_id)),
+            end == req.num_tokens, _prompt_logits(req, start, end), num_spec,
         )
 
     # ------------------------------------------------------------------- update
@@ -210,45 +223,63 @@ class Scheduler:
     def update(self, sched: SchedulerOutput, sampled: SamplerOutput) -> list[RequestOutput]:
         """Advance computed tokens, cache full blocks, append sampled tokens and apply stop conditions.
 
-        Rows of `sampled` align with sched.sampled_ids. Requests finished (or aborted) since `sched`
-        was made are skipped. Returns one RequestOutput per request that got a token or finished.
+        Rows of `sampled` align with sched.sampled_ids (1 + num_spec rows per seq). Requests finished (or aborted)
+        since `sched` was made are skipped. Returns one RequestOutput per request that got tokens or finished.
         """
         outputs: list[RequestOutput] = []
-        token_ids, logprobs = sampled.token_ids, sampled.logprobs
-        requests, kv = self._requests, self.kv
-        row = 0
+        requests = self._requests
+        accepted = sampled.num_accepted
+        row = nth = 0
         finished = False
         for seq in sched.seqs:
             r = row
-            row += seq.sample
+            row += seq.num_rows
+            num_accepted = accepted[nth] if accepted is not None and seq.sample else 0
+            nth += seq.sample
             req = requests.get(seq.request_id)
             if req is None or req.status != _RUNNING:
                 continue
             assert req.num_computed_tokens == seq.start_pos, f"{req.request_id}: update out of step"
-            req.num_computed_tokens += len(seq.token_ids)
-            kv.cache_blocks(req, req.num_computed_tokens)
+            # rejected draft tokens were fed but their K/V is not the request's: they are computed again
+            req.num_computed_tokens += len(seq.token_ids) - (seq.num_spec - num_accepted)
             if seq.prompt_logits:
                 req.prompt_logprobs.extend(sampled.prompt_logprobs[req.request_id])
             if not seq.sample:
+                self.kv.cache_blocks(req, req.num_computed_tokens)
                 continue
-            token = token_ids[r]
+            output = self._emit(req, sampled, r, num_accepted + 1)
+            if seq.num_spec > num_accepted and output.finish_reason is None:
+                self.kv.truncate(req.request_id, req.num_tokens)  # roll back the blocks only rejected drafts used
+            finished |= output.finish_reason is not None
+            outputs.append(output)
+        if finished:  # continuous batching: finished requests leave the batch before the next step
+            self.running = [req for req in self.running if req.status == _RUNNING]
+        return outputs
+
+    def _emit(self, req: Request, sampled: SamplerOutput, row: int, count: int) -> RequestOutput:
+        """Append the request's `count` emitted tokens (rows row, row + 1, ...) up to the first that stops it."""
+        tokens = sampled.token_ids[row : row + count]
+        status = stop_reason = None
+        for i, token in enumerate(tokens):
             req.append_output_token(token)
-            if req.request_id in sampled.completed:  # the structured output is whole: nothing may follow
+            if i == count - 1 and req.request_id in sampled.completed:  # structured output whole: nothing follows
                 status, stop_reason = _STOPPED, None
             else:
                 status, stop_reason = self._check_stop(req, token)
             if status is not None:
-                self._finish(req, status, stop_reason)
-                finished = True
-            outputs.append(RequestOutput(
-                req.request_id, [token], [logprobs[r] if logprobs else None],
-                status.finish_reason if status is not None else None, stop_reason,
-                req.num_prompt_tokens, req.num_cached_tokens,
-                req.prompt_logprobs if req.prompt_logprobs and req.num_output_tokens == 1 else None,
-            ))
-        if finished:  # continuous batching: finished requests leave the batch before the next step
-            self.running = [req for req in self.running if req.status == _RUNNING]
-        return outputs
+                tokens = tokens[: i + 1]
+                break
+        # accepted drafts are in all_token_ids now; a stop may leave computed tokens past the last one kept
+        self.kv.cache_blocks(req, min(req.num_computed_tokens, req.num_tokens))
+        if status is not None:
+            self._finish(req, status, stop_reason)
+        logprobs = sampled.logprobs[row : row + len(tokens)] if sampled.logprobs else [None] * len(tokens)
+        return RequestOutput(
+            req.request_id, tokens, logprobs,
+            status.finish_reason if status is not None else None, stop_reason,
+            req.num_prompt_tokens, req.num_cached_tokens,
+            req.prompt_logprobs if req.prompt_logprobs and req.num_output_tokens == len(tokens) else None,
+        )
 
     def _check_stop(self, req: Request, token: int) -> tuple[RequestStatus | None, int | None]:
         """Stop token, then EOS, then length. min_tokens means at least that many tokens precede a stop

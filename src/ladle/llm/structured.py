@@ -10,6 +10,7 @@ Invariant: a matcher has consumed exactly the request's output tokens (preemptio
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import types
@@ -99,6 +100,65 @@ class StructuredOutputs:
         for j, row in enumerate(rows):  # the matcher writes its allowed-token bits straight into row j
             llg_torch.fill_next_token_bitmask(self.matchers[request_ids[row]], mask, j)
         return torch.tensor(rows, dtype=torch.long), mask
+
+    def valid_prefix(self, request_id: str, token_ids: list[int]) -> int:
+        """How many leading draft tokens the request's grammar allows (all of them for an unconstrained request)."""
+        matcher = self.matchers.get(request_id)
+        return len(token_ids) if matcher is None or not token_ids else matcher.validate_tokens(token_ids)
+
+    def bitmask_spec(self, seqs: list[tuple[str, list[int]]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """bitmask() for a step verifying draft tokens: each (request id, drafts) has 1 + len(drafts) rows, row j
+        masked by the grammar's state after drafts[:j] (consumed, then rolled back)."""
+        rows: list[int] = []
+        entries: list[tuple[llguidance.LLMatcher, list[int], int]] = []
+        row = 0
+        for request_id, drafts in seqs:
+            matcher = self.matchers.get(request_id)
+            if matcher is not None:
+                entries.append((matcher, drafts, len(rows)))
+                rows.extend(range(row, row + 1 + len(drafts)))
+            row += 1 + len(drafts)
+        if not rows:
+            return None
+        llg_torch = _llguidance_torch()
+        mask = llg_torch.allocate_token_bitmask(len(rows), self.tokenizer.vocab_size)
+        for matcher, drafts, first in entries:
+            for j in range(len(drafts) + 1):
+                llg_torch.fill_next_token_bitmask(matcher, mask, first + j)
+                if j < len(drafts) and not matcher.consume_token(drafts[j]):
+                    break  # valid_prefix cut drafts the grammar forbids; a matcher left in error masks nothing more
+            matcher.rollback(j)
+        return torch.tensor(rows, dtype=torch.long), mask
+
+    def bitmask_after(self, seqs: list[tuple[str, list[int]]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """bitmask() with one row per (request id, drafts): the grammar's state after those drafts (a draft
+        model's next proposal is kept inside the grammar)."""
+        rows = [i for i, (request_id, _) in enumerate(seqs) if request_id in self.matchers]
+        if not rows:
+            return None
+        llg_torch = _llguidance_torch()
+        mask = llg_torch.allocate_token_bitmask(len(rows), self.tokenizer.vocab_size)
+        for j, row in enumerate(rows):
+            request_id, drafts = seqs[row]
+            matcher = self.matchers[request_id]
+            consumed = sum(1 for _ in itertools.takewhile(matcher.consume_token, drafts))
+            llg_torch.fill_next_token_bitmask(matcher, mask, j)
+            matcher.rollback(consumed)
+        return torch.tensor(rows, dtype=torch.long), mask
+
+    def accept_tokens(self, request_id: str, token_ids: list[int]) -> int | None:
+        """Feed a request its emitted tokens, one by one; the count that completed its structured output (the rest
+        are dropped), or None when it is not complete (or not constrained)."""
+        matcher = self.matchers.get(request_id)
+        if matcher is None:
+            return None
+        for i, token in enumerate(token_ids):
+            if not matcher.consume_token(token):
+                log.warning("request %s: structured output rejected token %d: %s", request_id, token,
+                            matcher.get_error())
+            if matcher.is_stopped() or matcher.is_error():
+                return i + 1
+        return None
 
     def accept(self, request_ids: list[str], token_ids: list[int]) -> frozenset[str]:
         """Feed each constrained row its sampled token; the ids whose output is now complete."""

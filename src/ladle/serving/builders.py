@@ -16,31 +16,45 @@ from typing import Any
 
 from ladle.batching.batcher import Batcher
 from ladle.batching.instances import Instance, create_instances
-from ladle.config import LLMConfig
+from ladle.config import SPECULATIVE_FIELDS, LLMConfig
 from ladle.metrics import Metrics
 from ladle.repository.model_config import ConfigError, ModelConfig
 from ladle.serving.versions import LLMEngine, ModelVersion, TokenCounter
 
 
-def llm_config_from_parameters(parameters: dict, model_dir: Path, where: str) -> LLMConfig:
-    """An LLMConfig from a `backend: llm` model's `parameters` (the CLI flags' names, underscored)."""
+def llm_config_from_parameters(parameters: dict, model_dir: Path, where: str,
+                               server: LLMConfig | None = None) -> LLMConfig:
+    """An LLMConfig from a `backend: llm` model's `parameters` (the CLI flags' names, underscored). Speculation
+    options it leaves unset come from the server's flags (`server`); a relative speculative_model is read from the
+    model's directory (`where`)."""
     known = {f.name for f in dataclasses.fields(LLMConfig)} - {"model"}
     unknown = set(parameters) - known
     if unknown:
         raise ConfigError(where, f"parameters.{sorted(unknown)[0]}", f"one of {sorted(known)}")
+    parameters = dict(parameters)
+    draft = parameters.get("speculative_model")
+    if draft and not Path(draft).expanduser().is_absolute():
+        parameters["speculative_model"] = str(Path(where) / draft)
+    for name in SPECULATIVE_FIELDS:
+        if parameters.get(name) is None and server is not None:
+            parameters[name] = getattr(server, name)
     return LLMConfig(model=str(model_dir), **parameters)
 
 
 def llm_parameters(llm: LLMConfig) -> dict[str, Any]:
     """The inverse for `--model`: its command-line options as the `parameters` of an in-memory `backend: llm` entry."""
-    return {f.name: getattr(llm, f.name) for f in dataclasses.fields(LLMConfig) if f.name != "model"}
+    parameters = {f.name: getattr(llm, f.name) for f in dataclasses.fields(LLMConfig) if f.name != "model"}
+    if llm.speculative_model:  # a flag's relative path is the working directory's, not the checkpoint's
+        parameters["speculative_model"] = str(Path(llm.speculative_model).expanduser().absolute())
+    return parameters
 
 
-def build_llm_engine(metrics: Metrics, name: str, version_dir: Path, config: ModelConfig) -> LLMEngine:
+def build_llm_engine(metrics: Metrics, name: str, version_dir: Path, config: ModelConfig,
+                     server: LLMConfig | None = None) -> LLMEngine:
     """Load a checkpoint into an engine, not started (blocking: call off the event loop, or before it runs)."""
     from ladle.llm.factory import build_engine  # torch: only when an LLM is served
 
-    llm_config = llm_config_from_parameters(dict(config.parameters), version_dir, str(version_dir.parent))
+    llm_config = llm_config_from_parameters(dict(config.parameters), version_dir, str(version_dir.parent), server)
     return build_engine(llm_config, name, version_dir, metrics.llm)
 
 
@@ -49,10 +63,11 @@ def llm_version(metrics: Metrics, name: str, version: int, config: ModelConfig, 
 
 
 async def build_version(metrics: Metrics, name: str, version: int, version_dir: Path,
-                        config: ModelConfig) -> ModelVersion:
-    """Load one version, ready to serve (an LLM engine is started on the running loop)."""
+                        config: ModelConfig, server_llm: LLMConfig | None = None) -> ModelVersion:
+    """Load one version, ready to serve (an LLM engine is started on the running loop); `server_llm`: the server's
+    LLM flags, whose speculation options apply where the model's config sets none."""
     if config.is_llm:
-        engine = await asyncio.to_thread(build_llm_engine, metrics, name, version_dir, config)
+        engine = await asyncio.to_thread(build_llm_engine, metrics, name, version_dir, config, server_llm)
         engine.start(asyncio.get_running_loop())
         return llm_version(metrics, name, version, config, engine)
     instances, counter = await asyncio.to_thread(_load_instances, name, version, version_dir, config)

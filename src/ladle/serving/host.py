@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 
 
 class ModelHost:
-    def __init__(self, root: Path | None, metrics: Metrics) -> None:
+    def __init__(self, root: Path | None, metrics: Metrics, llm: LLMConfig | None = None) -> None:
         self.root = root
         self.metrics = metrics
+        self.llm = llm  # the server's LLM flags: repository LLMs take its speculation options where they set none
         self.models: dict[str, ModelRecord] = {}
         self.wanted: set[str] = set()  # models that should be loaded (readiness)
         self.draining = False  # SIGTERM: not ready any more, whatever the models say
@@ -211,7 +212,7 @@ class ModelHost:
             version_dir = self.root / name / str(version)
             effective = load_version_config(config, version_dir)
             async with self._load_slot:
-                loaded = await build_version(self.metrics, name, version, version_dir, effective)
+                loaded = await build_version(self.metrics, name, version, version_dir, effective, self.llm)
         except Exception as exc:  # any load failure becomes a reason the index shows
             log.error("model %s version %d failed to load: %s", name, version, exc)
             self._set_status(record, version, "UNAVAILABLE", f"{type(exc).__name__}: {exc}")
