@@ -133,11 +133,16 @@ class Scheduler:
     def _schedule_running(self, seqs: list[ScheduledSeq], preempted: list[str]) -> int:
         budget = self.max_num_batched_tokens
         running = self.running
+        # draft tokens never take the budget of a later request's next token: one token is kept back for each
+        reserved = len(running) if any(req.spec_token_ids for req in running) else 0
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
+            reserved = max(reserved - 1, 0)
             remaining = req.num_tokens - req.num_computed_tokens
-            num_spec = self._num_spec(req, budget) if req.spec_token_ids and remaining == 1 else 0
+            num_spec = self._num_spec(req, budget - reserved) if req.spec_token_ids and remaining == 1 else 0
+            if num_spec and not self.kv.allocate_slots(req, 1 + num_spec):
+                num_spec = 0  # drafts are a bet: they never preempt anyone (the plain token may, below)
             n = num_spec + self._num_new_tokens(remaining, budget - num_spec)
             if n:
                 if not self._allocate_or_preempt(req, n, preempted):
@@ -213,6 +218,7 @@ class Scheduler:
         token_ids = req.all_token_ids[start:end]
         if num_spec:
             token_ids += req.spec_token_ids[:num_spec]
+        req.spec_token_ids = []  # drafts are for one step: the drafter proposes afresh
         return ScheduledSeq(
             req.request_id, token_ids, start, list(self.kv.block_table(req.request_id)),
             end == req.num_tokens, _prompt_logits(req, start, end), num_spec,

@@ -54,7 +54,12 @@ def measure_cost(runner: ModelRunner) -> tuple[StepCost, float]:
             break
         points.append((batch, seconds))
         batch *= 2
-    cost = StepCost(points or [(1, 1.0)])
+    if len(points) < 3:  # few sequences allowed (--max-num-seqs): the curve comes from one sequence's spans
+        for n in (2, 4, 8):
+            seconds = runner.time_step(1, n, repeat=3)
+            if seconds is not None and n > points[-1][0]:
+                points.append((n, seconds))
+    cost = StepCost(points)
     spans = runner.time_step(4, 2, repeat=3)
     span_cost = max(0.0, (spans - cost(8)) / 4) if spans is not None else 0.0
     return cost, span_cost

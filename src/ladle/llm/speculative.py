@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 METHODS = ("ngram", "draft_model")
 
@@ -123,35 +123,72 @@ class SpecPolicy:
 
     def choose(self, num_decoding: int, available: dict[str, int], extra_tokens: int = 0) -> dict[str, int]:
         """Draft tokens per request (only requests given one); `num_decoding` requests decode this step in all,
-        `available[rid]` is the most drafts rid could verify, `extra_tokens` other tokens the step feeds (prefill)."""
+        `available[rid]` is the most drafts rid could verify, `extra_tokens` other tokens the step feeds (prefill).
+
+        Candidates are taken best gain first. A request's first drafts carry its fixed costs (the span; with a draft
+        model, maybe a new draft forward), so they are judged as a run: the most paying run of 1..n drafts is taken
+        whole. A continuation that does not pay ends that request; others, cheaper per token, may still pay."""
         chosen = dict.fromkeys(available, 0)
-        tokens = num_decoding + extra_tokens
-        gain = float(num_decoding)
-        cost = self.target_cost(tokens)
-        depth_count: list[int] = []  # requests with at least j + 1 drafts: one draft forward per depth
-        heap = [(-self.rate(rid), rid, 1) for rid, n in available.items() if n > 0]
+        step = _Step(tokens=num_decoding + extra_tokens, gain=float(num_decoding))
+        step.cost = self.target_cost(step.tokens)
+        heap = [(-self.rate(rid), rid) for rid, n in available.items() if n > 0]
         heapq.heapify(heap)
         while heap:
-            neg_gain, rid, j = heapq.heappop(heap)
-            step_gain = -neg_gain
-            added = self.target_cost(tokens + 1) - self.target_cost(tokens) + self._draft_cost(depth_count, j)
-            new_cost = cost + added + (self.span_cost if j == 1 else 0.0)
-            if (gain + step_gain) * cost <= gain * new_cost:
-                break  # the best remaining draft token no longer pays; the others gain less
-            gain, cost, tokens = gain + step_gain, new_cost, tokens + 1
-            chosen[rid] = j
-            if len(depth_count) < j:
-                depth_count.append(0)
-            depth_count[j - 1] += 1
-            if j < min(available[rid], self.max_tokens):
-                heapq.heappush(heap, (neg_gain * self.rate(rid), rid, j + 1))
+            _, rid = heapq.heappop(heap)
+            limit = min(available[rid], self.max_tokens)
+            j = chosen[rid]
+            run = self._best_run(step, rid, j, limit)
+            if run == 0:
+                continue
+            for depth in range(j + 1, j + run + 1):
+                step.take(self.rate(rid) ** depth, self._added_cost(step, depth, first=depth == 1), depth)
+            chosen[rid] = j + run
+            if j + run < limit:
+                heapq.heappush(heap, (-(self.rate(rid) ** (j + run + 1)), rid))
         return chosen
+
+    def _best_run(self, step: _Step, rid: str, j: int, limit: int) -> int:
+        """How many drafts after the request's first j to add now: 1 for a continuation that pays, the most paying
+        run for a request's first drafts, 0 when none pays."""
+        rate = self.rate(rid)
+        best, best_ratio = 0, step.gain / step.cost
+        trial = step.copy()
+        for depth in range(j + 1, (limit if j == 0 else j + 1) + 1):
+            trial.take(rate**depth, self._added_cost(trial, depth, first=depth == 1), depth)
+            if trial.gain / trial.cost > best_ratio * (1 + 1e-12):
+                best, best_ratio = depth - j, trial.gain / trial.cost
+        return best
+
+    def _added_cost(self, step: _Step, depth: int, first: bool) -> float:
+        added = self.target_cost(step.tokens + 1) - self.target_cost(step.tokens) + self._draft_cost(step.depths, depth)
+        return added + (self.span_cost if first else 0.0)
 
     def _draft_cost(self, depth_count: list[int], depth: int) -> float:
         if self.draft_cost is None:
             return 0.0
         n = depth_count[depth - 1] if depth <= len(depth_count) else 0
         return self.draft_cost(n + 1) - (self.draft_cost(n) if n else 0.0)
+
+
+@dataclass
+class _Step:
+    """A step's tokens, expected tokens out and cost as drafts are added; depths[j]: requests with > j drafts."""
+
+    tokens: int
+    gain: float
+    cost: float = 0.0
+    depths: list[int] = field(default_factory=list)
+
+    def take(self, gain: float, cost: float, depth: int) -> None:
+        self.tokens += 1
+        self.gain += gain
+        self.cost += cost
+        if len(self.depths) < depth:
+            self.depths.append(0)
+        self.depths[depth - 1] += 1
+
+    def copy(self) -> _Step:
+        return _Step(self.tokens, self.gain, self.cost, list(self.depths))
 
 
 class SpecStats:
