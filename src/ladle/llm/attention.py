@@ -33,6 +33,7 @@ class PrefillSpan:
     start_pos: int
     block_ids: torch.Tensor | None
     bias: torch.Tensor | None
+    run: tuple[int, int] | None = None  # consecutive blocks (first, count): read as a view of the cache, no gather
 
 
 @dataclass(frozen=True)
@@ -82,13 +83,14 @@ def build_attention_metadata(
     spans, row = [], int(num_tokens[:num_decodes].sum())
     for seq in range(num_decodes, len(num_tokens)):
         n, start_pos = int(num_tokens[seq]), int(positions[row])
-        ids = bias = None
+        ids = bias = run = None
         if start_pos > 0:
             num_blocks = -(-(start_pos + n) // block_size)
             ids = _to((heads + block_table[seq, :num_blocks][None, :]).reshape(-1), device)
             allowed = np.arange(num_blocks * block_size)[None, :] <= (start_pos + np.arange(n))[:, None]
             bias = _bias(allowed, dtype, device)
-        spans.append(PrefillSpan(row, row + n, start_pos, ids, bias))
+            run = _consecutive(block_table[seq, :num_blocks])
+        spans.append(PrefillSpan(row, row + n, start_pos, ids, bias, run))
         row += n
     return AttentionMetadata(_to(slots, device), num_decodes, dec_ids, dec_bias, tuple(spans), decode_run)
 
@@ -195,7 +197,17 @@ def _prefill(
         v_seq = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
         out = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        k_seq = _gather(k_cache, span.block_ids).unsqueeze(0)
-        v_seq = _gather(v_cache, span.block_ids).unsqueeze(0)
+        k_seq, v_seq = _context(k_cache, span), _context(v_cache, span)
         out = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, attn_mask=span.bias, scale=scale, enable_gqa=gqa)
     return out[0].transpose(0, 1).reshape(span.end - span.start, -1)
+
+
+def _context(cache: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
+    """The span's cached context as [1, kv_heads, tokens, head_dim]: a view when its blocks are consecutive (the pool
+    hands them out in order; a short span, e.g. verifying draft tokens, then reads no copy), else a gather."""
+    if span.run is not None:
+        first, count = span.run
+        kv_heads, _, _, head_dim = cache.shape
+        return cache[:, first : first + count].reshape(kv_heads, -1, head_dim).unsqueeze(0)
+    assert span.block_ids is not None
+    return _gather(cache, span.block_ids).unsqueeze(0)
