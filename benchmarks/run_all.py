@@ -1,4 +1,4 @@
-"""`make bench`: the standard benchmark set, end to end (about 25-30 minutes on the 2-core dev box).
+"""`make bench`: the standard benchmark set, end to end (about 35-40 minutes on the 2-core dev box).
 
 Runs the hardware probe, the classic (KServe v2) benchmark and the LLM (OpenAI API) benchmark one after the
 other, never overlapping (each would skew the others), and says where each wrote its tables.
@@ -18,6 +18,7 @@ STEPS = [
     ("classic: iris + minilm, ladle vs a bare Starlette floor", [str(HERE / "classic" / "run.py")]),
     ("LLM: SmolLM-135M-shaped Llama, ladle vs transformers", [str(HERE / "llm" / "run.py")]),
     ("LLM weight formats: full width vs int8 / int4, and the demo GGUF", [str(HERE / "llm" / "quant.py")]),
+    ("LLM speculative decoding: off vs n-gram on the demo GGUF", [str(HERE / "llm" / "speculative.py")]),
     ("overload: 10x capacity for 60 s, classic and LLM", [str(HERE / "overload" / "run.py")]),
 ]
 

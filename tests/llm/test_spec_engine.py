@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 from ladle.config import LLMConfig
 from ladle.llm.factory import build_engine
 from ladle.llm.sampling_params import SamplingParams, StructuredSpec
-from ladle.llm.spec_draft import DraftModelDrafter
-from ladle.llm.speculative import StepCost
+from ladle.llm.spec.draft_model import DraftModelDrafter
+from ladle.llm.spec.policy import StepCost
 from tests.fixtures.checkpoints import ARCHITECTURES, save_tiny_checkpoint
 from tests.fixtures.tiny_tokenizer import save_tiny_tokenizer
 from tests.llm.test_engine_parity import hf_reference, prompts

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ladle.llm.spec_ngram import NgramProposer, find_ngram_proposal
+from ladle.llm.spec.ngram import NgramProposer, find_ngram_proposal
 
 
 def reference(tokens: list[int], ngram_min: int, ngram_max: int, k: int) -> list[int]:

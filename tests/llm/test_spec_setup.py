@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from ladle.config import LLMConfig
-from ladle.llm.spec_setup import spec_config
-from ladle.llm.speculative import SpecConfig
+from ladle.llm.spec.policy import SpecConfig
+from ladle.llm.spec.setup import spec_config
 from ladle.repository.model_config import ConfigError
 from ladle.serving.builders import llm_config_from_parameters, llm_parameters
 

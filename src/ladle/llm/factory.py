@@ -27,7 +27,7 @@ try:  # the llm extra's packages: a core install is told which extra to add, not
     from ladle.llm.models.loader import Checkpoint, open_checkpoint
     from ladle.llm.models.quant import QuantizationError, QuantScheme, describe, resolve_scheme
     from ladle.llm.runner import ModelRunner
-    from ladle.llm.spec_setup import build_spec_core, spec_config
+    from ladle.llm.spec.setup import build_spec_core, spec_config
     from ladle.llm.structured import StructuredOutputs
     from ladle.llm.tokenizer import Tokenizer
 except ModuleNotFoundError as exc:

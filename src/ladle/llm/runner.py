@@ -124,17 +124,17 @@ class ModelRunner:
         hidden = self.model(step.input_ids, step.positions, step.meta)
         return self.model.compute_logits(hidden.index_select(0, step.logits_indices))
 
-    def time_step(self, num_seqs: int, tokens_per_seq: int, repeat: int = 2) -> float | None:
-        """Best-of-`repeat` seconds of a step feeding num_seqs sequences tokens_per_seq tokens each, after one block
-        of context. Only for start-up measurements: it writes K/V into blocks no request owns yet. None when the
-        cache or the step limits cannot hold that shape."""
-        per_seq = -(-(self.block_size + tokens_per_seq) // self.block_size)
-        if (num_seqs * per_seq > self.num_blocks or num_seqs > self.max_num_seqs
-                or num_seqs * tokens_per_seq > self.max_num_batched_tokens
-                or self.block_size + tokens_per_seq > self.max_model_len):
+    def time_step(self, num_seqs: int, tokens_per_seq: int, context: int = 256, repeat: int = 2) -> float | None:
+        """Best-of-`repeat` seconds of a step feeding num_seqs sequences tokens_per_seq tokens each after `context`
+        cached tokens (capped by the context window). Only for start-up measurements: it writes K/V into blocks no
+        request owns yet (every sequence the same ones: their contents do not matter to the time). None when the
+        step limits cannot hold that shape."""
+        context = min(context, self.max_model_len, self.num_blocks * self.block_size) - tokens_per_seq
+        num_blocks = -(-(context + tokens_per_seq) // self.block_size)
+        if context < 1 or num_seqs > self.max_num_seqs or num_seqs * tokens_per_seq > self.max_num_batched_tokens:
             return None
-        seqs = [ScheduledSeq(f"probe-{i}", [1] * tokens_per_seq, self.block_size,
-                             list(range(i * per_seq, (i + 1) * per_seq)), True) for i in range(num_seqs)]
+        blocks = list(range(num_blocks))
+        seqs = [ScheduledSeq(f"probe-{i}", [1] * tokens_per_seq, context, blocks, True) for i in range(num_seqs)]
         sched = SchedulerOutput(seqs, num_seqs * tokens_per_seq)
         best = float("inf")
         for _ in range(repeat):

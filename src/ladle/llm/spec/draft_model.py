@@ -18,13 +18,13 @@ from ladle.llm.outputs import SamplerOutput, ScheduledSeq, SchedulerOutput, Toke
 from ladle.llm.request import Request
 from ladle.llm.sampler import SamplingMetadata, SamplingRow, probabilities, token_seed
 from ladle.llm.sampler_ops import exponential_race
-from ladle.llm.spec_verify import verify_drafts
-from ladle.llm.speculative import SpecConfig, StepCost
+from ladle.llm.spec.policy import SpecConfig, StepCost
+from ladle.llm.spec.rejection import verify_drafts
 
 if TYPE_CHECKING:
     from ladle.config import LLMConfig
     from ladle.llm.runner import ModelRunner
-    from ladle.llm.spec_engine import SpecEngineCore
+    from ladle.llm.spec.engine import SpecEngineCore
     from ladle.llm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class DraftModelDrafter:
         from ladle.llm.factory import choose_quantization, load_tokenizer, resolve_model_dir
         from ladle.llm.models.loader import open_checkpoint
         from ladle.llm.runner import ModelRunner
-        from ladle.llm.spec_setup import always_speculate, measure_cost
+        from ladle.llm.spec.setup import always_speculate, measure_cost
 
         assert spec.model is not None
         path = resolve_model_dir(spec.model)

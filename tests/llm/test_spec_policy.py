@@ -1,4 +1,4 @@
-"""speculative.py: SpecConfig validation, the StepCost curve, Acceptance estimates, SpecPolicy's draft allocation
+"""spec/policy.py: SpecConfig validation, the StepCost curve, Acceptance estimates, SpecPolicy's draft allocation
 (hand-worked cases and a property: never worse than speculation off by its own model) and SpecStats."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ladle.llm.speculative import Acceptance, SpecConfig, SpecPolicy, SpecStats, StepCost
+from ladle.llm.spec.policy import Acceptance, SpecConfig, SpecPolicy, SpecStats, StepCost
 
 FLAT = StepCost([(1, 1.0), (64, 1.0)])
 STEEP = StepCost([(1, 0.001), (64, 0.064)])  # linear in tokens, zero intercept: every token costs the same
@@ -265,7 +265,7 @@ class FlatRunner:
 
 
 def test_measured_flat_cost_turns_speculation_on():
-    from ladle.llm.spec_setup import measure_cost
+    from ladle.llm.spec.setup import measure_cost
 
     cost, span_cost = measure_cost(FlatRunner(8))
     assert cost.tokens == [1, 2, 4, 8] and span_cost == 0.0
@@ -273,7 +273,7 @@ def test_measured_flat_cost_turns_speculation_on():
 
 
 def test_measured_flat_cost_turns_speculation_on_with_one_seq():
-    from ladle.llm.spec_setup import measure_cost
+    from ladle.llm.spec.setup import measure_cost
 
     cost, span_cost = measure_cost(FlatRunner(1))
     assert SpecPolicy(4, cost, span_cost=span_cost).choose(1, {"a": 4}) == {"a": 4}

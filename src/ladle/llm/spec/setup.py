@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 from ladle.config import LLMConfig
 from ladle.llm.engine import EngineCore
-from ladle.llm.spec_engine import Drafter, SpecEngineCore
-from ladle.llm.spec_propose import NgramDrafter
-from ladle.llm.speculative import SpecConfig, SpecPolicy, SpecStats, StepCost
+from ladle.llm.spec.engine import Drafter, SpecEngineCore
+from ladle.llm.spec.ngram_drafter import NgramDrafter
+from ladle.llm.spec.policy import SpecConfig, SpecPolicy, SpecStats, StepCost
 
 if TYPE_CHECKING:
     from ladle.llm.runner import ModelRunner
@@ -50,8 +50,9 @@ def always_speculate() -> bool:
 
 
 def measure_cost(runner: ModelRunner) -> tuple[StepCost, float]:
-    """(seconds per step by tokens fed as single-token decodes, extra seconds per multi-token span). Verifying k
-    drafts turns a request's decode row into a (k + 1)-token span, which attention handles per sequence."""
+    """(seconds per step by tokens fed as single-token decodes, extra seconds per multi-token span), each sequence
+    after 256 cached tokens (attention is part of the cost). Verifying k drafts turns a request's decode row into a
+    (k + 1)-token span, which attention handles per sequence."""
     if always_speculate():
         return StepCost([(1, 1.0), (2, 1.0)]), 0.0
     runner.time_step(1, 1, repeat=1)  # warm-up: first calls allocate and pick kernels
@@ -68,9 +69,11 @@ def measure_cost(runner: ModelRunner) -> tuple[StepCost, float]:
             seconds = runner.time_step(1, n, repeat=3)
             if seconds is not None and n > points[-1][0]:
                 points.append((n, seconds))
-    cost = StepCost(points)
-    spans = runner.time_step(4, 2, repeat=3)
-    span_cost = max(0.0, (spans - cost(8)) / 4) if spans is not None else 0.0
+    cost = StepCost(points or [(1, 1.0)])
+    # spans against the same tokens as decodes, at the largest batch probed (attention per span grows with it)
+    half = max(1, cost.tokens[-1] // 2)
+    spans = runner.time_step(half, 2, repeat=3)
+    span_cost = max(0.0, (spans - cost(2 * half)) / half) if spans is not None and half > 1 else 0.0
     # a difference of two timings: noise can inflate it, but one span never costs more than a whole decode step
     return cost, min(span_cost, cost(1))
 
@@ -85,7 +88,7 @@ def build_spec_core(config: LLMConfig, spec: SpecConfig, runner: ModelRunner, sc
         drafter = NgramDrafter(spec.ngram_min, spec.ngram_max)
         policy = SpecPolicy(spec.num_speculative_tokens, cost, span_cost=span_cost)
     else:
-        from ladle.llm.spec_draft import DraftModelDrafter
+        from ladle.llm.spec.draft_model import DraftModelDrafter
 
         drafter = DraftModelDrafter.build(config, spec, runner, tokenizer)
         policy = SpecPolicy(spec.num_speculative_tokens, cost, drafter.cost, span_cost=span_cost)

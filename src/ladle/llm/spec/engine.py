@@ -6,7 +6,7 @@ Invariant: the emitted tokens are distributed exactly as without speculation (gr
 made without a draft distribution (n-gram, or a draft model's greedy guess), each verified position samples its
 token as a normal step would (its own seeded draw, its grammar state after the drafts before it) and a draft token is
 accepted iff it equals that sample: accept with probability p(d), otherwise a token from p without d, which is
-rejection sampling with a one-hot q. Draft-model samples (q not one-hot) go through spec_verify.
+rejection sampling with a one-hot q. Draft-model samples (q not one-hot) go through spec/rejection.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ladle.llm.engine import EngineCore
 from ladle.llm.outputs import RequestOutput, SamplerOutput, SchedulerOutput
 from ladle.llm.request import Request
 from ladle.llm.sampler import SamplingMetadata, sample
-from ladle.llm.speculative import SpecPolicy, SpecStats
+from ladle.llm.spec.policy import SpecPolicy, SpecStats
 
 if TYPE_CHECKING:
     from ladle.llm.runner import ModelRunner

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-import ladle.llm.spec_verify as spec_verify
+import ladle.llm.spec.rejection as rejection
 from ladle.llm.sampler import SamplingMetadata, SamplingRow, probabilities, sample
 from ladle.llm.sampler_ops import exponential_race
 from ladle.llm.sampling_params import SamplingParams
@@ -39,7 +39,7 @@ def generate(k: int, generator: torch.Generator) -> tuple[int, ...]:
         s = min(k, LENGTH - pos)
         drafts = [int(torch.multinomial(Q[pos + j], 1, generator=generator)) for j in range(s)]
         u = torch.rand(s, generator=generator)
-        accepted, token = spec_verify.verify_drafts(P[pos : pos + s + 1], Q[pos : pos + s], drafts, u, draw)
+        accepted, token = rejection.verify_drafts(P[pos : pos + s + 1], Q[pos : pos + s], drafts, u, draw)
         out += [*drafts[:accepted], token]
     return tuple(out[:LENGTH])
 
@@ -78,18 +78,18 @@ def broken_acceptance(rule: Callable) -> Callable:
     lambda u, p, q: u < 0.5 * torch.ones_like(p),  # coin flip
 ])
 def test_the_test_fails_a_broken_acceptance_rule(monkeypatch, rule) -> None:
-    monkeypatch.setattr(spec_verify, "accept_drafts", broken_acceptance(rule))
+    monkeypatch.setattr(rejection, "accept_drafts", broken_acceptance(rule))
     assert p_value(2) < 1e-6
 
 
 def test_a_residual_drawn_from_p_instead_of_max_p_minus_q_is_caught(monkeypatch) -> None:
-    real = spec_verify.verify_drafts
+    real = rejection.verify_drafts
 
     def no_residual(p, q, drafts, u, draw):
         accepted, token = real(p, q, drafts, u, draw)
         return accepted, token if accepted == len(drafts) else draw(p[accepted], accepted)
 
-    monkeypatch.setattr(spec_verify, "verify_drafts", no_residual)
+    monkeypatch.setattr(rejection, "verify_drafts", no_residual)
     assert p_value(2) < 1e-6
 
 

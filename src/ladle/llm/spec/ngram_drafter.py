@@ -1,4 +1,4 @@
-"""The n-gram drafter: prompt lookup (spec_ngram) for every decoding request, sized by the policy.
+"""The n-gram drafter: prompt lookup (spec/ngram.py) for every decoding request, sized by the policy.
 
 Invariant: a lookup costs no model time, so a request the policy gives no drafts still has its proposal checked
 against the token it then emits: its acceptance estimate keeps learning, and speculation resumes when text starts
@@ -14,10 +14,10 @@ import torch
 from ladle.llm.outputs import SamplerOutput, SchedulerOutput
 from ladle.llm.request import Request
 from ladle.llm.sampler import SamplingMetadata
-from ladle.llm.spec_ngram import NgramProposer
+from ladle.llm.spec.ngram import NgramProposer
 
 if TYPE_CHECKING:
-    from ladle.llm.spec_engine import SpecEngineCore
+    from ladle.llm.spec.engine import SpecEngineCore
 
 
 class NgramDrafter:
