@@ -10,12 +10,14 @@ Two workloads, both driven by `ladle bench serve`:
 - random: random prompt token ids, 128 in / 128 out, ignore_eos (quant.py's and run.py's workload): nothing in the
   prompt to copy (but a small model's output on such prompts soon repeats itself, and lookup drafts that too).
 
-Ratios are vs speculation off at the same workload and concurrency. Each config's server is started once, warmed
-up, and serves every workload and concurrency. Writes out/speculative.md and out/speculative.json.
+Ratios are vs speculation off at the same workload and concurrency. Every config's server runs at once (idle ones
+cost nothing) and each cell is measured on every config in turn, `--rounds` times, keeping each config's best round:
+this shared box drifts by +-20% over minutes, and interleaving puts the drift on all configs alike. Writes
+out/speculative.md and out/speculative.json.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm/speculative.py [--configs off,ngram[,draft]]
         [--concurrency 1,4,16] [--workloads grounded,random] [--num-prompts-factor 2] [--threads 2]
-        [--num-speculative-tokens 4] [--draft-model PATH]
+        [--num-speculative-tokens 4] [--draft-model PATH] [--rounds 2]
 
 The draft config (a smaller checkpoint sharing the GGUF's tokenizer) is not run by default: select it with
 `--configs off,ngram,draft --draft-model PATH`.
@@ -24,6 +26,7 @@ The draft config (a smaller checkpoint sharing the GGUF's tokenizer) is not run 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import os
 import re
@@ -223,41 +226,61 @@ def parse_log(text: str) -> dict[str, Any]:
     return {k: m.group(0).strip() for k, p in LOG_PATTERNS.items() if (m := p.search(text))}
 
 
-def measure_server(cfg: ServerConfig, args: argparse.Namespace,
-                   clock: quant.Clock) -> tuple[dict[str, Any], list[dict], dict[tuple, dict[int, str]]]:
-    """One server's life: start it, warm it up, run every workload at every concurrency, stop it. A server that
-    refuses to start (e.g. a draft model it cannot load) gives a server record with `error` and no rows."""
+def start_server(cfg: ServerConfig, args: argparse.Namespace, stack: contextlib.ExitStack,
+                 clock: quant.Clock) -> tuple[dict[str, Any], Any]:
+    """Start one config's server (it lives until `stack` closes) and warm it up. A server that refuses to start
+    (e.g. a draft model it cannot load) gives a record with `error` and no server."""
     command = server_command(cfg, args.threads, max(args.max_num_seqs, *args.concurrencies))
     log_path = llm.OUT / f"speculative-server-{cfg.name}.log"
     log_path.write_bytes(b"")
     server: dict[str, Any] = {"config": cfg.name, "command": quant.shown(command) + " --port PORT",
-                              "log": str(log_path.relative_to(llm.ROOT))}
-    rows: list[dict] = []
-    texts: dict[tuple, dict[int, str]] = {}
+                              "log": str(log_path.relative_to(llm.ROOT)), "log_path": log_path}
     clock.say(f"{cfg.name}: starting `{server['command']}`")
     try:
-        with spawned_server(command, log_path, port=free_port(), timeout_s=300, poll_s=0.2) as spawned:
-            server["ready_s"] = spawned.ready_s
-            clock.say(f"{cfg.name}: ready in {spawned.ready_s:.1f} s; warming up ...")
-            try:
-                warm_up(spawned.url, args.workloads)
-                for workload in args.workloads:
-                    for c in args.concurrencies:
-                        n = max(MIN_PROMPTS, args.num_prompts_factor * c)
-                        clock.say(f"{cfg.name}: {workload}, concurrency {c}, {n} requests ...")
-                        row, texts[(workload, c)] = measure_once(cfg, workload, c, args, spawned.url,
-                                                                 spawned.process.pid)
-                        rows.append(row)
+        spawned = stack.enter_context(spawned_server(command, log_path, port=free_port(), timeout_s=300, poll_s=0.2))
+    except RuntimeError:
+        server["error"] = quant.last_error(log_path)
+        clock.say(f"{cfg.name}: FAILED ({server['error']})")
+        return server, None
+    server["ready_s"] = spawned.ready_s
+    clock.say(f"{cfg.name}: ready in {spawned.ready_s:.1f} s; warming up ...")
+    warm_up(spawned.url, args.workloads)
+    return server, spawned
+
+
+def measure_all(configs: list[ServerConfig], args: argparse.Namespace, clock: quant.Clock
+                ) -> tuple[list[dict], list[dict], dict[tuple, dict[int, str]]]:
+    """Every config's server runs at once (an idle one costs nothing), and each (workload, concurrency) is measured
+    on every config in turn, `--rounds` times: slow drifts of this shared box then hit all configs alike. A row is
+    the config's best round (noise only ever slows a run down)."""
+    servers, rows, texts = [], [], {}
+    with contextlib.ExitStack() as stack:
+        live = []
+        for cfg in configs:
+            server, spawned = start_server(cfg, args, stack, clock)
+            servers.append(server)
+            if spawned is not None:
+                live.append((cfg, server, spawned))
+        for workload in args.workloads:
+            for c in args.concurrencies:
+                best: dict[str, tuple[dict, dict[int, str]]] = {}
+                for rnd in range(args.rounds):
+                    for cfg, _, spawned in live:
+                        clock.say(f"{cfg.name}: {workload}, concurrency {c}, round {rnd + 1}/{args.rounds} ...")
+                        row, out = measure_once(cfg, workload, c, args, spawned.url, spawned.process.pid)
                         clock.say(f"{cfg.name}: {workload} c={c} {row['output_tok_s']:.1f} tok/s, TPOT p50 "
                                   f"{row['p50_tpot_ms']:.1f} ms, acceptance {_acceptance(row)}")
-            finally:  # VmHWM is gone with the process: read it before the server is stopped
-                if spawned.process.poll() is None:
-                    server["memory_kb"] = quant.memory_kb(spawned.process.pid)
-    except RuntimeError as e:  # a refused start (its reason is in the log) or failed requests; later configs go on
-        server["error"] = str(e)[:400] if "ready_s" in server else quant.last_error(log_path)
-        clock.say(f"{cfg.name}: FAILED ({server['error']})")
-    server.update(parse_log(log_path.read_text(errors="replace")))
-    return server, rows, texts
+                        if cfg.name not in best or row["output_tok_s"] > best[cfg.name][0]["output_tok_s"]:
+                            best[cfg.name] = (row, out)
+                for cfg, _, _ in live:
+                    rows.append(best[cfg.name][0])
+                    texts[(cfg.name, workload, c)] = best[cfg.name][1]
+        for _, server, spawned in live:  # VmHWM is gone with the process: read it before the servers stop
+            if spawned.process.poll() is None:
+                server["memory_kb"] = quant.memory_kb(spawned.process.pid)
+    for server in servers:
+        server.update(parse_log(server.pop("log_path").read_text(errors="replace")))
+    return servers, rows, texts
 
 
 # -- report --------------------------------------------------------------------------------------------------------
@@ -367,6 +390,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "the batch sizes speculation's start-up cost probe measures")
     ap.add_argument("--num-speculative-tokens", type=int, default=4, help="ladle --num-speculative-tokens")
     ap.add_argument("--draft-model", type=Path, default=None, help="the draft config's --speculative-model")
+    ap.add_argument("--rounds", type=int, default=2, help="measurements per config and cell, interleaved; the best "
+                    "is kept")
     args = ap.parse_args(argv)
     args.concurrencies = [int(c) for c in args.concurrency.split(",")]
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -389,12 +414,7 @@ def main() -> None:
     clock.say("measuring the hardware ...")
     hw = hardware.measure(args.threads)
     clock.say(hardware.describe(hw))
-    servers, rows, texts = [], [], {}
-    for cfg in configs:
-        server, measured, outputs = measure_server(cfg, args, clock)
-        servers.append(server)
-        rows += measured
-        texts.update({(cfg.name, *key): value for key, value in outputs.items()})
+    servers, rows, texts = measure_all(configs, args, clock)
     annotate(rows, texts)
     doc = {"machine": host, "hardware": hw, "model": str(quant.GGUF.relative_to(llm.ROOT)), "servers": servers,
            "rows": rows, "targets": targets(rows, servers),

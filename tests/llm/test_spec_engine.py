@@ -86,14 +86,16 @@ def spec_counts(engine) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_ngram_greedy_matches_transformers_under_preemption(tmp_path, arch: str) -> None:
+def test_ngram_greedy_matches_transformers_under_preemption_and_prefix_caching(tmp_path, arch: str) -> None:
     model_dir = save_tiny_checkpoint(tmp_path / arch, arch)
-    engine = speculating_engine(model_dir, "ngram")
-    batch = prompts()
+    engine = speculating_engine(model_dir, "ngram", num_kv_blocks=10)
+    shared = prompts()[-1][:40]
+    batch = [*prompts(), [*shared, 7, 8, 9], [*shared, 10, 11]]  # the last two share cached blocks
     results = asyncio.run(generate_all(engine, batch, greedy_params()))
     drafted, accepted = spec_counts(engine)
     assert drafted > 0 and accepted > 0, "random tiny models loop: n-gram drafts must have been verified"
     assert engine.core.scheduler.num_preemptions_total > 0
+    assert engine.core.scheduler.kv.prefix_cache_hits > 0
     assert engine.core.scheduler.kv.usage == 0.0
     engine.core.scheduler.kv.check_invariants()
     check_against_transformers(model_dir, batch, results)
