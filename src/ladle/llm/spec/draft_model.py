@@ -104,12 +104,9 @@ class DraftModelDrafter:
             tokens = self._sample(core, active, drafts, logits)
             for request, token in zip(active, tokens, strict=True):
                 drafts[request.request_id].append(token)
-            keep = [i for i, r in enumerate(active) if len(drafts[r.request_id]) < ks[r.request_id]]
-            if not keep:
+            active = [r for r in active if len(drafts[r.request_id]) < ks[r.request_id]]
+            if not active:
                 break
-            if depth == 0 and len(keep) < len(active):  # the catch-up logits were for every request
-                logits = logits[keep]
-            active = [active[i] for i in keep]
         for request in requests:
             cut = core.cut_to_grammar(request, drafts[request.request_id])
             request.spec_token_ids = cut
