@@ -242,3 +242,30 @@ def test_structured_output_under_speculation(tmp_path, method: str) -> None:
         else:
             assert len(json.loads(text)) == 8
     assert engine.core.structured.matchers == {}
+
+
+def test_drafts_shrink_for_a_request_whose_drafts_are_rejected(tmp_path) -> None:
+    """With a step-cost curve where a token more costs 20% of a step, a random draft (nearly always rejected) gets a
+    draft while its acceptance estimate is fresh (0.5) and none once it has fallen; a faithful draft's grows to four."""
+    model_dir = save_tiny_checkpoint(tmp_path / "llama", "llama")
+    random_draft = save_tiny_checkpoint(tmp_path / "random", "llama", seed=5)
+    faithful = perturbed_draft(model_dir, tmp_path / "same", noise=0.0)
+    per_step: dict[str, list[int]] = {}
+    for name, draft in (("random", random_draft), ("faithful", faithful)):
+        engine = speculating_engine(model_dir, "draft_model", draft, num_kv_blocks=32)
+        engine.core.policy.target_cost = StepCost([(1, 1.0), (2, 1.2)])
+        core, drafted = engine.core, per_step.setdefault(name, [])
+        step = core.step
+
+        def counted_step(step=step, core=core, drafted=drafted):
+            before = core.stats.num_drafted
+            outputs = step()
+            drafted.append(core.stats.num_drafted - before)
+            return outputs
+
+        core.step = counted_step
+        params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+        asyncio.run(generate_all(engine, [prompts()[0]], params))
+    random_steps, faithful_steps = per_step["random"], per_step["faithful"]
+    assert random_steps[1] == 1 and sum(random_steps[-20:]) == 0, random_steps
+    assert faithful_steps[1] == 1 and faithful_steps.count(4) >= 4, faithful_steps
