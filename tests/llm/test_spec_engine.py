@@ -68,6 +68,17 @@ async def generate_all(engine, batch: list[list[int]], params: SamplingParams) -
         await engine.close()
 
 
+def same_with_and_without_speculation(run, model_dir: Path, method: str, draft: Path | None) -> list:
+    """`run(engine)`'s results without speculation and with it (some drafts accepted) are equal; the latter."""
+    plain = asyncio.run(run(speculating_engine(model_dir, None, num_kv_blocks=32)))
+    engine = speculating_engine(model_dir, method, draft, num_kv_blocks=32)
+    spec = asyncio.run(run(engine))
+    assert spec_counts(engine)[1] > 0
+    assert spec == plain
+    assert engine.core.structured is None or engine.core.structured.matchers == {}
+    return spec
+
+
 def greedy_params() -> SamplingParams:
     return SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=3)
 
@@ -164,11 +175,7 @@ def test_speculation_changes_nothing_but_speed_for_mixed_requests(tmp_path, meth
         finally:
             await engine.close()
 
-    plain = asyncio.run(run(speculating_engine(model_dir, None, num_kv_blocks=32)))
-    engine = speculating_engine(model_dir, method, draft, num_kv_blocks=32)
-    spec = asyncio.run(run(engine))
-    assert spec_counts(engine)[1] > 0
-    assert spec == plain
+    same_with_and_without_speculation(run, model_dir, method, draft)
 
 
 def test_every_block_is_free_after_many_rejections(tmp_path) -> None:
@@ -230,18 +237,13 @@ def test_structured_output_under_speculation(tmp_path, method: str) -> None:
         finally:
             await engine.close()
 
-    plain = asyncio.run(run(speculating_engine(model_dir, None, num_kv_blocks=32)))
-    engine = speculating_engine(model_dir, method, draft, num_kv_blocks=32)
-    spec = asyncio.run(run(engine))
-    assert spec_counts(engine)[1] > 0
-    assert spec == plain
+    spec = same_with_and_without_speculation(run, model_dir, method, draft)
     for (text, reason), grammar in zip(spec, [specs[0]] * 2 + [specs[1]] * 2, strict=True):
         assert reason == "stop"
         if grammar.kind == "regex":
             assert re.fullmatch(pattern, text)
         else:
             assert len(json.loads(text)) == 8
-    assert engine.core.structured.matchers == {}
 
 
 def test_drafts_shrink_for_a_request_whose_drafts_are_rejected(tmp_path) -> None:

@@ -101,6 +101,7 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[RequestOutput]:
+        self._propose()
         sched = self.scheduler.schedule()
         if sched.empty:
             return []
@@ -111,6 +112,9 @@ class EngineCore:
         outputs = self.scheduler.update(sched, sampled)
         self._forget(outputs)
         return outputs
+
+    def _propose(self) -> None:
+        """Before scheduling: speculative decoding's drafts (spec/engine.py); nothing for plain decoding."""
 
     def _sample(self, logits: torch.Tensor, sched: SchedulerOutput) -> SamplerOutput:
         """Sample the step's rows; structured requests are masked to their grammar and advance it."""

@@ -1,4 +1,5 @@
-"""The speculative engine step: propose -> schedule -> execute -> verify -> update. A drafter puts draft tokens on
+"""The speculative engine step: propose -> schedule -> execute -> verify -> update (EngineCore.step, with
+`_propose` filled in and `_sample` verifying). A drafter puts draft tokens on
 decoding requests, the scheduler feeds them after each request's last token, the target model scores every position
 in one forward pass, and verification keeps the longest prefix the target agrees with, plus one token of its own.
 
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from ladle.llm.engine import EngineCore
-from ladle.llm.outputs import RequestOutput, SamplerOutput, SchedulerOutput
+from ladle.llm.outputs import SamplerOutput, SchedulerOutput
 from ladle.llm.request import Request
 from ladle.llm.sampler import SamplingMetadata, sample
 from ladle.llm.spec.policy import SpecPolicy, SpecStats
@@ -50,19 +51,6 @@ class SpecEngineCore(EngineCore):
         super().__init__(runner, scheduler, structured)
         self.drafter, self.policy, self.stats = drafter, policy, stats
 
-    def step(self) -> list[RequestOutput]:
-        self._propose()
-        sched = self.scheduler.schedule()
-        if sched.empty:
-            return []
-        self._note_first_schedule(sched)
-        self.last_step_tokens = sched.num_batched_tokens
-        logits = self.runner.execute(sched)
-        sampled = self._verify(logits, sched)
-        outputs = self.scheduler.update(sched, sampled)
-        self._forget(outputs)
-        return outputs
-
     def _propose(self) -> None:
         decoding: list[Request] = []
         extra = 0  # prefill tokens running requests still need: the step's size without drafts
@@ -87,7 +75,7 @@ class SpecEngineCore(EngineCore):
             return drafts
         return drafts[: self.structured.valid_prefix(request.request_id, drafts)]
 
-    def _verify(self, logits: torch.Tensor, sched: SchedulerOutput) -> SamplerOutput:
+    def _sample(self, logits: torch.Tensor, sched: SchedulerOutput) -> SamplerOutput:
         """Sample every verified position, then accept each seq's drafts up to the first that differs from its
         position's sample; structured requests are masked per position and advanced over what is emitted."""
         structured = self.structured
