@@ -29,9 +29,12 @@ class LadleServer:
     """`with LadleServer(["examples/models"]) as server:` -> server.url, server.port, server.log()."""
 
     def __init__(self, args: list[str], ready_timeout: float = 120.0, wait_ready: bool = True,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, port: int | None = None) -> None:
         self.args = [str(a) for a in args]
-        self.port = free_port()
+        if "--data-dir" not in self.args:  # batch jobs are stored under --data-dir: never in the checkout
+            self._data = tempfile.TemporaryDirectory(prefix="ladle-data-")
+            self.args += ["--data-dir", self._data.name]
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_timeout = ready_timeout
         self.wait_ready = wait_ready

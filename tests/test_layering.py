@@ -16,11 +16,12 @@ ALLOWED = {
     "batching": {"runtimes", "repository"},
     "llm": set(),
     "serving": {"batching", "llm", "repository", "runtimes"},
-    "api": {"serving", "repository", "llm"},
+    "jobs": {"serving", "repository"},
+    "api": {"serving", "repository", "llm", "jobs"},
     "options": set(),
     "bench": {"options"},
     "server": {"api", "serving"},
-    "cli": {"api", "bench", "options", "repository", "server", "serving"},
+    "cli": {"api", "bench", "jobs", "options", "repository", "server", "serving"},
     "__main__": {"cli"},
 }
 # the API layer imports only llm's torch-free contracts and text handling at run time (the engine: TYPE_CHECKING)

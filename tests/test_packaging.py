@@ -114,7 +114,7 @@ def test_pyproject_core_and_extras_match_the_extras_module() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = {_name(d) for d in project["dependencies"]}
     assert core == {"numpy", "starlette", "uvicorn", "pydantic", "pyyaml", "orjson", "prometheus-client",
-                    "onnxruntime"}
+                    "onnxruntime", "python-multipart"}
     extras = project["optional-dependencies"]
     for name, extra in EXTRAS.items():
         assert set(extra.packages) <= {_name(d) for d in extras[name]}, name

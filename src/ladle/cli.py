@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ladle import __version__
 from ladle.bench import add_bench_parser
-from ladle.config import HTTPConfig, LLMConfig, RepositoryConfig, SecurityConfig, ServerConfig
+from ladle.config import HTTPConfig, JobsConfig, LLMConfig, RepositoryConfig, SecurityConfig, ServerConfig
+from ladle.jobs.cli import add_jobs_parser
 from ladle.options import add_dataclass_options, build_dataclass
 
 log = logging.getLogger("ladle")
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(serve, LLMConfig, "LLM engine")
     add_dataclass_options(serve, HTTPConfig, "HTTP server")
     add_dataclass_options(serve, SecurityConfig, "security")
+    add_dataclass_options(serve, JobsConfig, "batch jobs (OpenAI Batches API, /v2/jobs)")
     serve.set_defaults(handler=run_serve)
     schema = commands.add_parser(
         "config-schema", help="print the JSON schema of a model's config.yaml",
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     schema.set_defaults(handler=run_config_schema)
     add_bench_parser(commands)
+    add_jobs_parser(commands)
     return parser
 
 
@@ -58,6 +61,7 @@ def run_serve(args: argparse.Namespace) -> int:
         repository=build_dataclass(RepositoryConfig, args),
         llm=build_dataclass(LLMConfig, args),
         security=security,
+        jobs=build_dataclass(JobsConfig, args),
     )
     if config.repository.repository is not None and not Path(config.repository.repository).is_dir():
         print(f"ladle serve: model repository {config.repository.repository} is not a directory", file=sys.stderr)

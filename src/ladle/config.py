@@ -87,6 +87,10 @@ class LLMConfig:
     block_size: int = option(16, "tokens per KV-cache block")
     max_num_seqs: int = option(64, "most requests decoded together in one step")
     max_num_batched_tokens: int = option(2048, "token budget of one engine step (prefill chunks + decodes)")
+    batch_share: float = option(
+        0.25, "share of --max-num-seqs and of --max-num-batched-tokens that batch-job work (the Batches API, "
+        "/v2/jobs) may hold while real-time requests wait; with no real-time traffic a job uses the whole engine"
+    )
     max_model_len: int | None = option(None, "context window (default: the model's max_position_embeddings)")
     enable_prefix_caching: bool = option(True, "reuse the KV cache of shared prompt prefixes across requests")
     enable_chunked_prefill: bool = option(True, "split long prompts over several steps so decodes keep flowing")
@@ -172,11 +176,35 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class JobsConfig:
+    """The async batch path: where jobs and files live, and what one upload may hold."""
+
+    data_dir: Path = option(
+        Path("ladle-data"), "where batch jobs, their files and finished results are stored (SQLite in WAL mode plus "
+        "files), so they survive a restart; created on first use"
+    )
+    jobs_db: str | None = option(
+        None, "share one job store between several servers: a PostgreSQL URL (postgresql://user@host/db); files and "
+        "results then live in the database and --data-dir is unused"
+    )
+    max_batch_file_bytes: int = option(
+        200 * 1024 * 1024, "largest batch input file accepted (POST /v1/files, POST /v2/jobs), in bytes; larger "
+        "uploads get HTTP 400"
+    )
+    max_batch_lines: int = option(50000, "most lines (requests) one batch input file may hold; more is HTTP 400")
+    batch_lines_in_flight: int | None = option(
+        None, "most lines of batch jobs running at once per model (default: 1.5 x the model's --max-num-seqs for an "
+        "LLM, 2 x max_batch_size x instances for a classic model)"
+    )
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     http: HTTPConfig = field(default_factory=HTTPConfig)
     repository: RepositoryConfig = field(default_factory=RepositoryConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
 
 
 # LLMConfig fields a repository LLM takes from the server's flags when its own config leaves them unset (None)

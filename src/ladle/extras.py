@@ -32,6 +32,8 @@ EXTRAS: dict[str, Extra] = {
         ("sentence_transformers", "torch", "transformers", "tokenizers", "safetensors", "huggingface_hub"),
     ),
     "bench": Extra("bench", ("aiohttp", "tqdm"), ("aiohttp", "tqdm")),
+    "client": Extra("client", ("httpx", "tqdm"), ("httpx", "tqdm")),
+    "postgres": Extra("postgres", ("psycopg",), ("psycopg",)),
 }
 
 #: model config `backend` -> the extra it needs (onnx and python are core)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -21,11 +23,17 @@ from starlette.routing import Route
 from ladle.api.admission import AdmissionMiddleware
 from ladle.api.auth import install_access_control
 from ladle.api.errors import EXCEPTION_HANDLERS
+from ladle.api.jobs import JobsAPI
 from ladle.api.kserve import KServeAPI
 from ladle.api.offload import ProcessOffload
 from ladle.api.openai import OpenAIAPI
+from ladle.api.openai_batches import BatchesAPI
 from ladle.api.openai_embeddings import EmbeddingsAPI
 from ladle.config import ServerConfig
+from ladle.jobs import targets
+from ladle.jobs.dispatch import Dispatcher
+from ladle.jobs.metrics import JobMetrics
+from ladle.jobs.service import JobService
 from ladle.metrics import Metrics
 from ladle.process import freeze_loaded_objects
 from ladle.serving.host import ModelHost
@@ -42,6 +50,7 @@ def create_app(config: ServerConfig, host: ModelHost | None = None) -> Starlette
     openai_limit = min(config.http.max_request_bytes, config.http.max_openai_request_bytes)
     openai = OpenAIAPI(host, openai_limit)
     embeddings = EmbeddingsAPI(host, openai_limit)
+    jobs = _job_service(config, host)
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -56,10 +65,12 @@ def create_app(config: ServerConfig, host: ModelHost | None = None) -> Starlette
             await host.load_all(list(config.repository.load_model) or None)
             if not config.repository.strict_readiness:
                 host.relax_readiness()
+        await jobs.start(_dispatcher(app))  # resumes the jobs a previous run left, once the models are up
         freeze_loaded_objects()  # GC pauses off the request path (ladle/process.py)
         ready = "ready" if host.is_ready() else "NOT ready (see the errors above)"
         log.info("ladle is %s on http://%s:%d", ready, config.http.host, config.http.port)
         yield
+        await jobs.close()  # lines running now go back to pending: the next start runs them
         await host.close()
         offload.close()
 
@@ -67,15 +78,33 @@ def create_app(config: ServerConfig, host: ModelHost | None = None) -> Starlette
         *kserve.routes(),
         *openai.routes(),
         *embeddings.routes(),
+        *BatchesAPI(jobs, openai_limit).routes(),
+        *JobsAPI(jobs, host, config.http.max_request_bytes).routes(),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.state.host = host
     app.state.metrics = metrics
+    app.state.jobs = jobs
     if config.http.max_concurrent_requests > 0:
         app.add_middleware(AdmissionMiddleware, max_concurrent_requests=config.http.max_concurrent_requests,
                            refused=metrics.refused.labels("over_concurrency"))
     # added last: outermost, so a refused request never takes an admission slot
     install_access_control(app, config.security, config.http.host, metrics.refused)
     return app
+
+
+def _dispatcher(app: Starlette) -> Dispatcher:
+    """Batch lines go through the same routes and error handlers as HTTP requests (not the auth, rate-limit and
+    admission middleware: the job was authorized when it was created, and its window bounds what it runs)."""
+    handlers = {k: v for k, v in EXCEPTION_HANDLERS.items() if k is not Exception}  # Exception: the dispatcher's 500
+    return Dispatcher(ExceptionMiddleware(app.router, handlers=handlers))
+
+
+def _job_service(config: ServerConfig, host: ModelHost) -> JobService:
+    c = config.jobs
+    # stable across restarts (a restarted server frees its own claims at once), distinct between servers
+    owner = f"{socket.gethostname()}:{config.http.port}"
+    return JobService(c, owner, lambda model: targets.window(host, model, c.batch_lines_in_flight),
+                      lambda: targets.model_checker(host), JobMetrics(host.metrics.registry))

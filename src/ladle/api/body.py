@@ -12,8 +12,14 @@ from typing import TypeVar
 from starlette.requests import Request
 
 from ladle.errors import InvalidInput, PayloadTooLarge
+from ladle.jobs.dispatch import BATCH_SCOPE_KEY
 
 T = TypeVar("T")
+
+
+def is_batch(request: Request) -> bool:
+    """A batch-job line: its work is queued at the lowest priority, under the batch share of the engine."""
+    return request.scope.get(BATCH_SCOPE_KEY, False)
 
 
 class ClientDisconnected(Exception):

@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from ladle import __version__
 from ladle.api import kserve_codec as codec
-from ladle.api.body import ClientDisconnected, header_values, read_body, until_disconnect
+from ladle.api.body import ClientDisconnected, header_values, is_batch, read_body, until_disconnect
 from ladle.api.offload import ProcessOffload
 from ladle.errors import InvalidInput, LadleError
 from ladle.repository.layout import parse_version
@@ -133,7 +133,7 @@ class KServeAPI:
                 inputs = {t.name: (t.datatype, t.data) for t in req.inputs}
                 requested = None if req.outputs is None else [o.name for o in req.outputs]
                 result = await submit(mv, inputs, functools.partial(until_disconnect, request), priority,
-                                      timeout_s, requested)
+                                      timeout_s, requested, background=is_batch(request))
                 accept = headers.get(b"accept-encoding")
                 if sum(getattr(a, "nbytes", 0) for a in result.outputs.values()) > OFFLOAD_BYTES:
                     return await asyncio.to_thread(self._encode, accept, req, mv, result.outputs)

@@ -20,7 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from ladle.api.body import ClientDisconnected, read_body, until_disconnect
+from ladle.api.body import ClientDisconnected, is_batch, read_body, until_disconnect
 from ladle.api.errors import openai_error_body, public_message
 from ladle.api.openai_format import Choice, chat_logprobs, completion_logprobs, echo_logprobs, usage
 from ladle.api.openai_limits import check_fan_out, count_prompts, deadline
@@ -59,21 +59,22 @@ class Generation:
 
     @classmethod
     async def start(cls, engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, matcher: Any,
-                    deadline_at: float | None, prompt_param: str) -> Generation:
+                    deadline_at: float | None, prompt_param: str, background: bool = False) -> Generation:
         """Admit every sequence before anything is sent: a refusal raises here (a status code, not an event)."""
         gen = cls(engine, prompts, params)
         if len(prompts) * params.n <= FAN_OUT_ON_LOOP:
-            specs = gen._specs(params, matcher)
+            specs = gen._specs(params, matcher, background)
         else:
-            specs = await asyncio.to_thread(gen._specs, params, matcher)
+            specs = await asyncio.to_thread(gen._specs, params, matcher, background)
         gen.streams = engine.submit(specs, deadline_at, prompt_param)
         gen.choices = [Choice(index) for index in range(len(gen.streams))]
         return gen
 
-    def _specs(self, params: SamplingParams, matcher: Any) -> list[SequenceSpec]:
+    def _specs(self, params: SamplingParams, matcher: Any, background: bool) -> list[SequenceSpec]:
         # each stream walks the grammar on its own copy of the compiled matcher
         return [
-            SequenceSpec(f"{self.id}-{p}-{i}", ids, params.child(i), None if matcher is None else matcher.deep_copy())
+            SequenceSpec(f"{self.id}-{p}-{i}", ids, params.child(i), None if matcher is None else matcher.deep_copy(),
+                         background)
             for p, ids in enumerate(self.prompts) for i in range(params.n)
         ]
 
@@ -149,7 +150,8 @@ class OpenAIAPI:
             engine.check_length(len(ids), max_tokens, "prompt")
         # echo + logprobs scores the prompt too, as OpenAI's legacy completions do
         params = req.sampling_params(max_tokens, req.logprobs, req.logprobs if req.echo else None)
-        gen = await Generation.start(engine, prompts, params, await _matcher(engine, req), deadline_at, "prompt")
+        gen = await Generation.start(engine, prompts, params, await _matcher(engine, req), deadline_at, "prompt",
+                                     is_batch(request))
         model = req.model or engine.info.name
         if req.stream:
             return _EventStream(self._completion_chunks(gen, req, model), gen)
@@ -208,7 +210,8 @@ class OpenAIAPI:
         max_tokens = req.requested_max_tokens or max(engine.info.max_model_len - len(ids), 1)
         engine.check_length(len(ids), max_tokens, "messages")
         params = req.sampling_params(max_tokens, req.logprobs_k)
-        gen = await Generation.start(engine, [ids], params, await _matcher(engine, req), deadline_at, "messages")
+        gen = await Generation.start(engine, [ids], params, await _matcher(engine, req), deadline_at, "messages",
+                                     is_batch(request))
         model = req.model or engine.info.name
         if req.stream:
             return _EventStream(self._chat_chunks(gen, req, model), gen)

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ladle.api.body import ClientDisconnected, read_body, until_disconnect
+from ladle.api.body import ClientDisconnected, is_batch, read_body, until_disconnect
 from ladle.api.openai_protocol import parse_body
 from ladle.errors import InvalidInput, NotFound
 from ladle.serving.host import ModelHost
@@ -79,7 +79,8 @@ class EmbeddingsAPI:
         array = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(shape)
         counting = None if mv.count_tokens is None else asyncio.ensure_future(asyncio.to_thread(mv.count_tokens, texts))
         try:
-            result = await submit(mv, {spec.name: (spec.datatype, array)}, functools.partial(until_disconnect, request))
+            result = await submit(mv, {spec.name: (spec.datatype, array)}, functools.partial(until_disconnect, request),
+                                  background=is_batch(request))
         except BaseException:
             if counting is not None:
                 counting.cancel()

@@ -11,6 +11,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from ladle.api.body import is_batch
 from ladle.api.openai_protocol import MAX_TIMEOUT_S
 from ladle.config import LLMConfig
 from ladle.errors import InvalidInput
@@ -40,7 +41,7 @@ def deadline(request: Request, timeout: float | None, config: LLMConfig, started
     """The request's deadline in time.monotonic() terms: the smallest of the body's `timeout`, the
     X-Request-Timeout header and the server's request_timeout (0: none), counted from `started`."""
     limits = [t for t in (timeout, _header_timeout(request)) if t is not None]
-    if config.request_timeout > 0:
+    if config.request_timeout > 0 and not is_batch(request):  # a batch line has its job's completion window
         limits.append(config.request_timeout)
     return started + min(limits) if limits else None
 

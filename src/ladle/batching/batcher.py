@@ -73,14 +73,17 @@ class Batcher:
 
     # -- the request side -------------------------------------------------------------------
     def submit(
-        self, inputs: dict[str, np.ndarray], rows: int, priority: int = 0, timeout_s: float | None = None
+        self, inputs: dict[str, np.ndarray], rows: int, priority: int = 0, timeout_s: float | None = None,
+        background: bool = False,
     ) -> PendingRequest:
-        """Queue a request; await `.future` for its InferResult. Raises at once when it can't queue."""
+        """Queue a request; await `.future` for its InferResult. Raises at once when it can't queue (a full queue
+        refuses background requests too: the job retries). A background (batch-job) request goes to the level
+        below every configured one, whatever `priority` says, so batches take it only after real-time requests."""
         if self._refusal is not None:
             raise Unavailable(self._refusal)
         if self.queue.full:
             raise QueueFull(f"model {self.label}: queue is full ({self.queue.max_size} requests); retry later")
-        level = self._priority_level(priority)
+        level = self.queue.background_level if background else self._priority_level(priority)
         if timeout_s is None and self._policy.default_queue_timeout_ms:
             timeout_s = self._policy.default_queue_timeout_ms / 1000.0
         now = time.monotonic()

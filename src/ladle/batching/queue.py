@@ -1,5 +1,8 @@
 """The bounded, priority-ordered queue of requests waiting for one model version.
 
+Below the configured priority levels sits one more, the background level (batch jobs): its requests join a batch
+only after every real-time request has.
+
 Invariant: `len(queue)` counts live requests only (cancelled or expired ones are discounted the
 moment they are marked, and skipped when reached), so the bound is exact and a full queue
 answers 503 at once instead of growing; a discarded request drops its input arrays at once, and
@@ -23,7 +26,7 @@ class PendingRequest:
 
     inputs: dict[str, np.ndarray]
     rows: int
-    priority: int  # 1 is the highest level (Triton's convention)
+    priority: int  # 1 is the highest level (Triton's convention); priority_levels + 1 is the background level
     deadline: float | None  # time.monotonic() after which it must not start
     future: Any  # asyncio.Future resolved by the batcher
     shape_key: tuple = ()
@@ -36,11 +39,13 @@ class PendingRequest:
 
 
 class RequestQueue:
-    """FIFO within a priority level; higher levels (smaller numbers) always go first."""
+    """FIFO within a priority level; higher levels (smaller numbers) always go first, the background level last."""
 
     def __init__(self, max_size: int, priority_levels: int) -> None:
         self.max_size = max_size
-        self._levels: list[deque[PendingRequest]] = [deque() for _ in range(priority_levels)]
+        # the configured levels, then the background level (index priority_levels)
+        self._levels: list[deque[PendingRequest]] = [deque() for _ in range(priority_levels + 1)]
+        self.background_level = priority_levels + 1
         self._live = 0
         self._rows = 0
         self._dead = 0  # discarded requests still sitting in the deques (skipped when reached)

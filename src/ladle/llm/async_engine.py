@@ -245,7 +245,10 @@ class AsyncEngine:
         if extra_eos and not params.ignore_eos:
             # every EOS of the checkpoint stops generation; the scheduler knows one, the rest become stop tokens
             params = replace(params, stop_token_ids=tuple(dict.fromkeys([*params.stop_token_ids, *extra_eos])))
-        return Request(spec.request_id, spec.prompt_token_ids, params, eos_token_id=eos, arrival_time=arrival)
+        return Request(
+            spec.request_id, spec.prompt_token_ids, params, eos_token_id=eos, arrival_time=arrival,
+            background=spec.background,
+        )
 
     def _deliver(self, deltas: list[StreamDelta], started: list[str] | None = None) -> None:
         """On the loop: requests the engine scheduled for the first time stop counting as waiting; a request's last

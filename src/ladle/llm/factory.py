@@ -65,6 +65,7 @@ def build_engine(config: LLMConfig, name: str, model_dir: Path, families: LLMMet
     """Load the checkpoint (a directory or a GGUF file) and build the engine (blocking: call off the event loop)."""
     started = time.monotonic()
     spec_config(config)  # a bad speculation option fails before the checkpoint loads
+    background_caps(config)
     checkpoint = open_checkpoint(model_dir)
     tokenizer = load_tokenizer(checkpoint)
     metrics = LLMMetrics(families, name) if families is not None else None
@@ -104,16 +105,27 @@ def build_core(
     )
     max_model_len = min(config.max_model_len or runner.max_model_len, runner.max_model_len)
     pool = BlockPool(runner.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
+    background_max_seqs, background_max_tokens = background_caps(config)
     scheduler = Scheduler(
         KVCacheManager(pool, max_model_len), max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
         enable_chunked_prefill=config.enable_chunked_prefill,
+        background_max_seqs=background_max_seqs, background_max_tokens=background_max_tokens,
     )
     structured = StructuredOutputs(tokenizer.hf, runner.vocab_size) if tokenizer is not None else None
     spec = spec_config(config)
     if spec is not None:
         return build_spec_core(config, spec, runner, scheduler, structured, tokenizer)
     return EngineCore(runner, scheduler, structured)
+
+
+def background_caps(config: LLMConfig) -> tuple[int, int]:
+    """(seats, tokens per step) that batch-job work may hold while real-time requests are present: --batch-share of
+    --max-num-seqs and of --max-num-batched-tokens, at least one of each."""
+    share = config.batch_share
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+        raise ValueError(f"batch_share must be a number in (0, 1], got {share!r}")
+    return max(1, int(config.max_num_seqs * share)), max(1, int(config.max_num_batched_tokens * share))
 
 
 def choose_quantization(

@@ -35,18 +35,20 @@ class RequestStatus(enum.IntEnum):
 
 @dataclass(frozen=True)
 class SequenceSpec:
-    """One engine request as the API asks for it: its id, prompt, sampling params and (structured output only)
-    matcher, which holds the grammar's state and so is never shared between sequences."""
+    """One engine request as the API asks for it: its id, prompt, sampling params, (structured output only)
+    matcher, which holds the grammar's state and so is never shared between sequences, and whether it is
+    batch-job work (`background`: the lowest priority, capped while real-time requests wait)."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     matcher: Any = None
+    background: bool = False
 
 
 class Request:
     __slots__ = (
-        "all_token_ids", "arrival_time", "eos_token_id", "num_cached_tokens", "num_computed_tokens",
+        "all_token_ids", "arrival_time", "background", "eos_token_id", "num_cached_tokens", "num_computed_tokens",
         "num_preemptions", "output_token_ids", "prompt_logprobs", "prompt_token_ids", "request_id",
         "sampling_params", "spec_token_ids", "status", "stop_reason",
     )
@@ -58,6 +60,7 @@ class Request:
         sampling_params: SamplingParams,
         eos_token_id: int | None = None,
         arrival_time: float | None = None,
+        background: bool = False,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("a request needs at least one prompt token")
@@ -66,6 +69,8 @@ class Request:
         self.sampling_params = sampling_params
         self.eos_token_id = eos_token_id
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        # batch-job work (Batches API, /v2/jobs): scheduled after real-time requests, within caps while they wait
+        self.background = background
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0

@@ -1,7 +1,16 @@
 """Continuous-batching scheduler: each step hands a token budget to running requests, then waiting ones.
 
-Invariant: an unfinished request is in exactly one of `waiting` (holding no blocks) or `running` (its
-table covers its computed tokens); finishing, aborting or preempting frees its blocks at once.
+Two classes of requests: real-time ones, and background ones (batch jobs: the Batches API, /v2/jobs), which come
+after every real-time request of a step and are admitted only while no real-time request waits. While a real-time
+request is waiting or running, background work holds at most `background_max_seqs` seats and `background_max_tokens`
+tokens of a step; it gives up seats (and the blocks the real-time head's first chunk needs) to waiting real-time
+requests, and is the first victim when a running real-time request needs blocks. With no real-time request present
+it uses the whole engine. A background request never preempts a real-time one.
+
+Invariant: an unfinished request is in exactly one of `waiting` (real-time) or `background_waiting` (both holding no
+blocks) or `running` (its table covers its computed tokens); finishing, aborting or preempting frees its blocks at
+once. `running` holds the running real-time requests in admission order, then the `num_background_running`
+background ones in admission order: the newest background request is always the last.
 """
 
 from __future__ import annotations
@@ -32,9 +41,15 @@ class Scheduler:
         max_model_len: int,
         enable_chunked_prefill: bool = True,
         long_prefill_token_threshold: int = 0,
+        background_max_seqs: int | None = None,
+        background_max_tokens: int | None = None,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or long_prefill_token_threshold < 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1, long_prefill_token_threshold >= 0")
+        if (background_max_seqs is not None and background_max_seqs < 1) or (
+            background_max_tokens is not None and background_max_tokens < 1
+        ):
+            raise ValueError("background_max_seqs and background_max_tokens must be >= 1 (or None: no cap)")
         if max_model_len > kv.max_model_len:
             raise ValueError(f"max_model_len={max_model_len} exceeds the KV cache manager's {kv.max_model_len}")
         self.kv = kv
@@ -44,8 +59,14 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         # Caps one request's prefill chunk so a long prompt can't crowd out others' (chunking only).
         self.long_prefill_token_threshold = long_prefill_token_threshold if enable_chunked_prefill else 0
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # in admission order: the last one is the newest
+        # what background requests may hold while a real-time request is present (None: no cap)
+        self.background_max_seqs = background_max_seqs
+        self.background_max_tokens = background_max_tokens
+        self.waiting: deque[Request] = deque()  # real-time requests, FCFS
+        self.background_waiting: deque[Request] = deque()  # background requests, FCFS
+        # real-time requests in admission order, then background ones in admission order: the last is the newest
+        self.running: list[Request] = []
+        self._num_background_running = 0  # the background requests at the end of `running`
         self._requests: dict[str, Request] = {}  # every unfinished request
         self.num_preemptions_total = 0
 
@@ -56,7 +77,8 @@ class Scheduler:
         pool = BlockPool(pool.num_blocks, pool.block_size, pool.enable_prefix_caching)
         kv = KVCacheManager(pool, self.kv.max_model_len)
         return Scheduler(kv, self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len,
-                         self.enable_chunked_prefill, self.long_prefill_token_threshold)
+                         self.enable_chunked_prefill, self.long_prefill_token_threshold,
+                         self.background_max_seqs, self.background_max_tokens)
 
     @property
     def num_running(self) -> int:
@@ -64,13 +86,20 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.background_waiting)
+
+    @property
+    def num_background_running(self) -> int:
+        return self._num_background_running
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self.background_waiting)
+
+    def _real_time_present(self) -> bool:
+        return bool(self.waiting) or len(self.running) > self._num_background_running
 
     def add_request(self, request: Request) -> None:
-        """Queue a new request (FCFS). Raises ValueError for one this scheduler could never run."""
+        """Queue a new request (FCFS within its class). Raises ValueError for one this scheduler could never run."""
         rid, n = request.request_id, request.num_tokens
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -83,7 +112,7 @@ class Scheduler:
             )
         request.status = RequestStatus.WAITING
         self._requests[rid] = request
-        self.waiting.append(request)
+        (self.background_waiting if request.background else self.waiting).append(request)
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[RequestOutput]:
         """Finish the requests as aborted and free their blocks now; unknown or finished ids are ignored."""
@@ -109,8 +138,9 @@ class Scheduler:
         # Rare (client gone, stop string): O(queue length) removal is fine here.
         if req.status == _RUNNING:
             self.running.remove(req)
+            self._num_background_running -= req.background
         else:
-            self.waiting.remove(req)
+            (self.background_waiting if req.background else self.waiting).remove(req)
         self._finish(req, status, stop_reason)
 
     def _finish(self, req: Request, status: RequestStatus, stop_reason: int | str | None) -> None:
@@ -122,21 +152,71 @@ class Scheduler:
     # ----------------------------------------------------------------- schedule
 
     def schedule(self) -> SchedulerOutput:
-        """Pick this step's tokens: running requests first (in order), then waiting ones (FCFS)."""
+        """Pick this step's tokens: running real-time requests, running background ones, then waiting real-time
+        requests (FCFS), then waiting background ones (FCFS, and only once no real-time request is left waiting)."""
         seqs: list[ScheduledSeq] = []
         preempted: list[str] = []
-        budget = self._schedule_running(seqs, preempted)
-        if not preempted:  # blocks are short: admitting now would only preempt again
+        background = bool(self._num_background_running or self.background_waiting)
+        capped = background and self._real_time_present()
+        if capped and self.waiting:
+            self._make_room(preempted)
+        num_seat_preemptions = len(preempted)
+        tokens = self.background_max_tokens if capped else None  # background tokens this step may still take
+        budget, tokens = self._schedule_running(seqs, preempted, tokens)
+        if len(preempted) == num_seat_preemptions:  # blocks are short: admitting now would only preempt again
             budget = self._schedule_waiting(seqs, budget)
+            if background and not self.waiting:  # background work never overtakes a waiting real-time request
+                budget = self._schedule_background_waiting(seqs, budget, tokens, capped)
         return SchedulerOutput(seqs, self.max_num_batched_tokens - budget, preempted)
 
-    def _schedule_running(self, seqs: list[ScheduledSeq], preempted: list[str]) -> int:
-        budget = self.max_num_batched_tokens
+    def _make_room(self, preempted: list[str]) -> None:
+        """Real-time requests are waiting: running background requests are preempted, newest first, until each
+        waiting real-time request has a free seat, no more than background_max_seqs of them run, and the free
+        blocks hold the first chunk of the real-time head (done before anything is scheduled: a request scheduled
+        this step must keep its blocks)."""
+        running = self.running
+        cap = self.background_max_seqs if self.background_max_seqs is not None else self.max_num_seqs
+        while self._num_background_running and (
+            self._num_background_running > cap or self.max_num_seqs - len(running) < len(self.waiting)
+        ):
+            self._preempt_newest(preempted)
+        head = self.waiting[0]
+        while self._num_background_running and self._blocks_to_admit(head) > self.kv.num_free_blocks:
+            self._preempt_newest(preempted)
+
+    def _blocks_to_admit(self, req: Request) -> int:
+        """Free blocks a waiting request's first chunk takes, were the whole step's budget its own: new blocks
+        plus the prefix-cache hits sitting in the free queue (as allocate_slots counts them)."""
+        hit_blocks, num_hit = self.kv.get_computed_blocks(req)
+        n = self._num_new_tokens(req.num_tokens - num_hit, self.max_num_batched_tokens)
+        ref_cnt = self.kv.pool.ref_cnt
+        revived = sum(1 for b in hit_blocks if ref_cnt[b] == 0)
+        return -(-(num_hit + n) // self.kv.block_size) - len(hit_blocks) + revived
+
+    def _schedule_running(
+        self, seqs: list[ScheduledSeq], preempted: list[str], background_tokens: int | None
+    ) -> tuple[int, int | None]:
+        """Running real-time requests, then running background ones within `background_tokens` (None: no cap).
+        Returns the budget left and the background tokens left."""
         running = self.running
         # draft tokens never take the budget of a later request's next token: one token is kept back for each
         reserved = len(running) if any(req.spec_token_ids for req in running) else 0
-        i = 0
-        while i < len(running) and budget > 0:
+        num_real_time = len(running) - self._num_background_running
+        budget, reserved = self._schedule_span(seqs, preempted, 0, num_real_time, self.max_num_batched_tokens, reserved)
+        if not self._num_background_running:
+            return budget, background_tokens
+        # preemptions so far took background requests from the end: they still start at num_real_time
+        limit = budget if background_tokens is None or background_tokens > budget else background_tokens
+        used = limit - self._schedule_span(seqs, preempted, num_real_time, len(running), limit, reserved)[0]
+        return budget - used, None if background_tokens is None else background_tokens - used
+
+    def _schedule_span(
+        self, seqs: list[ScheduledSeq], preempted: list[str], i: int, stop: int, budget: int, reserved: int
+    ) -> tuple[int, int]:
+        """Schedule running[i:stop] in order within `budget` (preemptions shorten `running` from its end). Returns
+        the budget left and the tokens still reserved for later requests' next tokens."""
+        running = self.running
+        while i < stop and i < len(running) and budget > 0:
             req = running[i]
             reserved = max(reserved - 1, 0)
             remaining = req.num_tokens - req.num_computed_tokens
@@ -150,7 +230,7 @@ class Scheduler:
                 seqs.append(self._scheduled_seq(req, n, num_spec))
                 budget -= n
             i += 1
-        return budget
+        return budget, reserved
 
     def _num_spec(self, req: Request, budget: int) -> int:
         """Draft tokens to verify with a decode step: what was proposed, within the budget (the last known token
@@ -161,14 +241,19 @@ class Scheduler:
 
     def _allocate_or_preempt(self, req: Request, n: int, preempted: list[str]) -> bool:
         """Allocate n slots for req, preempting the newest running requests until they fit; False when
-        req itself was the newest and got preempted."""
+        req itself was the newest and got preempted. Background requests are the last in `running`, so a real-time
+        req takes them first, and a background req (one of them) reaches itself before any real-time request."""
         while not self.kv.allocate_slots(req, n):
-            victim = self.running.pop()
-            self._preempt(victim)
-            preempted.append(victim.request_id)
-            if victim is req:
+            if self._preempt_newest(preempted) is req:
                 return False
         return True
+
+    def _preempt_newest(self, preempted: list[str]) -> Request:
+        victim = self.running.pop()
+        self._num_background_running -= victim.background
+        self._preempt(victim)
+        preempted.append(victim.request_id)
+        return victim
 
     def _preempt(self, req: Request) -> None:
         # Recompute on resumption: all_token_ids (prompt + outputs so far) is prefilled again.
@@ -178,25 +263,59 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions_total += 1
-        self.waiting.appendleft(req)
+        (self.background_waiting if req.background else self.waiting).appendleft(req)
 
     def _schedule_waiting(self, seqs: list[ScheduledSeq], budget: int) -> int:
-        waiting, running, kv = self.waiting, self.running, self.kv
+        waiting, running = self.waiting, self.running
         while waiting and budget > 0 and len(running) < self.max_num_seqs:
-            req = waiting[0]
-            hit_blocks, num_hit = kv.get_computed_blocks(req)
-            n = self._num_new_tokens(req.num_tokens - num_hit, budget)
-            if not n or not kv.allocate_slots(req, n, hit_blocks, num_hit):
+            n = self._admit_head(waiting, budget)
+            if n <= 0:
                 break  # FCFS: nobody overtakes the head of the queue
-            waiting.popleft()
-            if req.status == RequestStatus.WAITING:
-                req.num_cached_tokens = num_hit
-            req.num_computed_tokens = num_hit
-            req.status = _RUNNING
-            running.append(req)
+            req = waiting.popleft()
+            if self._num_background_running:  # real-time requests stay ahead of the background ones
+                running.insert(len(running) - self._num_background_running, req)
+            else:
+                running.append(req)
             seqs.append(self._scheduled_seq(req, n))
             budget -= n
         return budget
+
+    def _schedule_background_waiting(
+        self, seqs: list[ScheduledSeq], budget: int, tokens: int | None, capped: bool
+    ) -> int:
+        """Admit waiting background requests (FCFS) within `tokens` (None: no cap) and, when `capped`,
+        background_max_seqs."""
+        waiting, running = self.background_waiting, self.running
+        seats = self.max_num_seqs
+        if capped and self.background_max_seqs is not None:
+            seats = min(seats, len(running) - self._num_background_running + self.background_max_seqs)
+        while waiting and budget > 0 and len(running) < seats and (tokens is None or tokens > 0):
+            limit = budget if tokens is None or tokens > budget else tokens
+            n = self._admit_head(waiting, limit)
+            if n <= 0:
+                break  # FCFS within the class too
+            req = waiting.popleft()
+            running.append(req)
+            self._num_background_running += 1
+            seqs.append(self._scheduled_seq(req, n))
+            budget -= n
+            if tokens is not None:
+                tokens -= n
+        return budget
+
+    def _admit_head(self, waiting: deque[Request], budget: int) -> int:
+        """Allocate the first chunk of the queue's head within `budget` and mark it running (the caller moves it);
+        0 when the budget or the blocks are short."""
+        req = waiting[0]
+        hit_blocks, num_hit = self.kv.get_computed_blocks(req)
+        n = self._num_new_tokens(req.num_tokens - num_hit, budget)
+        if not n or not self.kv.allocate_slots(req, n, hit_blocks, num_hit):
+            return 0
+        if req.status == RequestStatus.WAITING:
+            req.num_cached_tokens = num_hit
+        req.num_computed_tokens = num_hit
+        req.status = _RUNNING
+        return n
 
     def _num_new_tokens(self, remaining: int, budget: int) -> int:
         """Tokens to schedule for a request with `remaining` unfed tokens; 0 means not this step."""
@@ -260,6 +379,8 @@ class Scheduler:
             outputs.append(output)
         if finished:  # continuous batching: finished requests leave the batch before the next step
             self.running = [req for req in self.running if req.status == _RUNNING]
+            if self._num_background_running:
+                self._num_background_running = sum(req.background for req in self.running)
         return outputs
 
     def _emit(self, req: Request, sampled: SamplerOutput, row: int, count: int) -> RequestOutput:

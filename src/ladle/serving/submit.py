@@ -28,16 +28,18 @@ Wait = Callable[[asyncio.Future], Awaitable[InferResult]]
 
 async def submit(
     mv: ModelVersion, inputs: dict[str, tuple[str, np.ndarray]], wait: Wait, priority: int = 0,
-    timeout_s: float | None = None, outputs: Iterable[str] | None = None,
+    timeout_s: float | None = None, outputs: Iterable[str] | None = None, background: bool = False,
 ) -> InferResult:
-    """`inputs`: name -> (datatype, array); `outputs`: the outputs the client asked for, if it named any."""
+    """`inputs`: name -> (datatype, array); `outputs`: the outputs the client asked for, if it named any;
+    `background`: a batch-job line, queued below every priority level."""
     if mv.batcher is None:  # the version routed to may be an LLM
         raise InvalidInput(f"model '{mv.name}' is an LLM: use the OpenAI API (POST /v1/completions)")
     label = f"{mv.name}:{mv.version}"
     rows = check_inputs(label, mv.config, mv.inputs, inputs)
     if outputs is not None:
         check_outputs(label, mv.outputs, outputs)
-    pending = mv.batcher.submit({name: array for name, (_, array) in inputs.items()}, rows, priority, timeout_s)
+    arrays = {name: array for name, (_, array) in inputs.items()}
+    pending = mv.batcher.submit(arrays, rows, priority, timeout_s, background=background)
     try:
         result = await wait(pending.future)
     except BaseException:
