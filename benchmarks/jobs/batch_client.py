@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -78,7 +79,7 @@ class BatchClient:
                     return f
                 if time.perf_counter() > deadline:
                     raise TimeoutError(f"batch {f.batch['id']} still {f.batch['status']} after {timeout_s:.0f} s")
-                time.sleep(poll_s)
+                time.sleep(min(poll_s, 0.1 + 0.01 * (time.perf_counter() - f.created)))  # fine at first
                 f.batch = self.get(f.batch["id"])
                 f.seen.setdefault(f.batch["status"], time.perf_counter())
 
@@ -105,6 +106,40 @@ class BatchClient:
                     stats["prompt_tokens"] += usage.get("prompt_tokens") or 0
                     stats["completion_tokens"] += usage.get("completion_tokens") or 0
         return stats
+
+
+# -- the LLM engine's counters -----------------------------------------------------------------------------------------
+ENGINE_SERIES = {  # name in the result: the Prometheus sample (labels other than model= are summed)
+    "steps": "ladle_llm_step_tokens_count", "step_tokens": "ladle_llm_step_tokens_sum",
+    "prompt_tokens": "ladle_llm_prompt_tokens_total", "generation_tokens": "ladle_llm_generation_tokens_total",
+    "prefix_hit_tokens": "ladle_llm_prefix_cache_hit_tokens_total", "preemptions": "ladle_llm_preemptions_total",
+    "steps_le_256": 'ladle_llm_step_tokens_bucket{le="256.0"}',  # steps of at most 256 tokens
+}
+_SAMPLE = re.compile(r"^(\w+)\{([^}]*)\}\s+(\S+)$", re.MULTILINE)
+
+
+def engine_counters(client: BatchClient, model: str) -> dict[str, float]:
+    """The model's engine counters from GET /metrics (0 for a series with no sample yet)."""
+    response = client.http.get("/metrics")
+    out = dict.fromkeys(ENGINE_SERIES, 0.0)
+    wanted = {v: k for k, v in ENGINE_SERIES.items()}
+    for name, labels, value in _SAMPLE.findall(response.text if response.status_code == 200 else ""):
+        if f'model="{model}"' not in labels:
+            continue
+        key = wanted.get(name) or next((wanted[w] for w in wanted if w.startswith(name + "{")
+                                        and w[len(name) + 1:-1] in labels), None)
+        if key is not None:
+            out[key] += float(value)
+    return out
+
+
+def engine_delta(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float | None]:
+    """What the engine did over a phase: steps, ms of wall time per step, tokens per step, preemptions."""
+    d = {k: after[k] - before[k] for k in before}
+    steps = d["steps"]
+    d["steps_over_256"] = steps - d.pop("steps_le_256")
+    return {**d, "ms_per_step": seconds / steps * 1e3 if steps else None,
+            "tokens_per_step": d["step_tokens"] / steps if steps else None}
 
 
 # -- the real-time embeddings load ------------------------------------------------------------------------------------

@@ -18,11 +18,11 @@ concurrency, and real-time p99 TTFT at a fixed moderate load with and without a 
 - Embeddings: real-time /v1/embeddings closed loop at each --embed-concurrency vs an --embed-lines batch alone.
 
 Each measured phase records the CPU time other processes took meanwhile (other load, CPU s/s of the box).
-Writes out/batch_path.md and out/batch_path.json and prints the table.
+Writes out/batch_path.md and out/batch_path.json (--name) and prints the table.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/jobs/batch_path.py [--quick] [--lines 2000] [--max-tokens 64]
         [--concurrency 8,16,32,64] [--duration 25] [--rate R | --rate-share 0.35] [--ttft-duration 40]
-        [--rounds 2] [--embed-concurrency 8,16,32] [--embed-lines 2000] [--parts llm,embeddings]
+        [--rounds 2] [--embed-concurrency 8,16,32] [--embed-lines 2000] [--parts throughput,ttft,embeddings]
         [--server-args="--batch-lines-in-flight 64"] [--model-param smollm2.batch_share=0.5]
 
 --quick: 200 lines and short phases (a smoke run, ~3 minutes). --model-param MODEL.KEY=VALUE serves a copy of the
@@ -38,6 +38,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,7 +57,7 @@ import hardware  # noqa: E402
 import quant  # noqa: E402  (benchmarks/llm/quant.py: machine info, the GGUF's tokenizer, progress clock)
 import run as llm  # noqa: E402  (benchmarks/llm/run.py: ROOT, other-load accounting)
 import workload  # noqa: E402
-from batch_client import BatchClient, Followed, embeddings_load  # noqa: E402
+from batch_client import BatchClient, Followed, embeddings_load, engine_counters, engine_delta  # noqa: E402
 from spawn import free_port, spawned_server  # noqa: E402
 
 from ladle.bench.serve import ServeBenchConfig  # noqa: E402
@@ -138,19 +139,23 @@ def bench_command(config: ServeBenchConfig) -> str:
     return shlex.join([*words, "--num-prompts", str(config.num_prompts), "--seed", str(config.seed)])
 
 
-def measured(config: ServeBenchConfig, pids: list[int]) -> dict[str, Any]:
+def measured(config: ServeBenchConfig, pids: list[int], client: BatchClient) -> dict[str, Any]:
+    before = engine_counters(client, LLM)
     with llm.foreign_cpu(pids) as other:
         result = bench_run(config)
+    engine = engine_delta(before, engine_counters(client, LLM), other["phase_s"])
     s = result.summary
     if s["failed"]:
         raise RuntimeError(f"{s['failed']} requests failed: {next(r.error for r in result.records if r.error)}")
     return {"requests": s["completed"], "seconds": s["duration"], "req_s": s["request_throughput"],
             "output_tokens": s["total_output_tokens"], "output_tok_s": s["output_throughput"],
             **{k: s[k] for k in ("p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p50_e2el_ms")},
-            "other_load": other["foreign_cpu_s"] / other["phase_s"], "bench_command": bench_command(config)}
+            "other_load": other["foreign_cpu_s"] / other["phase_s"], "engine": engine,
+            "bench_command": bench_command(config)}
 
 
-def realtime_best(url: str, args: argparse.Namespace, pids: list[int], clock: quant.Clock) -> list[dict[str, Any]]:
+def realtime_best(url: str, client: BatchClient, args: argparse.Namespace, pids: list[int],
+                  clock: quant.Clock) -> list[dict[str, Any]]:
     """A: closed loops; each measured run is sized from an unmeasured warm-up wave of c requests at c."""
     rows = []
     levels = [(c, False) for c in args.concurrencies]
@@ -164,7 +169,7 @@ def realtime_best(url: str, args: argparse.Namespace, pids: list[int], clock: qu
         n = max(2 * c, round(estimate * args.duration))
         clock.say(f"A: concurrency {c}: {n} requests (~{estimate:.1f} req/s in the warm-up) ...")
         row = {"concurrency": c, "reference_only": reference,
-               **measured(chat_config(url, args, n, seed=c, concurrency=c), pids)}
+               **measured(chat_config(url, args, n, seed=c, concurrency=c), pids, client)}
         clock.say(f"A: concurrency {c}: {row['req_s']:.2f} req/s, {row['output_tok_s']:.1f} out tok/s, TTFT p50 "
                   f"{row['p50_ttft_ms']:.0f} ms, other load {row['other_load']:.2f}")
         rows.append(row)
@@ -176,9 +181,11 @@ def batch_alone(client: BatchClient, file_id: str, endpoint: str, lines: int, pi
                 poll_s: float) -> dict[str, Any]:
     """B: one batch from create to completed with nothing else running."""
     clock.say(f"B: batch of {lines} {endpoint} lines alone: creating ...")
+    before = engine_counters(client, LLM)
     with llm.foreign_cpu(pids) as other:
         followed = client.create(file_id, endpoint)
         client.follow(followed, poll_s=poll_s, desc=f"batch {endpoint}")
+    engine = engine_delta(before, engine_counters(client, LLM), other["phase_s"])
     batch = followed.batch
     wall = followed.seen.get(batch["status"], time.perf_counter()) - followed.created
     if batch["status"] != "completed":
@@ -191,7 +198,8 @@ def batch_alone(client: BatchClient, file_id: str, endpoint: str, lines: int, pi
            "validating_s": (in_progress - followed.created) if in_progress else None,
            "lines_s": counts["completed"] / wall, "output_tokens": stats["completion_tokens"],
            "prompt_tokens": stats["prompt_tokens"], "output_tok_s": stats["completion_tokens"] / wall,
-           "statuses": stats["statuses"], "other_load": other["foreign_cpu_s"] / other["phase_s"]}
+           "statuses": stats["statuses"], "other_load": other["foreign_cpu_s"] / other["phase_s"],
+           **({"engine": engine} if endpoint == CHAT else {})}
     clock.say(f"B: {counts['completed']}/{counts['total']} lines in {wall:.1f} s: {row['lines_s']:.2f} lines/s"
               + (f", {row['output_tok_s']:.1f} out tok/s" if endpoint == CHAT else "")
               + f", other load {row['other_load']:.2f}")
@@ -212,7 +220,7 @@ def ttft_rounds(url: str, client: BatchClient, file_id: str, rate: float, args: 
     for rnd in range(1, args.rounds + 1):
         config = chat_config(url, args, n, seed=500 + rnd, rate=rate)
         clock.say(f"C: round {rnd}/{args.rounds}, without a batch: {n} streaming requests at {rate:.2f} req/s ...")
-        row = {"round": rnd, "batch": False, **measured(config, pids)}
+        row = {"round": rnd, "batch": False, **measured(config, pids, client)}
         clock.say(f"C: round {rnd} without: TTFT p50 {row['p50_ttft_ms']:.0f} ms, p99 {row['p99_ttft_ms']:.0f} ms, "
                   f"other load {row['other_load']:.2f}")
         rows.append(row)
@@ -225,7 +233,7 @@ def ttft_rounds(url: str, client: BatchClient, file_id: str, rate: float, args: 
             raise RuntimeError(f"the phase C batch ended {followed.batch['status']} before the load started")
         before, t0 = followed.batch["request_counts"]["completed"], time.perf_counter()
         clock.say(f"C: round {rnd} with a batch ({before} lines done so far): the same {n} requests ...")
-        row = {"round": rnd, "batch": True, **measured(config, pids)}
+        row = {"round": rnd, "batch": True, **measured(config, pids, client)}
         after = client.get(followed.batch["id"])
         window = time.perf_counter() - t0
         row.update(batch_id=after["id"], batch_status_after=after["status"],
@@ -275,6 +283,7 @@ def summarize(doc: dict[str, Any]) -> None:
         targets.append({"name": f"{LLM} batch alone vs real-time best (out tok/s)",
                         "target": f">= {TARGET_THROUGHPUT}x", "measured": b["vs_realtime_tok_s"],
                         "met": b["vs_realtime_tok_s"] >= TARGET_THROUGHPUT})
+    if doc.get("ttft"):
         with_rows = [r for r in doc["ttft"] if r["batch"]]
         ratios = [r["p99_vs_without"] for r in with_rows]
         doc["ttft_median"] = {
@@ -302,6 +311,19 @@ def _f(value: float | None, spec: str = ",.1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _lines_in_window(row: dict[str, Any]) -> str:
+    """Lines the batch finished during the measured load; flagged when the batch ran out before the load did."""
+    ended = row["batch_status_after"] != "in_progress"
+    return f"{row['batch_lines_in_window']}" + (f" (batch {row['batch_status_after']} before the end)" if ended else "")
+
+
+def _engine(row: dict[str, Any]) -> str:
+    e = row.get("engine")
+    if not e or not e["steps"]:
+        return "-"
+    return f"{e['tokens_per_step']:.1f} · {e['ms_per_step']:.0f}"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     a = doc["args"]
     lines = ["## Batch path (`benchmarks/jobs/batch_path.py`)", "",
@@ -314,29 +336,31 @@ def markdown(doc: dict[str, Any]) -> str:
         b = doc["batch"]
         lines += ["### Throughput: batch alone vs the real-time path", "",
                   "| model | path | c | requests | seconds | req/s | out tok/s | vs real-time best | TTFT p50 / p99 ms "
-                  "| other load |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+                  "| engine tok/step · ms/step | other load |", "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
         for r in doc["realtime"]:
             mark = "**" if r is best else ""
             label = "real-time (rate cap of C)" if r["reference_only"] else "real-time"
             lines.append(f"| {LLM} | {label} | {r['concurrency']} | {r['requests']} | {r['seconds']:.1f} | "
                          f"{r['req_s']:.2f} | {mark}{r['output_tok_s']:,.1f}{mark} | "
                          f"{r['output_tok_s'] / best['output_tok_s']:.2f}x | {r['p50_ttft_ms']:,.0f} / "
-                         f"{r['p99_ttft_ms']:,.0f} | {r['other_load']:.2f} |")
+                         f"{r['p99_ttft_ms']:,.0f} | {_engine(r)} | {r['other_load']:.2f} |")
         lines.append(f"| {LLM} | **batch alone** | - | {b['completed']} | {b['seconds']:.1f} | {b['lines_s']:.2f} | "
-                     f"**{b['output_tok_s']:,.1f}** | **{b['vs_realtime_tok_s']:.2f}x** | - | {b['other_load']:.2f} |")
+                     f"**{b['output_tok_s']:,.1f}** | **{b['vs_realtime_tok_s']:.2f}x** | - | {_engine(b)} | "
+                     f"{b['other_load']:.2f} |")
     if doc.get("embed_realtime"):
         best = doc["embed_best"]
         e = doc["embed_batch"]
         if not doc.get("realtime"):
             lines += ["| model | path | c | requests | seconds | req/s | out tok/s | vs real-time best | latency "
-                      "p50 / p99 ms | other load |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+                      "p50 / p99 ms | engine | other load |", "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
         for r in doc["embed_realtime"]:
             mark = "**" if r is best else ""
             lines.append(f"| {EMBEDDER} | real-time | {r['concurrency']} | {r['requests']} | {r['seconds']:.1f} | "
                          f"{mark}{r['req_s']:.1f}{mark} | - | {r['req_s'] / best['req_s']:.2f}x | "
-                         f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} (latency) | {r['other_load']:.2f} |")
+                         f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} (latency) | - | {r['other_load']:.2f} |")
         lines.append(f"| {EMBEDDER} | **batch alone** | - | {e['completed']} | {e['seconds']:.1f} | "
-                     f"**{e['lines_s']:.1f}** | - | **{e['vs_realtime_req_s']:.2f}x** | - | {e['other_load']:.2f} |")
+                     f"**{e['lines_s']:.1f}** | - | **{e['vs_realtime_req_s']:.2f}x** | - | - | "
+                     f"{e['other_load']:.2f} |")
     if doc.get("realtime") or doc.get("embed_realtime"):
         lines += ["", "req/s: requests (batch: lines) completed / wall time; a batch's wall time runs from POST "
                   "/v1/batches to the first poll that saw it completed (validation included: "
@@ -344,7 +368,9 @@ def markdown(doc: dict[str, Any]) -> str:
                                                                                     doc.get("embed_batch"))
                               if x and x.get("validating_s") is not None)
                   + "). out tok/s: the real-time runs' streamed tokens, the batch's usage.completion_tokens summed "
-                  "over its output file. vs real-time best: over the best real-time row (bold) of the same model.", ""]
+                  "over its output file. vs real-time best: over the best real-time row (bold) of the same model. "
+                  "engine: the LLM engine's tokens per step (prefill + decode) and wall ms per step over the phase "
+                  "(from /metrics).", ""]
     if doc.get("ttft"):
         med = doc["ttft_median"]
         lines += [f"### Real-time TTFT at {doc['rate']:.2f} req/s (Poisson, streaming) with and without a batch", "",
@@ -352,24 +378,26 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"{a['lines']}-line batch of the same workload running (started first, measured once its lines "
                   "complete; cancelled afterwards).", "",
                   "| round | batch running | requests | req/s | TTFT p50 ms | TTFT p99 ms | p99 vs without | "
-                  "batch lines done in the window | batch lines/s | other load |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "batch lines done in the window | batch lines/s | engine tok/step | steps > 256 tok | preemptions | "
+                  "other load |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in doc["ttft"]:
             with_batch = r["batch"]
             lines.append(f"| {r['round']} | {'yes' if with_batch else 'no'} | {r['requests']} | {r['req_s']:.2f} | "
                          f"{r['p50_ttft_ms']:,.0f} | {r['p99_ttft_ms']:,.0f} | "
                          f"{_f(r.get('p99_vs_without'), '.2f') + 'x' if with_batch else '-'} | "
-                         f"{r['batch_lines_in_window'] if with_batch else '-'} | "
+                         f"{_lines_in_window(r) if with_batch else '-'} | "
                          f"{_f(r.get('batch_lines_s_in_window'), '.2f') if with_batch else '-'} | "
+                         f"{_f(r['engine']['tokens_per_step'])} | {_f(r['engine'].get('steps_over_256'), 'g')} | "
+                         f"{r['engine']['preemptions']:g} | "
                          f"{r['other_load']:.2f} |")
         lines.append(f"| median | | | | | without {med['p99_without_ms']:,.0f} / with {med['p99_with_ms']:,.0f} | "
-                     f"**{med['p99_vs_without']:.2f}x** | {med['batch_lines_in_window']:g} | | |")
+                     f"**{med['p99_vs_without']:.2f}x** | {med['batch_lines_in_window']:g} | | | | | |")
     if doc["targets"]:
         lines += ["", "Targets:", ""]
         for t in doc["targets"]:
             lines.append(f"- {t['name']} {t['target']}: {t['measured']:.2f}x, {'met' if t['met'] else 'NOT met'}")
     lines += ["", "Commands:", "", "```", doc["command"], doc["server_command"],
-              *sorted({r["bench_command"] for r in doc.get("realtime", []) + doc.get("ttft", [])}), "```", "",
+              *dict.fromkeys(r["bench_command"] for r in doc.get("realtime", []) + doc.get("ttft", [])), "```", "",
               f"Total {doc['seconds']:.0f} s."]
     return "\n".join(lines)
 
@@ -390,25 +418,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--embed-concurrency", help="real-time embeddings concurrencies (default 8,16,32)")
     ap.add_argument("--embed-duration", type=float, help="seconds of each real-time embeddings run (default 15)")
     ap.add_argument("--embed-lines", type=int, help="lines of the embeddings batch (default 2000; --quick 200)")
-    ap.add_argument("--parts", default="llm,embeddings", help="llm, embeddings or both")
+    ap.add_argument("--parts", default="throughput,ttft,embeddings",
+                    help="what to run: throughput (A and B), ttft (C; alone it needs --rate), embeddings; llm = "
+                    "throughput,ttft")
     ap.add_argument("--server-args", default="", help="extra `ladle serve` flags, one string")
     ap.add_argument("--model-param", action="append", default=[], metavar="MODEL.KEY=VALUE",
                     help="serve a copy of the demo repository with this model parameter set (repeatable)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the hardware probe")
     ap.add_argument("--poll", type=float, default=0.5, help="seconds between polls of a batch")
+    ap.add_argument("--name", default="batch_path", help="write out/NAME.md, out/NAME.json and out/NAME-server.log")
     args = ap.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.concurrencies = [int(c) for c in args.concurrency.split(",")]
     args.embed_concurrencies = [int(c) for c in args.embed_concurrency.split(",")]
-    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    if set(args.parts) - {"llm", "embeddings"} or not args.parts:
-        ap.error("--parts: choose from llm, embeddings")
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if "llm" in parts:
+        parts = (parts - {"llm"}) | {"throughput", "ttft"}
+    if parts - {"throughput", "ttft", "embeddings"} or not parts:
+        ap.error("--parts: choose from throughput, ttft, embeddings (llm = throughput,ttft)")
+    if "ttft" in parts and "throughput" not in parts and args.rate is None:
+        ap.error("--parts ttft without throughput needs --rate (C's default rate comes from A)")
+    args.parts = sorted(parts)
     return args
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` stops the server too (the with blocks unwind)
     argv = sys.argv[1:]
     args = parse_args(argv)
     clock = quant.Clock()
@@ -422,7 +459,7 @@ def main() -> None:
     hw = hardware.measure(args.threads)
     clock.say(hardware.describe(hw))
     repo = repository(args.model_param)
-    log = OUT / "batch_path-server.log"
+    log = OUT / f"{args.name}-server.log"
     log.write_bytes(b"")
     doc: dict[str, Any] = {"machine": host, "hardware": hw, "argv": argv,
                            "args": {k: v for k, v in vars(args).items()},
@@ -439,18 +476,20 @@ def main() -> None:
         client = BatchClient(url)
         stack.callback(client.close)
         clock.say(f"ready in {spawned.ready_s:.1f} s; warming up ...")
-        if "llm" in args.parts:
+        if "throughput" in args.parts or "ttft" in args.parts:
             bench_run(chat_config(url, args, 4, seed=2000, concurrency=2, bar=False))
             path = OUT / "batch_path-chat.jsonl"
             size = workload.write_batch_input(path, CHAT, LLM, args.lines, args.max_tokens)
             clock.say(f"uploading {path.name}: {args.lines} lines, {size / 1e6:.2f} MB ...")
             chat_file = client.upload(path)
-            doc["realtime"] = realtime_best(url, args, pids, clock)
+        if "throughput" in args.parts:
+            doc["realtime"] = realtime_best(url, client, args, pids, clock)
             doc["batch"] = batch_alone(client, chat_file, CHAT, args.lines, pids, clock, args.poll)
-            best = max((r for r in doc["realtime"] if not r["reference_only"]), key=lambda r: r["output_tok_s"])
+        if "ttft" in args.parts:
             if args.rate is not None:
                 doc["rate"], doc["rate_note"] = args.rate, f"--rate {args.rate:g}"
             else:
+                best = max((r for r in doc["realtime"] if not r["reference_only"]), key=lambda r: r["output_tok_s"])
                 cap = next((r["req_s"] for r in doc["realtime"] if r["concurrency"] == RATE_CAP_CONCURRENCY), None)
                 share = args.rate_share * best["req_s"]
                 doc["rate"] = min(share, cap) if cap else share
@@ -472,8 +511,8 @@ def main() -> None:
     doc["seconds"] = time.perf_counter() - clock.started
     summarize(doc)
     text = markdown(doc)
-    (OUT / "batch_path.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2, default=str))
-    (OUT / "batch_path.md").write_text(text + "\n")
+    (OUT / f"{args.name}.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2, default=str))
+    (OUT / f"{args.name}.md").write_text(text + "\n")
     print(text)
 
 

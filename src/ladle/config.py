@@ -87,9 +87,10 @@ class LLMConfig:
     block_size: int = option(16, "tokens per KV-cache block")
     max_num_seqs: int = option(64, "most requests decoded together in one step")
     max_num_batched_tokens: int = option(2048, "token budget of one engine step (prefill chunks + decodes)")
-    batch_share: float = option(
-        0.25, "share of --max-num-seqs and of --max-num-batched-tokens that batch-job work (the Batches API, "
-        "/v2/jobs) may hold while real-time requests wait; with no real-time traffic a job uses the whole engine"
+    batch_share: float | None = option(
+        None, "share of --max-num-seqs and of --max-num-batched-tokens that batch-job work (the Batches API, "
+        "/v2/jobs) may hold while real-time requests are present (default 1/32: on a CPU every sequence in a "
+        "step adds to real-time latency); with no real-time traffic a job uses the whole engine"
     )
     max_model_len: int | None = option(None, "context window (default: the model's max_position_embeddings)")
     enable_prefix_caching: bool = option(True, "reuse the KV cache of shared prompt prefixes across requests")
@@ -209,3 +210,4 @@ class ServerConfig:
 
 # LLMConfig fields a repository LLM takes from the server's flags when its own config leaves them unset (None)
 SPECULATIVE_FIELDS = ("speculative_method", "speculative_model", "num_speculative_tokens", "ngram_min", "ngram_max")
+INHERITED_FIELDS = (*SPECULATIVE_FIELDS, "batch_share")

@@ -42,20 +42,20 @@ def test_background_alone_uses_the_whole_engine():
 
 
 def test_caps_apply_while_real_time_is_present_and_lift_when_it_leaves():
-    s = make(max_num_seqs=4, max_num_batched_tokens=16, background_max_seqs=2, background_max_tokens=3)
+    s = make(max_num_seqs=4, max_num_batched_tokens=16, background_max_seqs=2, background_max_tokens=3,
+             isolate_admissions=True)
     s.add_request(req("r", [1, 2], max_tokens=3))
     for i in range(4):
         s.add_request(bg(f"b{i}", [10 + i, 20 + i]))
-    # real-time first; then 2 seats and 3 tokens for background work: b1 gets a 1-token chunk
-    assert shape(step(s)[0]) == [("r", 0, 2, True), ("b0", 0, 2, True), ("b1", 0, 1, False)]
+    assert shape(step(s)[0]) == [("r", 0, 2, True)]  # a step admitting real-time work carries no background work
+    # then 2 seats and 3 tokens for background work: b1 gets a 1-token chunk
+    assert shape(step(s)[0]) == [("r", 2, 1, True), ("b0", 0, 2, True), ("b1", 0, 1, False)]
     assert ids(s.running) == ["r", "b0", "b1"] and ids(s.background_waiting) == ["b2", "b3"]
-    out, _ = step(s)  # r only runs now: the caps still hold (2 seats taken, so b2 waits)
-    assert shape(out) == [("r", 2, 1, True), ("b0", 2, 1, True), ("b1", 1, 1, True)]
-    out, outs = step(s)
-    assert shape(out) == [("r", 3, 1, True), ("b0", 3, 1, True), ("b1", 2, 1, True)]
+    out, outs = step(s)  # the caps still hold (2 seats taken, so b2 waits)
+    assert shape(out) == [("r", 3, 1, True), ("b0", 2, 1, True), ("b1", 1, 1, True)]
     assert outs["r"].finish_reason == "length"
     out, _ = step(s)  # no real-time request left: the whole engine
-    assert shape(out) == [("b0", 4, 1, True), ("b1", 3, 1, True), ("b2", 0, 2, True), ("b3", 0, 2, True)]
+    assert shape(out) == [("b0", 3, 1, True), ("b1", 2, 1, True), ("b2", 0, 2, True), ("b3", 0, 2, True)]
 
 
 def test_the_token_cap_counts_prefill_chunks_decodes_and_drafts():
@@ -107,18 +107,47 @@ def test_waiting_real_time_requests_take_seats_from_the_newest_background_reques
     assert shape(step(s)[0]) == [("b0", 2, 1, True), ("b1", 0, 2, True), ("b2", 0, 2, True)]
 
 
-def test_waiting_real_time_trims_background_work_to_background_max_seqs():
+def test_background_work_above_the_cap_is_not_preempted_for_the_cap_alone():
     s = make(max_num_seqs=4, background_max_seqs=1)
     for i in range(4):
-        s.add_request(bg(f"b{i}", [i + 1], max_tokens=10, ignore_eos=True))
+        s.add_request(bg(f"b{i}", [i + 1], max_tokens=2, ignore_eos=True))
+    s.add_request(bg("b4", [9], max_tokens=2, ignore_eos=True))
     step(s)
     s.add_request(req("r", [7], max_tokens=10))
+    out, outs = step(s)
+    assert out.preempted_ids == ["b3"]  # r's seat only: b0-b2 keep their work, and finish
+    assert shape(out) == [("b0", 1, 1, True), ("b1", 1, 1, True), ("b2", 1, 1, True), ("r", 0, 1, True)]
+    assert {outs[b].finish_reason for b in ("b0", "b1", "b2")} == {"length"}
+    assert s.num_background_running == 0 and ids(s.background_waiting) == ["b3", "b4"]
+    out, _ = step(s)  # under the cap again: one background request joins r (b3 recomputes its first token)
+    assert shape(out) == [("r", 1, 1, True), ("b3", 0, 2, True)] and ids(s.background_waiting) == ["b4"]
+
+
+def test_a_real_time_admission_step_carries_no_background_work_when_isolated():
+    s = make(max_num_batched_tokens=32, block_size=4, num_blocks=32, isolate_admissions=True)
+    s.add_request(bg("long", range(1, 21)))
+    s.add_request(bg("short", [5], max_tokens=10, ignore_eos=True))
+    s.long_prefill_token_threshold = 8  # the long prompt is fed 8 tokens a step
+    step(s)
+    s.add_request(req("r", [7, 8], max_tokens=4))
     out, _ = step(s)
-    assert out.preempted_ids == ["b3", "b2", "b1"]  # one for r's seat, then down to the cap
-    assert shape(out) == [("b0", 1, 1, True), ("r", 0, 1, True)]
-    assert ids(s.running) == ["r", "b0"] and ids(s.background_waiting) == ["b1", "b2", "b3"]
-    out, _ = step(s)  # r is running: still capped, nobody readmitted
-    assert shape(out) == [("r", 1, 1, True), ("b0", 2, 1, True)] and out.preempted_ids == []
+    assert shape(out) == [("r", 0, 2, True)]  # r's first token comes as fast as without background work
+    out, _ = step(s)
+    assert shape(out) == [("r", 2, 1, True), ("long", 8, 8, False), ("short", 1, 1, True)]
+
+
+def test_the_caps_hold_for_background_hold_s_after_real_time_leaves():
+    now = [0.0]
+    s = make(max_num_seqs=4, background_max_seqs=1, background_hold_s=2.0, clock=lambda: now[0])
+    s.add_request(req("r", [1], max_tokens=1))
+    for i in range(3):
+        s.add_request(bg(f"b{i}", [i + 2], max_tokens=20, ignore_eos=True))
+    out, outs = step(s)
+    assert shape(out) == [("r", 0, 1, True), ("b0", 0, 1, True)] and outs["r"].finish_reason == "length"
+    now[0] = 1.5  # r is gone, but within the hold: still one background seat
+    assert [q.request_id for q in step(s)[0].seqs] == ["b0"]
+    now[0] = 2.5  # the hold is over: the whole engine
+    assert [q.request_id for q in step(s)[0].seqs] == ["b0", "b1", "b2"]
 
 
 def test_no_seat_preemption_when_seats_are_free():
@@ -271,7 +300,7 @@ def test_batch_share_sets_the_caps_and_is_validated():
     from ladle.llm.factory import background_caps
     from ladle.serving.builders import llm_config_from_parameters
 
-    assert background_caps(LLMConfig()) == (16, 512)
+    assert background_caps(LLMConfig()) == (2, 64)  # the default share, 1/32
     assert background_caps(LLMConfig(max_num_seqs=3, max_num_batched_tokens=10, batch_share=0.1)) == (1, 1)
     assert background_caps(LLMConfig(max_num_seqs=8, batch_share=1)) == (8, 2048)
     for bad in (0, -0.5, 1.5, True, "half"):
@@ -279,6 +308,10 @@ def test_batch_share_sets_the_caps_and_is_validated():
             background_caps(LLMConfig(batch_share=bad))
     parsed = llm_config_from_parameters({"batch_share": 0.5, "max_num_seqs": 8}, Path("/m/1"), "/m")
     assert (parsed.batch_share, background_caps(parsed)) == (0.5, (4, 1024))
+    # a repository LLM that sets none takes the server's --batch-share; its own wins
+    server = LLMConfig(batch_share=0.125)
+    assert llm_config_from_parameters({}, Path("/m/1"), "/m", server).batch_share == 0.125
+    assert llm_config_from_parameters({"batch_share": 0.5}, Path("/m/1"), "/m", server).batch_share == 0.5
 
 
 # ------------------------------------------------------------------------------------------ property test
@@ -298,6 +331,7 @@ def workloads(draw, tight: bool):
         long_prefill_token_threshold=draw(st.sampled_from([0, 0, 1, 3, 8])),
         background_max_seqs=draw(st.sampled_from([None, 1, 2, 3])),
         background_max_tokens=draw(st.sampled_from([None, 1, 2, 5, 16])),
+        isolate_admissions=draw(st.booleans()),
     )
     max_prompt = max_model_len if config["enable_chunked_prefill"] else min(max_model_len,
                                                                             config["max_num_batched_tokens"])
@@ -387,6 +421,8 @@ def checked_schedule(s: Scheduler, requests: dict[str, Request]) -> SchedulerOut
     """schedule(), checking the caps while real-time work is present and who may preempt or be admitted."""
     real_time_present = bool(s.waiting) or any(not r.background for r in s.running)
     background_waiting = set(ids(s.background_waiting))
+    before = s.num_background_running
+    admitting = bool(s.waiting)
     if s.waiting and s.num_background_running > (s.background_max_seqs or s.max_num_seqs):
         event("real-time requests wait while background work is above its cap")
     out = s.schedule()
@@ -394,8 +430,10 @@ def checked_schedule(s: Scheduler, requests: dict[str, Request]) -> SchedulerOut
     if real_time_present:
         if s.background_max_tokens is not None:
             assert sum(q.num_tokens for q in background) <= s.background_max_tokens
-        if s.background_max_seqs is not None:
-            assert s.num_background_running <= s.background_max_seqs
+        if s.background_max_seqs is not None:  # background work above the cap finishes; none joins it
+            assert s.num_background_running <= max(s.background_max_seqs, before)
+    if admitting and s.isolate_admissions:
+        assert not background, "background work in a step that admits real-time requests"
     if any(q.request_id in background_waiting for q in background):
         assert not s.waiting, "a background request was admitted while a real-time one waits"
     first_real_time = next((i for i, rid in enumerate(out.preempted_ids) if not requests[rid].background), None)

@@ -111,6 +111,7 @@ def build_core(
         max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
         enable_chunked_prefill=config.enable_chunked_prefill,
         background_max_seqs=background_max_seqs, background_max_tokens=background_max_tokens,
+        background_hold_s=BACKGROUND_HOLD_S, isolate_admissions=True,
     )
     structured = StructuredOutputs(tokenizer.hf, runner.vocab_size) if tokenizer is not None else None
     spec = spec_config(config)
@@ -119,10 +120,15 @@ def build_core(
     return EngineCore(runner, scheduler, structured)
 
 
+DEFAULT_BATCH_SHARE = 1 / 32  # measured: benchmarks/RESULTS.md, "Batch path"
+#: the batch caps stay on this long after the last real-time request left (scheduler.py says why)
+BACKGROUND_HOLD_S = 10.0
+
+
 def background_caps(config: LLMConfig) -> tuple[int, int]:
     """(seats, tokens per step) that batch-job work may hold while real-time requests are present: --batch-share of
     --max-num-seqs and of --max-num-batched-tokens, at least one of each."""
-    share = config.batch_share
+    share = DEFAULT_BATCH_SHARE if config.batch_share is None else config.batch_share
     if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
         raise ValueError(f"batch_share must be a number in (0, 1], got {share!r}")
     return max(1, int(config.max_num_seqs * share)), max(1, int(config.max_num_batched_tokens * share))

@@ -15,8 +15,10 @@ background ones in admission order: the newest background request is always the 
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ladle.llm.block_pool import BlockPool
 from ladle.llm.kv_cache import KVCacheManager
@@ -43,6 +45,9 @@ class Scheduler:
         long_prefill_token_threshold: int = 0,
         background_max_seqs: int | None = None,
         background_max_tokens: int | None = None,
+        background_hold_s: float = 0.0,
+        isolate_admissions: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or long_prefill_token_threshold < 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1, long_prefill_token_threshold >= 0")
@@ -62,6 +67,15 @@ class Scheduler:
         # what background requests may hold while a real-time request is present (None: no cap)
         self.background_max_seqs = background_max_seqs
         self.background_max_tokens = background_max_tokens
+        # the caps stay on this long after the last real-time request left: under a steady trickle of real-time
+        # traffic, lifting them in every short gap let background work fill the engine, only to be preempted (and
+        # recomputed) at the next arrival, and that arrival waited behind the refill's long prefill step
+        self.background_hold_s = background_hold_s
+        # a step that admits real-time requests carries no background work: their first token (TTFT) comes as fast
+        # as without it (a background step costs the admission step ~1 ms per background sequence on 2 CPU cores)
+        self.isolate_admissions = isolate_admissions
+        self.clock = clock
+        self._real_time_seen = -math.inf
         self.waiting: deque[Request] = deque()  # real-time requests, FCFS
         self.background_waiting: deque[Request] = deque()  # background requests, FCFS
         # real-time requests in admission order, then background ones in admission order: the last is the newest
@@ -78,7 +92,8 @@ class Scheduler:
         kv = KVCacheManager(pool, self.kv.max_model_len)
         return Scheduler(kv, self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len,
                          self.enable_chunked_prefill, self.long_prefill_token_threshold,
-                         self.background_max_seqs, self.background_max_tokens)
+                         self.background_max_seqs, self.background_max_tokens, self.background_hold_s,
+                         self.isolate_admissions, self.clock)
 
     @property
     def num_running(self) -> int:
@@ -96,7 +111,12 @@ class Scheduler:
         return bool(self.running or self.waiting or self.background_waiting)
 
     def _real_time_present(self) -> bool:
-        return bool(self.waiting) or len(self.running) > self._num_background_running
+        """A real-time request is waiting or running, or was within the last background_hold_s."""
+        if self.waiting or len(self.running) > self._num_background_running:
+            if self.background_hold_s:
+                self._real_time_seen = self.clock()
+            return True
+        return bool(self.background_hold_s) and self.clock() - self._real_time_seen < self.background_hold_s
 
     def add_request(self, request: Request) -> None:
         """Queue a new request (FCFS within its class). Raises ValueError for one this scheduler could never run."""
@@ -157,11 +177,13 @@ class Scheduler:
         seqs: list[ScheduledSeq] = []
         preempted: list[str] = []
         background = bool(self._num_background_running or self.background_waiting)
-        capped = background and self._real_time_present()
+        capped = self._real_time_present() and background
         if capped and self.waiting:
             self._make_room(preempted)
         num_seat_preemptions = len(preempted)
         tokens = self.background_max_tokens if capped else None  # background tokens this step may still take
+        if capped and self.waiting and self.isolate_admissions:
+            tokens = 0
         budget, tokens = self._schedule_running(seqs, preempted, tokens)
         if len(preempted) == num_seat_preemptions:  # blocks are short: admitting now would only preempt again
             budget = self._schedule_waiting(seqs, budget)
@@ -171,14 +193,12 @@ class Scheduler:
 
     def _make_room(self, preempted: list[str]) -> None:
         """Real-time requests are waiting: running background requests are preempted, newest first, until each
-        waiting real-time request has a free seat, no more than background_max_seqs of them run, and the free
-        blocks hold the first chunk of the real-time head (done before anything is scheduled: a request scheduled
-        this step must keep its blocks)."""
+        waiting real-time request has a free seat and the free blocks hold the first chunk of the real-time head
+        (done before anything is scheduled: a request scheduled this step must keep its blocks). Background
+        requests above background_max_seqs are not preempted for the cap alone: they finish (their work is not
+        thrown away), and no new one is admitted until they are under it."""
         running = self.running
-        cap = self.background_max_seqs if self.background_max_seqs is not None else self.max_num_seqs
-        while self._num_background_running and (
-            self._num_background_running > cap or self.max_num_seqs - len(running) < len(self.waiting)
-        ):
+        while self._num_background_running and self.max_num_seqs - len(running) < len(self.waiting):
             self._preempt_newest(preempted)
         head = self.waiting[0]
         while self._num_background_running and self._blocks_to_admit(head) > self.kv.num_free_blocks:

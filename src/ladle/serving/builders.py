@@ -16,7 +16,7 @@ from typing import Any
 
 from ladle.batching.batcher import Batcher
 from ladle.batching.instances import Instance, create_instances
-from ladle.config import SPECULATIVE_FIELDS, LLMConfig
+from ladle.config import INHERITED_FIELDS, LLMConfig
 from ladle.metrics import Metrics
 from ladle.repository.model_config import ConfigError, ModelConfig
 from ladle.serving.versions import LLMEngine, ModelVersion, TokenCounter
@@ -25,8 +25,8 @@ from ladle.serving.versions import LLMEngine, ModelVersion, TokenCounter
 def llm_config_from_parameters(parameters: dict, model_dir: Path, where: str,
                                server: LLMConfig | None = None) -> LLMConfig:
     """An LLMConfig from a `backend: llm` model's `parameters` (the CLI flags' names, underscored). Speculation
-    options it leaves unset come from the server's flags (`server`); a relative speculative_model is read from the
-    model's directory (`where`)."""
+    options and batch_share it leaves unset come from the server's flags (`server`); a relative speculative_model is
+    read from the model's directory (`where`)."""
     known = {f.name for f in dataclasses.fields(LLMConfig)} - {"model"}
     unknown = set(parameters) - known
     if unknown:
@@ -35,7 +35,7 @@ def llm_config_from_parameters(parameters: dict, model_dir: Path, where: str,
     draft = parameters.get("speculative_model")
     if draft and not Path(draft).expanduser().is_absolute():
         parameters["speculative_model"] = str(Path(where) / draft)
-    for name in SPECULATIVE_FIELDS:
+    for name in INHERITED_FIELDS:
         if parameters.get(name) is None and server is not None:
             parameters[name] = getattr(server, name)
     return LLMConfig(model=str(model_dir), **parameters)
