@@ -5,6 +5,8 @@ alone; validation failures, cancellation, expiry and upload limits behave as Ope
 from __future__ import annotations
 
 import io
+import re
+import time
 
 import httpx
 import openai
@@ -176,12 +178,23 @@ def test_batches_list_pages_newest_first(client):
 
 
 def test_metrics_count_jobs_and_lines(server, client):
-    wait = [b for b in client.batches.list(limit=100).data if b.status not in ("completed", "failed", "cancelled",
-                                                                               "expired")]
-    for b in wait:
-        wait_batch(client, b.id)
-    import time
+    ok = upload(client, [chat_line("m1", "hi"), b"not json"])
+    wait_batch(client, client.batches.create(input_file_id=ok, endpoint="/v1/chat/completions",
+                                             completion_window="24h").id)
+    batches = [wait_batch(client, b.id) for b in client.batches.list(limit=1000).data]
     time.sleep(2.5)  # the by-status gauges refresh every 2 s
     text = httpx.get(server.url + "/metrics").text
-    assert 'ladle_jobs{status="completed"}' in text and 'ladle_jobs{status="failed"} 3.0' in text
-    assert 'ladle_job_lines_total{outcome="completed"}' in text and "ladle_job_queue_depth 0.0" in text
+    for status in ("completed", "failed", "cancelled", "expired"):
+        count = sum(b.status == status for b in batches)
+        assert f'ladle_jobs{{status="{status}"}} {float(count)}' in text
+    completed = sum(b.request_counts.completed for b in batches)
+    failed = sum(b.request_counts.failed for b in batches)
+    assert f'ladle_job_lines_total{{outcome="completed"}} {float(completed)}' in text
+    # malformed lines fail at validation, counted on the job but never run by this server
+    assert re.search(r'ladle_job_lines_total\{outcome="failed"\} ([0-9.]+)', text)
+    assert failed > 0 and "ladle_job_queue_depth 0.0" in text and "ladle_job_lines_in_flight 0.0" in text
+
+
+def test_a_long_filename_is_refused(client):
+    with pytest.raises(openai.BadRequestError, match="at most 255"):
+        client.files.create(file=("n" * 300 + ".jsonl", io.BytesIO(jsonl([chat_line("a", "hi")]))), purpose="batch")

@@ -19,6 +19,9 @@ from ladle.jobs.records import KSERVE, OPENAI, JobRecord, LineRecord, LineResult
 
 #: the endpoints an OpenAI batch may target
 OPENAI_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+#: the longest line parsed at validation, by job kind: the routes' default body limits (--max-openai-request-bytes,
+#: --max-request-bytes). A longer line fails alone, unparsed: parsing holds the GIL on the store's thread
+MAX_LINE_BYTES = {OPENAI: 4 * 1024 * 1024, KSERVE: 64 * 1024 * 1024}
 #: validation errors kept on a failed job (the first ones; the count of the others is in the last message)
 MAX_ERRORS = 100
 
@@ -69,7 +72,7 @@ def _parse_openai(job: JobRecord, chunks: Iterable[bytes], check_model: CheckMod
     checked: dict[str, str | None] = {}
     for index, raw in split_lines(chunks):
         number = index + 1
-        obj, problem = _object(raw)
+        obj, problem = _object(raw, MAX_LINE_BYTES[OPENAI])
         if problem is None:
             problem = _openai_shape(obj)
         if problem is not None:
@@ -102,7 +105,9 @@ def _parse_openai(job: JobRecord, chunks: Iterable[bytes], check_model: CheckMod
         parsed.lines.append(LineRecord(job.id, index, cid, url, orjson.dumps(body)))
 
 
-def _object(raw: bytes) -> tuple[dict, str | None]:
+def _object(raw: bytes, limit: int) -> tuple[dict, str | None]:
+    if len(raw) > limit:
+        return {}, f"the line has {len(raw)} bytes, over the {limit} a request may have"
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -126,7 +131,7 @@ def _openai_shape(obj: dict) -> str | None:
 
 def _parse_kserve(job: JobRecord, chunks: Iterable[bytes], parsed: Parsed) -> None:
     for index, raw in split_lines(chunks):
-        obj, problem = _object(raw)
+        obj, problem = _object(raw, MAX_LINE_BYTES[KSERVE])
         if problem is not None:
             parsed.failed.append(LineResult(job.id, index, False, kserve_record(index, None, 400, None,
                                                                                   f"line {index + 1}: {problem}")))

@@ -39,6 +39,7 @@ _WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_WINDOW_S = 30 * 86400
 MAX_METADATA = 16
+MAX_FILENAME = 255
 
 
 class JobService:
@@ -81,6 +82,8 @@ class JobService:
         if purpose != BATCH:
             raise InvalidInput(f"purpose must be 'batch' (the only purpose ladle serves), got {purpose!r}",
                                param="purpose")
+        if len(filename) > MAX_FILENAME:
+            raise InvalidInput(f"the file name has {len(filename)} characters; at most {MAX_FILENAME}", param="file")
         size, lines = await asyncio.to_thread(_measure, spool)
         self._check_size(size, lines)
         record = FileRecord(f"file-{ordered_hex()}", filename or "upload.jsonl", BATCH, size, int(time.time()),
