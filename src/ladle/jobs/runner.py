@@ -23,7 +23,6 @@ from ladle.jobs.records import (
     CANCELLING,
     FINALIZING,
     IN_PROGRESS,
-    TERMINAL,
     VALIDATING,
     JobRecord,
     LineRecord,
@@ -229,7 +228,3 @@ class JobRunner:
         if self._task is not None:
             await asyncio.wait([self._task], timeout=5.0)
         await self._flush()
-
-
-def is_final(job: JobRecord) -> bool:
-    return job.status in TERMINAL
