@@ -193,6 +193,9 @@ class JobsConfig:
         "uploads get HTTP 400"
     )
     max_batch_lines: int = option(50000, "most lines (requests) one batch input file may hold; more is HTTP 400")
+    max_active_jobs: int = option(
+        1000, "most unfinished batch jobs at once (the job runner walks them every tick); more get HTTP 429"
+    )
     batch_lines_in_flight: int | None = option(
         None, "most lines of batch jobs running at once per model (default: 1.5 x the model's --max-num-seqs for an "
         "LLM, 2 x max_batch_size x instances for a classic model)"

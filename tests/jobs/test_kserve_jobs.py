@@ -4,7 +4,6 @@ JSONL bodies or uploaded files, results in line order, malformed lines failing a
 from __future__ import annotations
 
 import io
-import json
 
 import httpx
 import openai
@@ -106,4 +105,17 @@ def test_an_embeddings_batch_on_minilm(demo_server):
     failed = wait_batch(client, client.batches.create(input_file_id=file_id, endpoint="/v1/embeddings",
                                                       completion_window="24h").id)
     assert failed.status == "failed" and "not an embedding model" in failed.errors.data[0].message
-    json.dumps(failed.model_dump())  # the client parses every field of ours
+
+
+def test_unfinished_jobs_are_bounded(demo_repository, tmp_path):
+    from tests.server import LadleServer
+
+    rows = jsonl([iris_request(i) for i in range(20000)])  # long enough to be unfinished when the next one comes
+    with LadleServer([demo_repository, "--load-model", "iris", "--max-active-jobs", "1"]) as server:
+        first = httpx.post(f"{server.url}/v2/jobs?model=iris", content=rows, timeout=60).json()
+        refused = httpx.post(f"{server.url}/v2/jobs?model=iris", content=jsonl([iris_request(0)]))
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert "--max-active-jobs" in refused.json()["error"]
+        assert wait_job(server.url, first["id"], timeout=240)["status"] == "completed"
+        again = httpx.post(f"{server.url}/v2/jobs?model=iris", content=jsonl([iris_request(0)]))
+        assert again.status_code == 200 and wait_job(server.url, again.json()["id"])["status"] == "completed"

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from ladle.config import JobsConfig
-from ladle.errors import InvalidInput, NotFound
+from ladle.errors import InvalidInput, NotFound, TooManyRequests
 from ladle.jobs.dispatch import Dispatcher
 from ladle.jobs.lines import OPENAI_ENDPOINTS, CheckModel
 from ladle.jobs.metrics import JobMetrics
@@ -46,7 +45,7 @@ class JobService:
     def __init__(self, config: JobsConfig, owner: str, window: WindowSize, check_model: Callable[[], CheckModel],
                  metrics: JobMetrics) -> None:
         self.config = config
-        self.owner = owner or f"{socket.gethostname()}"
+        self.owner = owner
         self.window, self.check_model, self.metrics = window, check_model, metrics
         self.store: AsyncStore | None = None
         self.runner: JobRunner | None = None
@@ -143,6 +142,7 @@ class JobService:
         if file.purpose != BATCH:
             raise InvalidInput(f"file {input_file_id} has purpose {file.purpose!r}; a batch reads a file uploaded "
                                "with purpose 'batch'", param="input_file_id")
+        await self._check_active()
         now = int(time.time())
         job = JobRecord(f"{prefix}{ordered_hex()}", kind, endpoint, input_file_id, window, VALIDATING, now,
                         now + seconds, model=model, metadata=meta)
@@ -150,6 +150,14 @@ class JobService:
         await store.call(store.store.add_job, job)
         self._wake()
         return job
+
+    async def _check_active(self) -> None:
+        store = await self._store()
+        counts = await store.call(store.store.status_counts)
+        active = sum(n for status, n in counts.items() if status not in TERMINAL)
+        if active >= self.config.max_active_jobs:
+            raise TooManyRequests(f"{active} batch jobs are unfinished, the server's limit (--max-active-jobs); "
+                                  "retry when some have finished")
 
     async def get_job(self, job_id: str) -> JobRecord:
         store = await self._store()
