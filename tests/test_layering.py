@@ -20,7 +20,8 @@ ALLOWED = {
     "api": {"serving", "repository", "llm", "jobs"},
     "options": set(),
     "bench": {"options"},
-    "server": {"api", "serving"},
+    "cluster": {"api", "jobs", "repository", "serving", "server"},
+    "server": {"api", "serving", "cluster"},
     "cli": {"api", "bench", "jobs", "options", "repository", "server", "serving"},
     "__main__": {"cli"},
 }
@@ -68,6 +69,19 @@ def test_imports_flow_one_way() -> None:
     problems = [problem for path in files for problem in _violations(
         path.relative_to(SRC).parts[0].removesuffix(".py"), str(path.relative_to(SRC)), path.read_text())]
     assert problems == [], "\n".join(problems)
+
+
+def test_only_cluster_imports_ray() -> None:
+    """Ray is an optional extra: a server without it must never reach an `import ray`."""
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.relative_to(SRC).parts[0] == "cluster":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(SRC)} imports {n}" for n in names if n == "ray" or n.startswith("ray.")]
+    assert offenders == []
 
 
 def test_the_checker_sees_function_level_imports_and_skips_type_checking() -> None:

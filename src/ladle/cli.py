@@ -13,7 +13,15 @@ from pathlib import Path
 
 from ladle import __version__
 from ladle.bench import add_bench_parser
-from ladle.config import HTTPConfig, JobsConfig, LLMConfig, RepositoryConfig, SecurityConfig, ServerConfig
+from ladle.config import (
+    ClusterConfig,
+    HTTPConfig,
+    JobsConfig,
+    LLMConfig,
+    RepositoryConfig,
+    SecurityConfig,
+    ServerConfig,
+)
 from ladle.jobs.cli import add_jobs_parser
 from ladle.options import add_dataclass_options, build_dataclass
 
@@ -36,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(serve, HTTPConfig, "HTTP server")
     add_dataclass_options(serve, SecurityConfig, "security")
     add_dataclass_options(serve, JobsConfig, "batch jobs (OpenAI Batches API, /v2/jobs)")
+    add_dataclass_options(serve, ClusterConfig, "scaling out on Ray (--ray)")
     serve.set_defaults(handler=run_serve)
     schema = commands.add_parser(
         "config-schema", help="print the JSON schema of a model's config.yaml",
@@ -62,7 +71,11 @@ def run_serve(args: argparse.Namespace) -> int:
         llm=build_dataclass(LLMConfig, args),
         security=security,
         jobs=build_dataclass(JobsConfig, args),
+        cluster=build_dataclass(ClusterConfig, args),
     )
+    if problem := cluster_problem(config.cluster):
+        print(f"ladle serve: {problem}", file=sys.stderr)
+        return 2
     if config.repository.repository is not None and not Path(config.repository.repository).is_dir():
         print(f"ladle serve: model repository {config.repository.repository} is not a directory", file=sys.stderr)
         return 2
@@ -70,6 +83,18 @@ def run_serve(args: argparse.Namespace) -> int:
         print("ladle serve: give a model repository directory, --model CHECKPOINT, or both", file=sys.stderr)
         return 2
     return serve(config)
+
+
+def cluster_problem(cluster: ClusterConfig) -> str | None:
+    """What is wrong with the --ray flags, if anything (checked before anything starts)."""
+    low, high = cluster.min_replicas, cluster.max_replicas
+    if cluster.replicas < 1 or (low is not None and low < 1):
+        return "--replicas and --min-replicas must be at least 1"
+    if low is not None and high is not None and high < low:
+        return f"--max-replicas ({high}) is below --min-replicas ({low})"
+    if cluster.ray is None and (cluster.autoscaling or cluster.replicas != 1):
+        return "--replicas, --min-replicas and --max-replicas need --ray (replicas run on a Ray cluster)"
+    return None
 
 
 def run_config_schema(args: argparse.Namespace) -> int:

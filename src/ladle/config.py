@@ -203,12 +203,59 @@ class JobsConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Replicas on a Ray cluster (cluster/, the `ray` extra): how many, how they scale, what each one holds.
+
+    A model's config.yaml may set its own (a `cluster:` block); these flags are the defaults."""
+
+    ray: str | None = option(
+        None, "deploy every model as a Ray Serve deployment: `--ray` or `--ray auto` joins the Ray cluster running "
+        "here (ray start) or starts a local one; `--ray ADDRESS` joins that cluster (host:6379 or "
+        "ray://host:10001); needs `pip install 'ladle[ray]'`", nargs="?", const="auto", metavar="auto|ADDRESS",
+    )
+    replicas: int = option(1, "replicas of each model (fixed; see --min-replicas/--max-replicas to autoscale)")
+    min_replicas: int | None = option(
+        None, "autoscale each model between --min-replicas and --max-replicas (at least 1) on ongoing requests "
+        "per replica; idle models go back down to the minimum"
+    )
+    max_replicas: int | None = option(None, "most replicas of each model when autoscaling")
+    target_ongoing_requests: float = option(
+        2.0, "autoscaling: requests in flight per replica the autoscaler aims for"
+    )
+    upscale_delay: float = option(5.0, "autoscaling: seconds of sustained load before replicas are added")
+    downscale_delay: float = option(60.0, "autoscaling: seconds of low load before replicas are removed")
+    num_cpus: float = option(1.0, "CPUs Ray reserves for each replica")
+    num_gpus: float = option(0.0, "GPUs Ray reserves for each replica")
+    max_ongoing_requests: int | None = option(
+        None, "most requests one replica holds at once; the router queues the rest (default: 2 x --max-num-seqs "
+        "for an LLM, 4 x max_batch_size x instances for a classic model, at least 16)"
+    )
+    max_queued_requests: int = option(
+        1024, "most requests the front end queues per model while every replica is full; beyond it 503"
+    )
+    llm_routing: str = option(
+        "prefix", "how LLM requests pick a replica: prefix (to the replica caching the prompt's head, within "
+        "--prefix-imbalance) or power-of-two (the shorter queue of two random replicas)",
+        choices=("prefix", "power-of-two"),
+    )
+    prefix_imbalance: int = option(
+        8, "LLM routing: a request goes to the replica caching its prompt's prefix unless that replica has this "
+        "many more requests in flight than the least loaded one"
+    )
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     http: HTTPConfig = field(default_factory=HTTPConfig)
     repository: RepositoryConfig = field(default_factory=RepositoryConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 # LLMConfig fields a repository LLM takes from the server's flags when its own config leaves them unset (None)

@@ -34,6 +34,9 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str
             default = None
         else:
             kwargs.update(type=kind, choices=meta.get("choices"))
+            for extra in ("nargs", "const", "metavar"):  # e.g. `--ray` alone means `--ray auto`
+                if extra in meta:
+                    kwargs[extra] = meta[extra]
         if kind is not tuple and default is not None:
             kwargs["help"] += " (default: %(default)s)"
         group.add_argument(flag, default=default, **kwargs)

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import signal
 from types import FrameType
+from typing import Protocol
 
 import uvicorn
 
@@ -28,6 +29,8 @@ log = logging.getLogger("ladle")
 
 def serve(config: ServerConfig) -> int:
     setup_logging(config.http.log_level, config.http.log_format)
+    if config.cluster.ray is not None:
+        return _serve_on_ray(config)
     configure_process(config.llm.model)  # process-wide settings (ladle/process.py), before any model loads
     host = ModelHost(config.repository.repository, Metrics(), config.llm)
     if config.llm.model:
@@ -37,7 +40,7 @@ def serve(config: ServerConfig) -> int:
             log.error("cannot serve --model %s: %s", config.llm.model, exc)
             return 1
     app = create_app(config, host)
-    server = DrainingServer(_uvicorn_config(app, config.http), app.state.host)
+    server = DrainingServer(uvicorn_config(app, config.http), app.state.host)
     health = _health_server(config.http, app.state.host)
     try:
         server.run()
@@ -45,6 +48,15 @@ def serve(config: ServerConfig) -> int:
         if health is not None:
             health.stop()
     return 0 if server.started else 1
+
+
+def _serve_on_ray(config: ServerConfig) -> int:
+    try:
+        from ladle.cluster.server import serve_cluster
+    except ImportError as exc:
+        log.error("--ray needs Ray Serve: pip install 'ladle[ray]' (%s)", exc)
+        return 1
+    return serve_cluster(config)
 
 
 def _health_server(http: HTTPConfig, host: ModelHost) -> HealthServer | None:
@@ -55,7 +67,7 @@ def _health_server(http: HTTPConfig, host: ModelHost) -> HealthServer | None:
     return health
 
 
-def _uvicorn_config(app, http: HTTPConfig) -> uvicorn.Config:
+def uvicorn_config(app, http: HTTPConfig) -> uvicorn.Config:
     has = importlib.util.find_spec
     limit = http.max_concurrent_requests
     # open connections (idle keep-alive ones too) may well outnumber requests in flight: generous headroom
@@ -84,12 +96,16 @@ def _http_protocol(max_connections: int | None) -> type:
     return bounded_protocol(max_connections)
 
 
+class Drainable(Protocol):
+    draining: bool
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, except that SIGTERM is a graceful stop that exits 0: readiness turns false at once, then uvicorn
     closes the listening socket, waits for in-flight requests up to the drain timeout, and runs the lifespan
     shutdown (batchers drain, engines stop)."""
 
-    def __init__(self, config: uvicorn.Config, host: ModelHost) -> None:
+    def __init__(self, config: uvicorn.Config, host: Drainable) -> None:
         super().__init__(config)
         self.host = host
 

@@ -41,8 +41,9 @@ from ladle.serving.host import ModelHost
 log = logging.getLogger(__name__)
 
 
-def create_app(config: ServerConfig, host: ModelHost | None = None) -> Starlette:
-    """`host` may hold models built before start-up (server.py pins the --model LLM); its repository loads here."""
+def create_app(config: ServerConfig, host: ModelHost | None = None, with_jobs: bool = True) -> Starlette:
+    """`host` may hold models built before start-up (server.py pins the --model LLM); its repository loads here.
+    `with_jobs=False`: no batch-job store, runner or routes (a cluster replica: the front end runs the jobs)."""
     host = host or ModelHost(config.repository.repository, Metrics(), config.llm)
     metrics = host.metrics
     offload = ProcessOffload()  # parses large KServe bodies in a helper process (api/offload.py)
@@ -50,7 +51,7 @@ def create_app(config: ServerConfig, host: ModelHost | None = None) -> Starlette
     openai_limit = min(config.http.max_request_bytes, config.http.max_openai_request_bytes)
     openai = OpenAIAPI(host, openai_limit)
     embeddings = EmbeddingsAPI(host, openai_limit)
-    jobs = _job_service(config, host)
+    jobs = _job_service(config, host) if with_jobs else None
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -65,12 +66,14 @@ def create_app(config: ServerConfig, host: ModelHost | None = None) -> Starlette
             await host.load_all(list(config.repository.load_model) or None)
             if not config.repository.strict_readiness:
                 host.relax_readiness()
-        await jobs.start(_dispatcher(app))  # resumes the jobs a previous run left, once the models are up
+        if jobs is not None:
+            await jobs.start(dispatcher(app))  # resumes the jobs a previous run left, once the models are up
         freeze_loaded_objects()  # GC pauses off the request path (ladle/process.py)
         ready = "ready" if host.is_ready() else "NOT ready (see the errors above)"
         log.info("ladle is %s on http://%s:%d", ready, config.http.host, config.http.port)
         yield
-        await jobs.close()  # lines running now go back to pending: the next start runs them
+        if jobs is not None:
+            await jobs.close()  # lines running now go back to pending: the next start runs them
         await host.close()
         offload.close()
 
@@ -78,8 +81,8 @@ def create_app(config: ServerConfig, host: ModelHost | None = None) -> Starlette
         *kserve.routes(),
         *openai.routes(),
         *embeddings.routes(),
-        *BatchesAPI(jobs, openai_limit).routes(),
-        *JobsAPI(jobs, host, config.http.max_request_bytes).routes(),
+        *(BatchesAPI(jobs, openai_limit).routes() if jobs is not None else ()),
+        *(JobsAPI(jobs, host, config.http.max_request_bytes).routes() if jobs is not None else ()),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
@@ -95,7 +98,7 @@ def create_app(config: ServerConfig, host: ModelHost | None = None) -> Starlette
     return app
 
 
-def _dispatcher(app: Starlette) -> Dispatcher:
+def dispatcher(app: Starlette) -> Dispatcher:
     """Batch lines go through the same routes and error handlers as HTTP requests (not the auth, rate-limit and
     admission middleware: the job was authorized when it was created, and its window bounds what it runs)."""
     handlers = {k: v for k, v in EXCEPTION_HANDLERS.items() if k is not Exception}  # Exception: the dispatcher's 500

@@ -147,6 +147,33 @@ class SpecificVersions(_Config):
 _POLICY_FORMS = LatestVersions | AllVersions | SpecificVersions
 
 
+class ClusterOptions(_Config):
+    """This model's replicas when ladle runs on Ray (`ladle serve --ray`); unset fields take the server's flags."""
+
+    unknown_hint: ClassVar[str] = "unknown field; one of {known}"
+
+    replicas: Positive | None = None
+    """Fixed number of replicas."""
+    min_replicas: Positive | None = None
+    """Autoscale from this many replicas ..."""
+    max_replicas: Positive | None = None
+    """... up to this many."""
+    target_ongoing_requests: Annotated[float, Strict(), Field(gt=0)] | None = None
+    """Autoscaling: requests in flight per replica to aim for."""
+    num_cpus: Number | None = None
+    """CPUs Ray reserves for each replica."""
+    num_gpus: Number | None = None
+    """GPUs Ray reserves for each replica."""
+    max_ongoing_requests: Positive | None = None
+    """Most requests one replica holds at once."""
+
+    @model_validator(mode="after")
+    def _range(self) -> ClusterOptions:
+        if self.min_replicas is not None and self.max_replicas is not None and self.max_replicas < self.min_replicas:
+            raise bad(f"max_replicas >= min_replicas ({self.min_replicas})", "cluster.max_replicas")
+        return self
+
+
 class ModelConfig(_Config):
     """One model's configuration. `inputs`/`outputs` may be empty when the backend infers them."""
 
@@ -177,6 +204,8 @@ class ModelConfig(_Config):
     traffic_split: tuple[tuple[int, float], ...] = Field(
         (), json_schema_extra={"default": {}, "propertyNames": {"pattern": "^[1-9][0-9]*$"}})
     """{version: weight}: how requests naming no version are shared out (relative weights); empty: the newest."""
+    cluster: ClusterOptions = ClusterOptions()
+    """Replicas, autoscaling and per-replica resources on a Ray cluster (`ladle serve --ray`)."""
 
     @property
     def platform(self) -> str:

@@ -1,0 +1,241 @@
+"""The front end's handle on Ray: it joins the cluster, deploys each model as a Serve application of LadleReplica
+replicas, keeps a snapshot of their states (one thread polls `serve.status()`), and calls replicas through Serve
+deployment handles — so every routing decision is made by LadleRouter, inside Ray's request-router API.
+
+Invariants: the event loop never waits on Ray's control plane (deploys, deletes and status polls run on threads);
+a model with no running replica is a 503 at once, never a request parked until one appears; a replica that dies
+under a request turns it into a 503 (Ray re-routes what the replica had not yet accepted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import ray
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.api import _run as serve_run  # serve.run without waiting: _wait follows every model at once
+from ray.serve.config import RequestRouterConfig
+from ray.serve.exceptions import BackPressureError, RequestCancelledError
+
+from ladle.cluster.forwarding import Forwarded, Reply
+from ladle.cluster.hints import RouteHint
+from ladle.cluster.models import AppState, ServedModel, replica_config
+from ladle.cluster.plans import APP_PREFIX, app_name, plan, serve_env
+from ladle.cluster.replica import LadleReplica
+from ladle.cluster.routing import KNOWN_REPLICAS
+from ladle.config import ServerConfig
+from ladle.errors import LadleError, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+POLL_S = 1.0
+SCRAPE_TIMEOUT_S = 5.0
+
+
+class Cluster:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.models: dict[str, ServedModel] = {}
+        self.wanted: set[str] = set()
+        self.apps: dict[str, AppState] = {}  # by application name, replaced whole by the poller
+        self._stop = threading.Event()
+
+    # -- joining Ray ------------------------------------------------------------------------------
+    def connect(self) -> None:
+        """Join (or start) the Ray cluster and Serve, with no Serve HTTP proxy: ladle's front end is the ingress."""
+        for key, value in serve_env().items():
+            os.environ.setdefault(key, value)
+        address = self.config.cluster.ray
+        env = {"env_vars": serve_env()}
+        if address in (None, "auto"):
+            try:
+                ray.init(address="auto", runtime_env=env, log_to_driver=False)
+            except ConnectionError:
+                log.info("no running Ray cluster found: starting a local one")
+                ray.init(runtime_env=env, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, runtime_env=env, log_to_driver=False)
+        serve.start(proxy_location="Disabled")
+        threading.Thread(target=self._poll, name="ladle-ray-status", daemon=True).start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.apps = _snapshot(serve.status())
+            except Exception as exc:  # the controller restarting, the cluster going away: keep the last snapshot
+                log.warning("cannot read the Serve status: %s", exc)
+            self._stop.wait(POLL_S)
+
+    # -- deploying ----------------------------------------------------------------------------------
+    def add(self, model: ServedModel) -> None:
+        self.models[model.name] = model
+
+    async def deploy(self, names: list[str], wait: bool = True) -> dict[str, str | None]:
+        """(Re)deploy these models; with `wait`, until each has a running replica or failed: name -> reason."""
+        for name in names:
+            model = self.models[name]
+            self.wanted.add(name)
+            if model.config is None:
+                continue
+            model.generation += 1
+            await asyncio.to_thread(self._run, model)
+        return await self._wait(names) if wait else {}
+
+    def _run(self, model: ServedModel) -> None:
+        p = plan(model.name, model.config, self.config.cluster, self.config.llm, self.config.http.drain_timeout)
+        options = dict(p.options)
+        options["request_router_config"] = RequestRouterConfig(**options["request_router_config"])
+        deployment = serve.deployment(LadleReplica, name="LadleReplica").options(**options)
+        app = deployment.bind(replica_config(self.config, model), model.name, model.generation)
+        model.handle = serve_run(app, name=app_name(model.name), route_prefix=None, _blocking=False)
+        log.info("deploying model %s on Ray (%s)", model.name, _describe(options))
+
+    async def _wait(self, names: list[str]) -> dict[str, str | None]:
+        started, last_log = time.monotonic(), 0.0
+        await asyncio.sleep(POLL_S * 1.5)  # the poller's snapshot must postdate the deploy
+        while True:
+            pending = [n for n in names if self.models[n].config is not None and self._settling(n)]
+            if not pending:
+                return {n: self.failure(n) for n in names}
+            if time.monotonic() - last_log > 5.0:
+                last_log = time.monotonic()
+                log.info("waiting for replicas (%.0fs): %s", last_log - started,
+                         ", ".join(f"{n} {self.progress(n)}" for n in pending))
+            await asyncio.sleep(POLL_S / 2)
+
+    def _settling(self, name: str) -> bool:
+        app = self.apps.get(app_name(name))
+        return app is None or app.status in ("NOT_STARTED", "DEPLOYING") or (app.running == 0 and
+                                                                            app.status == "RUNNING")
+
+    def progress(self, name: str) -> str:
+        app = self.apps.get(app_name(name))
+        return f"{app.status} {app.running}/{app.total} replicas" if app else "starting"
+
+    def failure(self, name: str) -> str | None:
+        model = self.models[name]
+        if model.config is None:
+            return model.reason
+        app = self.apps.get(app_name(name))
+        if app is not None and app.running > 0:
+            return None
+        return (app.message if app else "") or "no replica started"
+
+    async def undeploy(self, name: str) -> None:
+        self.wanted.discard(name)
+        self.models[name].handle = None
+        await asyncio.to_thread(serve.delete, app_name(name), True)
+        KNOWN_REPLICAS.pop(app_name(name), None)
+
+    async def close(self) -> None:
+        """Delete every application this front end deployed (its replicas drain first), then leave Ray."""
+        self._stop.set()
+        for name in [n for n in self.models if self.models[n].handle is not None]:
+            try:
+                await self.undeploy(name)
+            except Exception as exc:  # the cluster may already be gone
+                log.warning("could not delete model %s from Ray: %s", name, exc)
+        await asyncio.to_thread(ray.shutdown)
+
+    # -- state ----------------------------------------------------------------------------------------
+    def running(self, name: str) -> int:
+        app = self.apps.get(app_name(name))
+        return app.running if app is not None else 0
+
+    def is_ready(self) -> bool:
+        return all(self.running(name) > 0 for name in tuple(self.wanted))
+
+    # -- calls ----------------------------------------------------------------------------------------
+    def _handle(self, name: str):
+        model = self.models.get(name)
+        if model is None:
+            raise NotFound(f"unknown model '{name}'; POST /v2/repository/index lists the models")
+        if model.handle is None or name not in self.wanted:
+            raise Unavailable(f"model '{name}' is not loaded")
+        if self.running(name) == 0:
+            raise Unavailable(f"model '{name}' has no running replica yet ({self.progress(name)})")
+        return model.handle
+
+    async def call(self, name: str, request: Forwarded, hint: RouteHint) -> Reply:
+        handle = self._handle(name)
+        try:
+            return await handle.forward.remote(request, hint)
+        except Exception as exc:
+            raise _unavailable(name, exc) from exc
+
+    async def stream(self, name: str, request: Forwarded, hint: RouteHint) -> AsyncIterator[Reply | bytes]:
+        handle = self._handle(name).options(stream=True)
+        responses = handle.forward_stream.remote(request, hint)
+        try:
+            async for item in responses:
+                yield item
+        except Exception as exc:
+            raise _unavailable(name, exc) from exc
+        finally:
+            responses.cancel()  # a no-op once finished; else the client left: the replica aborts the request
+
+    async def scrape(self) -> list[tuple[dict[str, str], bytes]]:
+        """Every known replica's metrics, labelled with its replica id (a replica that does not answer in time is
+        left out of this scrape)."""
+        calls = []
+        for name, model in tuple(self.models.items()):
+            if model.handle is None or self.running(name) == 0:
+                continue
+            for label in KNOWN_REPLICAS.get(app_name(name), ()):
+                calls.append(model.handle.metrics.remote(RouteHint(name, replica=label)))
+        results = await asyncio.gather(*(asyncio.wait_for(_await(c), SCRAPE_TIMEOUT_S) for c in calls),
+                                       return_exceptions=True)
+        seen: dict[str, bytes] = {}
+        for result in results:
+            if isinstance(result, tuple):
+                seen[result[0]] = result[1]
+        return [({"replica": label}, text) for label, text in sorted(seen.items())]
+
+
+async def _await(response):
+    return await response
+
+
+def _unavailable(name: str, exc: Exception) -> Exception:
+    if isinstance(exc, (LadleError, asyncio.CancelledError)):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return Unavailable(f"model '{name}': every replica is busy and the queue is full; retry later")
+    if isinstance(exc, RequestCancelledError):
+        return asyncio.CancelledError()
+    if isinstance(exc, RayActorError):
+        log.warning("a replica of model %s died under a request: %s", name, str(exc).splitlines()[0])
+        return Unavailable(f"the replica of model '{name}' serving this request stopped; Ray is replacing it — "
+                           "retry")
+    if isinstance(exc, RayTaskError):
+        log.error("model %s: a replica failed: %s", name, exc)
+        return Unavailable(f"a replica of model '{name}' failed; retry")
+    return exc
+
+
+def _snapshot(status) -> dict[str, AppState]:
+    apps = {}
+    for name, app in status.applications.items():
+        if not name.startswith(APP_PREFIX):
+            continue
+        running = total = 0
+        for deployment in app.deployments.values():
+            states = {str(getattr(k, "value", k)): v for k, v in deployment.replica_states.items()}
+            running += states.get("RUNNING", 0)
+            total += sum(states.values())
+        apps[name] = AppState(str(getattr(app.status, "value", app.status)), app.message or "", running, total)
+    return apps
+
+
+def _describe(options: dict) -> str:
+    scale = options.get("autoscaling_config")
+    count = f"{scale['min_replicas']}-{scale['max_replicas']} replicas (autoscaling)" if scale else \
+        f"{options['num_replicas']} replica(s)"
+    resources = options["ray_actor_options"]
+    return f"{count}, {resources['num_cpus']} CPU / {resources['num_gpus']} GPU each"

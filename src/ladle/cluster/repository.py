@@ -1,0 +1,129 @@
+"""The repository API of `ladle serve --ray`: the index, load and unload, where a model's Serve application is what
+loads — load (re)deploys it with fresh replicas that read the repository again, unload deletes it.
+
+Invariant: the same answers as a single ladle (200 `{}`, 400 with the reason a load failed, 404 for a model that is
+not in the repository, 400 for the --model LLM); a model's versions are listed as its replicas report them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ladle.api.body import read_body
+from ladle.api.kserve import codec_error
+from ladle.cluster.cluster import Cluster
+from ladle.cluster.forwarding import Forwarded, Reply
+from ladle.cluster.hints import RouteHint
+from ladle.cluster.models import ServedModel, state_of
+from ladle.config import ServerConfig
+from ladle.errors import InvalidInput, NotFound
+from ladle.repository.layout import check_model_name, model_dir, model_names
+from ladle.repository.model_config import ConfigError, load_model_config
+
+
+def discover(config: ServerConfig, name: str) -> ServedModel:
+    """A repository model as its config.yaml describes it (a bad config: no config, and the reason)."""
+    root = config.repository.repository
+    try:
+        return ServedModel(name, load_model_config(root / name))
+    except ConfigError as exc:
+        return ServedModel(name, None, reason=str(exc))
+
+
+class RepositoryControl:
+    def __init__(self, config: ServerConfig, cluster: Cluster, limit: int) -> None:
+        self.config = config
+        self.cluster = cluster
+        self.limit = limit
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v2/repository/index", self.index, methods=["POST"]),
+            Route("/v2/repository/models/{model}/load", self.load, methods=["POST"]),
+            Route("/v2/repository/models/{model}/unload", self.unload, methods=["POST"]),
+        ]
+
+    def on_disk(self) -> list[str]:
+        root = self.config.repository.repository
+        try:
+            return model_names(root) if root is not None else []
+        except FileNotFoundError:
+            return []
+
+    async def index(self, request: Request) -> Response:
+        options = _object(await read_body(request, self.limit))
+        names = sorted(set(self.cluster.models) | set(self.on_disk()))
+        rows = await asyncio.gather(*(self._rows(name) for name in names))
+        flat = [row for group in rows for row in group]
+        if options.get("ready", False):
+            flat = [row for row in flat if row["state"] == "READY"]
+        return _json(flat)
+
+    async def _rows(self, name: str) -> list[dict[str, Any]]:
+        model = self.cluster.models.get(name)
+        if model is None:
+            return [{"name": name, "state": "UNAVAILABLE", "reason": "not loaded"}]
+        if self.cluster.running(name) > 0:  # its versions, as a replica reports them
+            try:
+                reply = await self.cluster.call(name, Forwarded("POST", "/v2/repository/index", b"", (), b"{}"),
+                                                RouteHint(name))
+                if isinstance(reply, Reply) and reply.status == 200:
+                    return [r for r in orjson.loads(reply.body) if r.get("name") == name]
+            except Exception:  # the replica went away meanwhile: its state below says so
+                pass
+        state, reason = state_of(model, self.cluster.apps.get("ladle-" + name), name in self.cluster.wanted)
+        return [{"name": name, "state": state, "reason": reason}]
+
+    async def load(self, request: Request) -> Response:
+        _object(await read_body(request, self.limit))
+        name = self._existing(request.path_params["model"], "loaded or reloaded")
+        model = discover(self.config, name)
+        old = self.cluster.models.get(name)
+        model.generation = old.generation if old is not None else 0
+        self.cluster.add(model)
+        failure = (await self.cluster.deploy([name]))[name]
+        if failure is not None:
+            return codec_error(f"failed to load model '{name}': {failure}", 400)
+        return _json({})
+
+    async def unload(self, request: Request) -> Response:
+        _object(await read_body(request, self.limit))
+        name = request.path_params["model"]
+        model = self.cluster.models.get(check_model_name(name))
+        if model is None:
+            raise NotFound(f"unknown model '{name}'")
+        self._existing(name, "unloaded")
+        await self.cluster.undeploy(name)
+        return _json({})
+
+    def _existing(self, name: str, what: str) -> str:
+        model = self.cluster.models.get(name)
+        if model is not None and model.pinned:
+            raise InvalidInput(f"model '{name}' was given with --model: it is served for the life of the process "
+                               f"and cannot be {what} through the repository API; restart ladle to change it")
+        root = self.config.repository.repository
+        if root is None or model_dir(root, check_model_name(name)) is None:
+            raise NotFound(f"no model '{name}' in the repository")
+        return name
+
+
+def _object(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        return {}
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return value
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")

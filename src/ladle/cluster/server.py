@@ -1,0 +1,89 @@
+"""`ladle serve --ray`: join Ray, describe the models (the repository on disk, the --model LLM), then serve the front
+end with uvicorn while Serve starts their replicas.
+
+Invariant: the models are deployed before the front end reports ready, and deleted from the cluster when it stops
+(SIGTERM drains in-flight requests first): the replicas live exactly as long as the `ladle serve` that made them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from starlette.applications import Starlette
+
+from ladle.api.admission import AdmissionMiddleware
+from ladle.api.auth import install_access_control
+from ladle.api.errors import EXCEPTION_HANDLERS
+from ladle.cluster.cluster import Cluster
+from ladle.cluster.frontend import FrontEnd
+from ladle.cluster.models import ServedModel
+from ladle.cluster.repository import discover
+from ladle.config import ServerConfig
+from ladle.metrics import Metrics
+from ladle.repository.layout import model_names
+from ladle.repository.model_config import ModelConfig
+
+log = logging.getLogger("ladle")
+
+
+def describe_models(config: ServerConfig) -> list[ServedModel]:
+    models = []
+    if config.llm.model:
+        name = config.llm.served_model_name or Path(config.llm.model).expanduser().name
+        models.append(ServedModel(name, ModelConfig(name=name, backend="llm"), pinned=True))
+    root = config.repository.repository
+    if root is not None:
+        names = list(config.repository.load_model) or model_names(root)
+        models.extend(discover(config, name) for name in names)
+    return models
+
+
+def create_cluster_app(config: ServerConfig, cluster: Cluster) -> Starlette:
+    metrics = Metrics()
+    front = FrontEnd(config, cluster, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        failures = await cluster.deploy(list(cluster.models))
+        for name, reason in failures.items():
+            if reason is not None:
+                log.error("model %s is not serving: %s", name, reason)
+        if not config.repository.strict_readiness:
+            cluster.wanted.intersection_update(n for n, r in failures.items() if r is None)
+        ready = "ready" if front.is_ready() else "NOT ready (see the errors above)"
+        log.info("ladle (on Ray) is %s on http://%s:%d", ready, config.http.host, config.http.port)
+        yield
+        front.draining = True
+        await cluster.close()
+
+    app = Starlette(routes=front.routes(), lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
+    app.state.front = front
+    if config.http.max_concurrent_requests > 0:
+        app.add_middleware(AdmissionMiddleware, max_concurrent_requests=config.http.max_concurrent_requests,
+                           refused=metrics.refused.labels("over_concurrency"))
+    install_access_control(app, config.security, config.http.host, metrics.refused)
+    return app
+
+
+def serve_cluster(config: ServerConfig) -> int:
+    from ladle.server import DrainingServer, uvicorn_config
+
+    cluster = Cluster(config)
+    try:
+        cluster.connect()
+    except Exception as exc:  # no cluster at that address, a version mismatch: say so and stop
+        log.error("cannot join the Ray cluster (--ray %s): %s", config.cluster.ray, exc)
+        return 1
+    for model in describe_models(config):
+        cluster.add(model)
+    app = create_cluster_app(config, cluster)
+    uv = uvicorn_config(app, config.http)
+    uv.loop = "asyncio"  # Ray's handles run their gRPC calls on the caller's loop: plain asyncio, as Ray tests it
+    server = DrainingServer(uv, app.state.front)
+    server.run()
+    asyncio.set_event_loop(None)
+    return 0 if server.started else 1

@@ -1,0 +1,45 @@
+"""Shared by the cluster tests: reading the front end's /metrics and waiting for the cluster to change."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+IRIS = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
+
+
+def samples(url: str, name: str) -> dict[tuple, float]:
+    """{(sorted labels): value} of one metric in the front end's /metrics."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name:
+                out[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def per_replica(url: str, name: str, **match: str) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for labels, value in samples(url, name).items():
+        d = dict(labels)
+        if all(d.get(k) == v for k, v in match.items()) and "replica" in d:
+            totals[d["replica"]] = totals.get(d["replica"], 0.0) + value
+    return totals
+
+
+def running(url: str, model: str) -> int:
+    return int(samples(url, "ladle_cluster_replicas").get((("model", model),), 0))
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+

@@ -1,0 +1,41 @@
+"""`ladle serve --ray --min-replicas 1 --max-replicas 2`: Ray Serve's autoscaler adds a replica under load and
+removes it when idle."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.cluster.ray_helpers import IRIS, running, wait_for
+from tests.server import LadleServer
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_autoscaling_goes_up_under_load_and_back_down(ray_address: str, demo_repository: Path) -> None:
+    args = [demo_repository, "--load-model", "iris", "--ray", ray_address, "--min-replicas", "1",
+            "--max-replicas", "2", "--target-ongoing-requests", "1", "--upscale-delay", "1",
+            "--downscale-delay", "4", "--num-cpus", "1"]
+    with LadleServer(args, ready_timeout=180) as server:
+        url = server.url
+        assert running(url, "iris") == 1
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(timeout=60) as http:
+                while not stop.is_set():
+                    http.post(url + "/v2/models/iris/infer", json=IRIS)
+
+        threads = [threading.Thread(target=load) for _ in range(6)]
+        for t in threads:
+            t.start()
+        try:
+            wait_for(lambda: running(url, "iris") == 2, 120, "a second replica under load")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        wait_for(lambda: running(url, "iris") == 1, 120, "back to one replica when idle")

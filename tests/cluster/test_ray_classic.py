@@ -1,0 +1,107 @@
+"""`ladle serve --ray` end to end on a real local Ray cluster (two nodes, one CPU each): a classic model's replicas
+share traffic and answer as a single ladle does, and a killed replica costs only its in-flight requests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+
+from tests.cluster.ray_helpers import IRIS, per_replica, running, wait_for
+from tests.server import LadleServer
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def iris_on_ray(ray_address: str, demo_repository: Path) -> Iterator[LadleServer]:
+    with LadleServer([demo_repository, "--load-model", "iris", "--ray", ray_address, "--replicas", "2",
+                      "--num-cpus", "1"], ready_timeout=180) as server:
+        yield server
+
+
+def test_replicas_share_traffic_and_answer_like_a_single_ladle(iris_on_ray: LadleServer) -> None:
+    url = iris_on_ray.url
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    data = triton.InferInput("input", [1, 4], "FP32")
+    data.set_data_from_numpy(np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32))
+    assert client.infer("iris", [data]).as_numpy("label").tolist() == [0]
+    for _ in range(40):
+        assert httpx.post(url + "/v2/models/iris/infer", json=IRIS).status_code == 200
+    served = per_replica(url, "ladle_model_requests_total", model="iris", outcome="success")
+    assert len(served) == 2 and all(v > 0 for v in served.values()), served
+    assert running(url, "iris") == 2
+    assert httpx.get(url + "/v2/health/ready").status_code == 200
+    index = httpx.post(url + "/v2/repository/index", json={}).json()
+    assert {r["version"] for r in index if r["name"] == "iris" and r["state"] == "READY"} == {"1", "2"}
+
+
+def test_errors_keep_their_protocol_shape(iris_on_ray: LadleServer) -> None:
+    url = iris_on_ray.url
+    bad = httpx.post(url + "/v2/models/iris/infer", json={"inputs": [{"name": "input", "shape": [1, 3],
+                                                                      "datatype": "FP32", "data": [1, 2, 3]}]})
+    assert bad.status_code == 400 and isinstance(bad.json()["error"], str)
+    missing = httpx.post(url + "/v2/models/nope/infer", json=IRIS)
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]
+    no_model = httpx.post(url + "/v1/chat/completions", json={"messages": []})
+    assert no_model.status_code == 400 and no_model.json()["error"]["param"] == "model"
+    garbage = httpx.post(url + "/v1/completions", content=b"{not json")
+    assert garbage.status_code == 400 and "JSON" in garbage.json()["error"]["message"]
+    huge = httpx.post(url + "/v1/completions", content=b"x" * (5 * 1024 * 1024))
+    assert huge.status_code == 413
+
+
+def test_a_killed_replica_costs_only_its_in_flight_requests(iris_on_ray: LadleServer) -> None:
+    url = iris_on_ray.url
+    before = set(per_replica(url, "ladle_model_requests_total", model="iris"))
+    statuses: list[int] = []
+    bodies: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                r = http.post(url + "/v2/models/iris/infer", json=IRIS)
+                statuses.append(r.status_code)
+                if r.status_code != 200:
+                    bodies.append(r.text)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    victim = _replica_pids("ladle-iris")[0]
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(3)
+    wait_for(lambda: running(url, "iris") == 2 and set(per_replica(url, "ladle_model_requests_total",
+                                                                   model="iris")) - before, 120,
+             "a replacement replica")
+    time.sleep(1)
+    stop.set()
+    for t in threads:
+        t.join()
+    failed = [s for s in statuses if s != 200]
+    assert set(failed) <= {503}, bodies[:3]
+    assert len(failed) <= 8, (len(failed), bodies[:3])  # at most what the dead replica held at once
+    assert all("replica" in b for b in bodies), bodies[:3]
+    assert statuses.count(200) > 100
+    for _ in range(20):
+        assert httpx.post(url + "/v2/models/iris/infer", json=IRIS).status_code == 200
+
+
+def _replica_pids(app: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"ServeReplica:{app}:"], capture_output=True, text=True).stdout
+    pids = [int(p) for p in out.split()]
+    assert pids, f"no replica process of {app}"
+    return pids
+
+
