@@ -20,7 +20,7 @@ ALLOWED = {
     "api": {"serving", "repository", "llm", "jobs"},
     "options": set(),
     "bench": {"options"},
-    "cluster": {"api", "jobs", "repository", "serving", "server"},
+    "cluster": {"api", "cli", "jobs", "repository", "serving", "server"},  # serve_app: an entry point, like cli
     "server": {"api", "serving", "cluster"},
     "cli": {"api", "bench", "jobs", "options", "repository", "server", "serving"},
     "__main__": {"cli"},

@@ -56,16 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def build_server_config(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig of parsed `ladle serve` flags; ValueError for unusable keys."""
     from ladle.api.auth import resolve_keys
-    from ladle.server import serve
 
-    try:  # keys from the flags, LADLE_API_KEY / LADLE_ADMIN_KEY and --api-key-file; never echoed
-        security = resolve_keys(build_dataclass(SecurityConfig, args), os.environ)
-    except ValueError as exc:
-        print(f"ladle serve: {exc}", file=sys.stderr)
-        return 2
-    config = ServerConfig(
+    # keys from the flags, LADLE_API_KEY / LADLE_ADMIN_KEY and --api-key-file; never echoed
+    security = resolve_keys(build_dataclass(SecurityConfig, args), os.environ)
+    return ServerConfig(
         http=build_dataclass(HTTPConfig, args),
         repository=build_dataclass(RepositoryConfig, args),
         llm=build_dataclass(LLMConfig, args),
@@ -73,7 +70,17 @@ def run_serve(args: argparse.Namespace) -> int:
         jobs=build_dataclass(JobsConfig, args),
         cluster=build_dataclass(ClusterConfig, args),
     )
-    if problem := cluster_problem(config.cluster):
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from ladle.server import serve
+
+    try:
+        config = build_server_config(args)
+    except ValueError as exc:
+        print(f"ladle serve: {exc}", file=sys.stderr)
+        return 2
+    if problem := cluster_problem(config.cluster, on_ray=config.cluster.ray is not None):
         print(f"ladle serve: {problem}", file=sys.stderr)
         return 2
     if config.repository.repository is not None and not Path(config.repository.repository).is_dir():
@@ -85,14 +92,22 @@ def run_serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
-def cluster_problem(cluster: ClusterConfig) -> str | None:
+def cluster_problem(cluster: ClusterConfig, on_ray: bool) -> str | None:
     """What is wrong with the --ray flags, if anything (checked before anything starts)."""
     low, high = cluster.min_replicas, cluster.max_replicas
-    if cluster.replicas < 1 or (low is not None and low < 1):
-        return "--replicas and --min-replicas must be at least 1"
+    if cluster.replicas < 1 or any(n is not None and n < 1 for n in (low, high)):
+        return "--replicas, --min-replicas and --max-replicas must be at least 1"
+    if cluster.upscale_delay < 0 or cluster.downscale_delay < 0 or cluster.target_ongoing_requests <= 0:
+        return "--upscale-delay and --downscale-delay must be >= 0, --target-ongoing-requests > 0"
+    if cluster.ray is not None and cluster.ray.startswith("ray://"):
+        return ("--ray takes the cluster's GCS address (host:6379), not a Ray Client address: run ladle on a node "
+                "of the cluster (Serve's deployment handles need a real driver)")
+    if cluster.ray is not None and Path(cluster.ray).is_dir():
+        return (f"--ray takes a Ray address (or nothing), not the directory {cluster.ray}: put the repository "
+                "first, `ladle serve REPOSITORY --ray`, or write `--ray auto`")
     if low is not None and high is not None and high < low:
         return f"--max-replicas ({high}) is below --min-replicas ({low})"
-    if cluster.ray is None and (cluster.autoscaling or cluster.replicas != 1):
+    if not on_ray and (cluster.autoscaling or cluster.replicas != 1):
         return "--replicas, --min-replicas and --max-replicas need --ray (replicas run on a Ray cluster)"
     return None
 

@@ -210,8 +210,9 @@ class ClusterConfig:
 
     ray: str | None = option(
         None, "deploy every model as a Ray Serve deployment: `--ray` or `--ray auto` joins the Ray cluster running "
-        "here (ray start) or starts a local one; `--ray ADDRESS` joins that cluster (host:6379 or "
-        "ray://host:10001); needs `pip install 'ladle[ray]'`", nargs="?", const="auto", metavar="auto|ADDRESS",
+        "here (ray start) or starts a local one; `--ray ADDRESS` joins that cluster (its GCS address, "
+        "host:6379; run ladle on a node of the cluster); needs `pip install 'ladle[ray]'`",
+        nargs="?", const="auto", metavar="auto|ADDRESS",
     )
     replicas: int = option(1, "replicas of each model (fixed; see --min-replicas/--max-replicas to autoscale)")
     min_replicas: int | None = option(

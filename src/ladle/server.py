@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import signal
+from collections.abc import Callable
 from types import FrameType
 from typing import Protocol
 
@@ -41,7 +42,7 @@ def serve(config: ServerConfig) -> int:
             return 1
     app = create_app(config, host)
     server = DrainingServer(uvicorn_config(app, config.http), app.state.host)
-    health = _health_server(config.http, app.state.host)
+    health = health_server(config.http, app.state.host.is_ready)
     try:
         server.run()
     finally:
@@ -59,10 +60,10 @@ def _serve_on_ray(config: ServerConfig) -> int:
     return serve_cluster(config)
 
 
-def _health_server(http: HTTPConfig, host: ModelHost) -> HealthServer | None:
+def health_server(http: HTTPConfig, is_ready: Callable[[], bool]) -> HealthServer | None:
     if http.health_port is None:
         return None
-    health = HealthServer(http.host, http.health_port, host.is_ready)
+    health = HealthServer(http.host, http.health_port, is_ready)
     health.start()  # answers 503 on readiness until the models have loaded, then follows the main port's rule
     return health
 

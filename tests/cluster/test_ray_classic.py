@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def iris_on_ray(ray_address: str, demo_repository: Path) -> Iterator[LadleServer]:
     with LadleServer([demo_repository, "--load-model", "iris", "--ray", ray_address, "--replicas", "2",
-                      "--num-cpus", "1"], ready_timeout=180) as server:
+                      "--num-cpus", "1", "--allow-admin-without-key"], ready_timeout=180) as server:
         yield server
 
 
@@ -83,7 +83,7 @@ def test_a_killed_replica_costs_only_its_in_flight_requests(iris_on_ray: LadleSe
     os.kill(victim, signal.SIGKILL)
     time.sleep(3)
     wait_for(lambda: running(url, "iris") == 2 and set(per_replica(url, "ladle_model_requests_total",
-                                                                   model="iris")) - before, 120,
+                                                                   model="iris")) - before, 180,
              "a replacement replica")
     time.sleep(1)
     stop.set()
@@ -105,3 +105,15 @@ def _replica_pids(app: str) -> list[int]:
     return pids
 
 
+
+
+def test_unload_and_load_go_through_serve(iris_on_ray: LadleServer) -> None:
+    url = iris_on_ray.url
+    old = set(per_replica(url, "ladle_model_requests_total", model="iris"))
+    assert httpx.post(url + "/v2/repository/models/iris/unload").status_code == 200
+    gone = httpx.post(url + "/v2/models/iris/infer", json=IRIS)
+    assert gone.status_code == 503 and "not loaded" in gone.json()["error"]
+    assert httpx.post(url + "/v2/repository/models/iris/load", timeout=180).status_code == 200
+    assert httpx.post(url + "/v2/models/iris/infer", json=IRIS).status_code == 200
+    assert not set(per_replica(url, "ladle_model_requests_total", model="iris")) & old  # fresh replicas
+    assert httpx.post(url + "/v2/repository/models/nope/load").status_code == 404

@@ -26,24 +26,29 @@ from ray.serve.exceptions import BackPressureError, RequestCancelledError
 from ladle.cluster.forwarding import Forwarded, Reply
 from ladle.cluster.hints import RouteHint
 from ladle.cluster.models import AppState, ServedModel, replica_config
-from ladle.cluster.plans import APP_PREFIX, app_name, plan, serve_env
+from ladle.cluster.plans import app_name, deployment_name, model_of, plan, serve_env
 from ladle.cluster.replica import LadleReplica
 from ladle.cluster.routing import KNOWN_REPLICAS
 from ladle.config import ServerConfig
-from ladle.errors import LadleError, NotFound, Unavailable
+from ladle.errors import InvalidInput, LadleError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0
+#: deployment states that will not reach a running replica by themselves
+FAILED = ("DEPLOY_FAILED", "UNHEALTHY", "DELETING")
 SCRAPE_TIMEOUT_S = 5.0
 
 
 class Cluster:
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, managed: bool = True) -> None:
+        """`managed`: this front end deploys and deletes the models' Serve applications (`ladle serve --ray`); else
+        they are deployments of one Serve application it is part of (serve_app.py: RayService, `serve run`)."""
         self.config = config
+        self.managed = managed
         self.models: dict[str, ServedModel] = {}
         self.wanted: set[str] = set()
-        self.apps: dict[str, AppState] = {}  # by application name, replaced whole by the poller
+        self.states: dict[str, AppState] = {}  # by model, replaced whole by the poller
         self._stop = threading.Event()
 
     # -- joining Ray ------------------------------------------------------------------------------
@@ -62,12 +67,15 @@ class Cluster:
         else:
             ray.init(address=address, runtime_env=env, log_to_driver=False)
         serve.start(proxy_location="Disabled")
+        self.start_polling()
+
+    def start_polling(self) -> None:
         threading.Thread(target=self._poll, name="ladle-ray-status", daemon=True).start()
 
     def _poll(self) -> None:
         while not self._stop.is_set():
             try:
-                self.apps = _snapshot(serve.status())
+                self.states = _snapshot(serve.status())
             except Exception as exc:  # the controller restarting, the cluster going away: keep the last snapshot
                 log.warning("cannot read the Serve status: %s", exc)
             self._stop.wait(POLL_S)
@@ -78,6 +86,7 @@ class Cluster:
 
     async def deploy(self, names: list[str], wait: bool = True) -> dict[str, str | None]:
         """(Re)deploy these models; with `wait`, until each has a running replica or failed: name -> reason."""
+        self.check_managed("loaded")
         for name in names:
             model = self.models[name]
             self.wanted.add(name)
@@ -88,10 +97,11 @@ class Cluster:
         return await self._wait(names) if wait else {}
 
     def _run(self, model: ServedModel) -> None:
-        p = plan(model.name, model.config, self.config.cluster, self.config.llm, self.config.http.drain_timeout)
+        p = plan(model.name, model.config, self.config.cluster, self.config.llm, self.config.http.drain_timeout,
+                 model.pinned)
         options = dict(p.options)
         options["request_router_config"] = RequestRouterConfig(**options["request_router_config"])
-        deployment = serve.deployment(LadleReplica, name="LadleReplica").options(**options)
+        deployment = serve.deployment(LadleReplica, name=deployment_name(model.name)).options(**options)
         app = deployment.bind(replica_config(self.config, model), model.name, model.generation)
         model.handle = serve_run(app, name=app_name(model.name), route_prefix=None, _blocking=False)
         log.info("deploying model %s on Ray (%s)", model.name, _describe(options))
@@ -110,32 +120,39 @@ class Cluster:
             await asyncio.sleep(POLL_S / 2)
 
     def _settling(self, name: str) -> bool:
-        app = self.apps.get(app_name(name))
-        return app is None or app.status in ("NOT_STARTED", "DEPLOYING") or (app.running == 0 and
-                                                                            app.status == "RUNNING")
+        state = self.states.get(name)
+        return state is None or (state.running == 0 and state.status not in FAILED)
 
     def progress(self, name: str) -> str:
-        app = self.apps.get(app_name(name))
+        app = self.states.get(name)
         return f"{app.status} {app.running}/{app.total} replicas" if app else "starting"
 
     def failure(self, name: str) -> str | None:
         model = self.models[name]
         if model.config is None:
             return model.reason
-        app = self.apps.get(app_name(name))
+        app = self.states.get(name)
         if app is not None and app.running > 0:
             return None
         return (app.message if app else "") or "no replica started"
 
+    def check_managed(self, what: str) -> None:
+        if not self.managed:
+            raise InvalidInput(f"this ladle runs as one Ray Serve application (RayService / serve run): models are "
+                               f"{what} by changing its Serve config, not through the repository API")
+
     async def undeploy(self, name: str) -> None:
+        self.check_managed("unloaded")
         self.wanted.discard(name)
         self.models[name].handle = None
         await asyncio.to_thread(serve.delete, app_name(name), True)
-        KNOWN_REPLICAS.pop(app_name(name), None)
+        KNOWN_REPLICAS.pop(deployment_name(name), None)
 
     async def close(self) -> None:
         """Delete every application this front end deployed (its replicas drain first), then leave Ray."""
         self._stop.set()
+        if not self.managed:
+            return
         for name in [n for n in self.models if self.models[n].handle is not None]:
             try:
                 await self.undeploy(name)
@@ -145,7 +162,7 @@ class Cluster:
 
     # -- state ----------------------------------------------------------------------------------------
     def running(self, name: str) -> int:
-        app = self.apps.get(app_name(name))
+        app = self.states.get(name)
         return app.running if app is not None else 0
 
     def is_ready(self) -> bool:
@@ -181,20 +198,25 @@ class Cluster:
             responses.cancel()  # a no-op once finished; else the client left: the replica aborts the request
 
     async def scrape(self) -> list[tuple[dict[str, str], bytes]]:
-        """Every known replica's metrics, labelled with its replica id (a replica that does not answer in time is
-        left out of this scrape)."""
-        calls = []
+        """Every known replica's metrics, labelled with its replica id. One call at a time: inside a Serve replica
+        (serve_app.py) every call a request makes shares its request id, and Ray's router tells pending calls to one
+        deployment apart by that id. A replica that does not answer within the scrape's budget is left out."""
+        deadline = time.monotonic() + SCRAPE_TIMEOUT_S
+        seen: dict[str, bytes] = {}
         for name, model in tuple(self.models.items()):
             if model.handle is None or self.running(name) == 0:
                 continue
-            for label in KNOWN_REPLICAS.get(app_name(name), ()):
-                calls.append(model.handle.metrics.remote(RouteHint(name, replica=label)))
-        results = await asyncio.gather(*(asyncio.wait_for(_await(c), SCRAPE_TIMEOUT_S) for c in calls),
-                                       return_exceptions=True)
-        seen: dict[str, bytes] = {}
-        for result in results:
-            if isinstance(result, tuple):
-                seen[result[0]] = result[1]
+            for label in KNOWN_REPLICAS.get(deployment_name(name), ()):
+                left = deadline - time.monotonic()
+                if left <= 0 or label in seen:
+                    continue
+                try:
+                    got, text = await asyncio.wait_for(
+                        _await(model.handle.metrics.remote(RouteHint(name, replica=label))), left)
+                except Exception as exc:  # gone or stuck: the next scrape asks again
+                    log.debug("no metrics from replica %s: %s", label, exc)
+                    continue
+                seen[got] = text
         return [({"replica": label}, text) for label, text in sorted(seen.items())]
 
 
@@ -220,17 +242,23 @@ def _unavailable(name: str, exc: Exception) -> Exception:
 
 
 def _snapshot(status) -> dict[str, AppState]:
-    apps = {}
-    for name, app in status.applications.items():
-        if not name.startswith(APP_PREFIX):
-            continue
-        running = total = 0
-        for deployment in app.deployments.values():
-            states = {str(getattr(k, "value", k)): v for k, v in deployment.replica_states.items()}
-            running += states.get("RUNNING", 0)
-            total += sum(states.values())
-        apps[name] = AppState(str(getattr(app.status, "value", app.status)), app.message or "", running, total)
-    return apps
+    """Each model's deployment, wherever it is: its own application, or one application of all models."""
+    models = {}
+    for app in status.applications.values():
+        app_status = _text(app.status)
+        for name, deployment in app.deployments.items():
+            model = model_of(name)
+            if model is None:
+                continue
+            counts = {_text(k): v for k, v in deployment.replica_states.items()}
+            state = "DELETING" if app_status == "DELETING" else _text(deployment.status)
+            message = deployment.message or app.message or ""
+            models[model] = AppState(state, message, counts.get("RUNNING", 0), sum(counts.values()))
+    return models
+
+
+def _text(value: object) -> str:
+    return str(getattr(value, "value", value))
 
 
 def _describe(options: dict) -> str:

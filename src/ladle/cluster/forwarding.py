@@ -100,16 +100,21 @@ class InProcessApp:
             await gone.wait()  # the handlers watch for this to stop their work
             return {"type": "http.disconnect"}
 
+        started = False
+
         async def send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
             out.put_nowait(message)
 
         try:
             await self.app(_scope(request), receive, send)
         except Exception:  # the app's error handlers answer everything; this is a bug, answered as a 500
             log.exception("forwarded %s %s failed", request.method, request.path)
-            out.put_nowait({"type": "http.response.start", "status": 500,
-                            "headers": [(b"content-type", b"application/json")]})
-            out.put_nowait({"type": "http.response.body", "body": b'{"error": "internal error in a replica"}'})
+            if not started:  # else the response is cut short where it failed, as a socket would cut it
+                out.put_nowait({"type": "http.response.start", "status": 500,
+                                "headers": [(b"content-type", b"application/json")]})
+                out.put_nowait({"type": "http.response.body", "body": b'{"error": "internal error in a replica"}'})
         finally:
             out.put_nowait(None)
 

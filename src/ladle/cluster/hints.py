@@ -8,6 +8,7 @@ session key), and reading one never raises: a body without these fields simply r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 #: prompt characters the router looks at: enough to tell shared system prompts and few-shot heads apart
@@ -36,15 +37,15 @@ def prompt_head(body: dict[str, Any]) -> str | None:
     """The first PREFIX_CHARS of what the model will read: chat messages (role and text) in order, or a completion's
     prompt (the first one of a list; token ids as text)."""
     messages = body.get("messages")
-    if isinstance(messages, list):
-        return _join(_message_text(m) for m in messages) or None
+    if isinstance(messages, list):  # every item costs a step even when it adds no text: islice bounds the walk
+        return _join(_message_text(m) for m in islice(messages, PREFIX_CHARS)) or None
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of prompts: route on the first
     if isinstance(prompt, str):
         return prompt[:PREFIX_CHARS] or None
     if isinstance(prompt, list):  # token ids
-        return _join(f"{t}," for t in prompt if isinstance(t, int)) or None
+        return _join(f"{t}," for t in islice(prompt, PREFIX_CHARS) if isinstance(t, int)) or None
     return None
 
 
@@ -54,7 +55,8 @@ def _message_text(message: Any) -> str:
     role = message.get("role")
     content = message.get("content")
     if isinstance(content, list):  # content parts: their text
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        content = _join(p["text"] for p in islice(content, PREFIX_CHARS)
+                        if isinstance(p, dict) and isinstance(p.get("text"), str))
     return f"{role if isinstance(role, str) else ''}:{content if isinstance(content, str) else ''}\n"
 
 

@@ -35,9 +35,9 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class AppState:
-    """One Serve application as `serve.status()` last described it."""
+    """One model's deployment as `serve.status()` last described it."""
 
-    status: str  # DEPLOYING, RUNNING, DEPLOY_FAILED, UNHEALTHY, DELETING, ...
+    status: str  # the deployment's: UPDATING, HEALTHY, UPSCALING, DOWNSCALING, DEPLOY_FAILED, UNHEALTHY; or DELETING
     message: str
     running: int  # replicas RUNNING
     total: int  # replicas in any state

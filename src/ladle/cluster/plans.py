@@ -15,6 +15,7 @@ from ladle.config import ClusterConfig, LLMConfig
 from ladle.repository.model_config import ClusterOptions, ModelConfig
 
 ROUTER = "ladle.cluster.routing.LadleRouter"
+METRICS_INTERVAL_S = 1.0
 APP_PREFIX = "ladle-"
 
 #: Ray Serve settings for the lowest per-call overhead (measured in benchmarks/cluster): handle calls over gRPC,
@@ -32,7 +33,17 @@ def serve_env() -> dict[str, str]:
 
 
 def app_name(model: str) -> str:
+    """The Serve application of a model this front end deploys (one per model, so each loads and unloads alone)."""
     return APP_PREFIX + model
+
+
+def deployment_name(model: str) -> str:
+    """A model's deployment, also inside one Serve application of all models (cluster/serve_app.py)."""
+    return APP_PREFIX + model
+
+
+def model_of(deployment: str) -> str | None:
+    return deployment[len(APP_PREFIX):] if deployment.startswith(APP_PREFIX) else None
 
 
 @dataclass(frozen=True)
@@ -42,7 +53,9 @@ class Plan:
     options: dict[str, Any]  # keyword arguments of Deployment.options(), request_router_config as a dict
 
 
-def plan(model: str, config: ModelConfig, cluster: ClusterConfig, llm: LLMConfig, drain_s: float) -> Plan:
+def plan(model: str, config: ModelConfig, cluster: ClusterConfig, llm: LLMConfig, drain_s: float,
+         pinned: bool = False) -> Plan:
+    """`pinned`: the --model LLM, whose engine runs the server's LLM flags (a repository LLM runs its parameters)."""
     own = config.cluster
     options: dict[str, Any] = {
         "ray_actor_options": {
@@ -51,7 +64,7 @@ def plan(model: str, config: ModelConfig, cluster: ClusterConfig, llm: LLMConfig
             "runtime_env": {"env_vars": serve_env()},
         },
         "max_ongoing_requests": _pick(own.max_ongoing_requests, cluster.max_ongoing_requests)
-        or _default_ongoing(config, llm),
+        or _default_ongoing(config, llm if pinned else LLMConfig()),
         "max_queued_requests": cluster.max_queued_requests,
         "request_router_config": {
             "request_router_class": ROUTER,
@@ -68,14 +81,13 @@ def plan(model: str, config: ModelConfig, cluster: ClusterConfig, llm: LLMConfig
 
 
 def _scale(own: ClusterOptions, cluster: ClusterConfig) -> dict[str, Any]:
-    """The model's fixed `replicas` wins; then its own autoscaling bounds; then the server's flags."""
+    """The model's fixed `replicas` wins; else autoscaling bounds, each the model's own or the server's flag; else
+    the server's --replicas."""
     if own.replicas is not None:
         return {"num_replicas": own.replicas}
-    if own.min_replicas is not None or own.max_replicas is not None:
-        low, high = own.min_replicas, own.max_replicas
-    elif cluster.autoscaling:
-        low, high = cluster.min_replicas, cluster.max_replicas
-    else:
+    low = _pick(own.min_replicas, cluster.min_replicas)
+    high = _pick(own.max_replicas, cluster.max_replicas)
+    if low is None and high is None:
         return {"num_replicas": cluster.replicas}
     low = low or 1
     high = max(high or low, low)
@@ -83,7 +95,9 @@ def _scale(own: ClusterOptions, cluster: ClusterConfig) -> dict[str, Any]:
         "min_replicas": low, "max_replicas": high, "initial_replicas": low,
         "target_ongoing_requests": _pick(own.target_ongoing_requests, cluster.target_ongoing_requests),
         "upscale_delay_s": cluster.upscale_delay, "downscale_delay_s": cluster.downscale_delay,
-        "metrics_interval_s": min(2.0, cluster.upscale_delay), "look_back_period_s": max(1.0, cluster.upscale_delay),
+        # load is sampled every second and averaged over at least two samples (Ray wants look-back > interval)
+        "metrics_interval_s": METRICS_INTERVAL_S,
+        "look_back_period_s": max(2 * METRICS_INTERVAL_S, cluster.upscale_delay),
     }}
 
 

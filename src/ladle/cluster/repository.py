@@ -77,12 +77,13 @@ class RepositoryControl:
                     return [r for r in orjson.loads(reply.body) if r.get("name") == name]
             except Exception:  # the replica went away meanwhile: its state below says so
                 pass
-        state, reason = state_of(model, self.cluster.apps.get("ladle-" + name), name in self.cluster.wanted)
+        state, reason = state_of(model, self.cluster.states.get(name), name in self.cluster.wanted)
         return [{"name": name, "state": state, "reason": reason}]
 
     async def load(self, request: Request) -> Response:
         _object(await read_body(request, self.limit))
         name = self._existing(request.path_params["model"], "loaded or reloaded")
+        self.cluster.check_managed("loaded")
         model = discover(self.config, name)
         old = self.cluster.models.get(name)
         model.generation = old.generation if old is not None else 0
@@ -99,6 +100,7 @@ class RepositoryControl:
         if model is None:
             raise NotFound(f"unknown model '{name}'")
         self._existing(name, "unloaded")
+        self.cluster.check_managed("unloaded")
         await self.cluster.undeploy(name)
         return _json({})
 

@@ -23,12 +23,12 @@ from ladle.cluster.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
 
-#: replica ids known to the routers of this process, by Serve application: what the front end scrapes for /metrics
+#: replica labels known to the routers of this process, by deployment: what the front end scrapes for /metrics
 KNOWN_REPLICAS: dict[str, tuple[str, ...]] = {}
 
 
 def replica_label(replica_id: ReplicaID) -> str:
-    return f"{replica_id.deployment_id.app_name}#{replica_id.unique_id}"
+    return f"{replica_id.deployment_id.name}#{replica_id.unique_id}"
 
 
 class LadleRouter(RequestRouter):
@@ -100,7 +100,7 @@ class LadleRouter(RequestRouter):
 
         if self._deployment_id is not None:
             labels = tuple(sorted(replica_label(r) for r in self._replica_id_set))
-            shared.KNOWN_REPLICAS[self._deployment_id.app_name] = labels
+            shared.KNOWN_REPLICAS[self._deployment_id.name] = labels
 
 
 def _hint_of(pending_request: PendingRequest) -> RouteHint | None:

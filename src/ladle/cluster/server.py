@@ -7,7 +7,6 @@ Invariant: the models are deployed before the front end reports ready, and delet
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -48,14 +47,10 @@ def create_cluster_app(config: ServerConfig, cluster: Cluster) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        failures = await cluster.deploy(list(cluster.models))
-        for name, reason in failures.items():
-            if reason is not None:
-                log.error("model %s is not serving: %s", name, reason)
-        if not config.repository.strict_readiness:
-            cluster.wanted.intersection_update(n for n, r in failures.items() if r is None)
-        ready = "ready" if front.is_ready() else "NOT ready (see the errors above)"
-        log.info("ladle (on Ray) is %s on http://%s:%d", ready, config.http.host, config.http.port)
+        if cluster.managed:
+            await _deploy(config, cluster)
+            ready = "ready" if front.is_ready() else "NOT ready (see the errors above)"
+            log.info("ladle (on Ray) is %s on http://%s:%d", ready, config.http.host, config.http.port)
         yield
         front.draining = True
         await cluster.close()
@@ -69,8 +64,17 @@ def create_cluster_app(config: ServerConfig, cluster: Cluster) -> Starlette:
     return app
 
 
+async def _deploy(config: ServerConfig, cluster: Cluster) -> None:
+    failures = await cluster.deploy(list(cluster.models))
+    for name, reason in failures.items():
+        if reason is not None:
+            log.error("model %s is not serving: %s", name, reason)
+    if not config.repository.strict_readiness:
+        cluster.wanted.intersection_update(n for n, r in failures.items() if r is None)
+
+
 def serve_cluster(config: ServerConfig) -> int:
-    from ladle.server import DrainingServer, uvicorn_config
+    from ladle.server import DrainingServer, health_server, uvicorn_config
 
     cluster = Cluster(config)
     try:
@@ -84,6 +88,10 @@ def serve_cluster(config: ServerConfig) -> int:
     uv = uvicorn_config(app, config.http)
     uv.loop = "asyncio"  # Ray's handles run their gRPC calls on the caller's loop: plain asyncio, as Ray tests it
     server = DrainingServer(uv, app.state.front)
-    server.run()
-    asyncio.set_event_loop(None)
+    health = health_server(config.http, app.state.front.is_ready)
+    try:
+        server.run()
+    finally:
+        if health is not None:
+            health.stop()
     return 0 if server.started else 1
