@@ -117,3 +117,19 @@ def test_unload_and_load_go_through_serve(iris_on_ray: LadleServer) -> None:
     assert httpx.post(url + "/v2/models/iris/infer", json=IRIS).status_code == 200
     assert not set(per_replica(url, "ladle_model_requests_total", model="iris")) & old  # fresh replicas
     assert httpx.post(url + "/v2/repository/models/nope/load").status_code == 404
+
+
+def test_a_batch_job_runs_over_the_replicas(iris_on_ray: LadleServer) -> None:
+    from tests.jobs.helpers import jsonl, lines_of, wait_job
+
+    url = iris_on_ray.url
+    rows = [{"id": f"row-{i}", **IRIS} for i in range(30)]
+    created = httpx.post(f"{url}/v2/jobs?model=iris", content=jsonl(rows),
+                         headers={"content-type": "application/jsonl"})
+    assert created.status_code == 200, created.text
+    done = wait_job(url, created.json()["id"])
+    assert done["status"] == "completed" and done["request_counts"] == {"total": 30, "completed": 30, "failed": 0}
+    results = lines_of(httpx.get(f"{url}/v2/jobs/{done['id']}/results").content)
+    assert [r["id"] for r in results] == [r["id"] for r in rows]
+    assert all(r["response"]["outputs"][0]["data"] == [0] for r in results)
+    assert httpx.post(f"{url}/v2/jobs?model=nope", content=jsonl(rows[:1])).status_code == 404

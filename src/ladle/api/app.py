@@ -23,7 +23,7 @@ from starlette.routing import Route
 from ladle.api.admission import AdmissionMiddleware
 from ladle.api.auth import install_access_control
 from ladle.api.errors import EXCEPTION_HANDLERS
-from ladle.api.jobs import JobsAPI
+from ladle.api.jobs import JobsAPI, host_is_llm
 from ladle.api.kserve import KServeAPI
 from ladle.api.offload import ProcessOffload
 from ladle.api.openai import OpenAIAPI
@@ -51,7 +51,7 @@ def create_app(config: ServerConfig, host: ModelHost | None = None, with_jobs: b
     openai_limit = min(config.http.max_request_bytes, config.http.max_openai_request_bytes)
     openai = OpenAIAPI(host, openai_limit)
     embeddings = EmbeddingsAPI(host, openai_limit)
-    jobs = _job_service(config, host) if with_jobs else None
+    jobs = job_service(config, host) if with_jobs else None
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -82,7 +82,7 @@ def create_app(config: ServerConfig, host: ModelHost | None = None, with_jobs: b
         *openai.routes(),
         *embeddings.routes(),
         *(BatchesAPI(jobs, openai_limit).routes() if jobs is not None else ()),
-        *(JobsAPI(jobs, host, config.http.max_request_bytes).routes() if jobs is not None else ()),
+        *(JobsAPI(jobs, host_is_llm(host), config.http.max_request_bytes).routes() if jobs is not None else ()),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
@@ -105,7 +105,7 @@ def dispatcher(app: Starlette) -> Dispatcher:
     return Dispatcher(ExceptionMiddleware(app.router, handlers=handlers))
 
 
-def _job_service(config: ServerConfig, host: ModelHost) -> JobService:
+def job_service(config: ServerConfig, host: ModelHost) -> JobService:
     c = config.jobs
     # stable across restarts (a restarted server frees its own claims at once), distinct between servers
     owner = f"{socket.gethostname()}:{config.http.port}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -27,15 +28,23 @@ from ladle.serving.host import ModelHost
 
 DEFAULT_WINDOW = "24h"
 
+#: (model, version or None) -> whether it is an LLM; raises NotFound (unknown model or version) or Unavailable
+IsLLM = Callable[[str, int | None], bool]
+
+
+def host_is_llm(host: ModelHost) -> IsLLM:
+    return lambda model, version: host.get(model, version).batcher is None
+
 
 def _json(payload: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
 
 
 class JobsAPI:
-    def __init__(self, jobs: JobService, host: ModelHost, max_request_bytes: int) -> None:
+    def __init__(self, jobs: JobService, is_llm: IsLLM, max_request_bytes: int) -> None:
+        """`is_llm`: the model check (`host_is_llm(host)` on a single server; the cluster's view under --ray)."""
         self.jobs = jobs
-        self.host = host
+        self.is_llm = is_llm
         self.max_request_bytes = max_request_bytes
 
     def routes(self) -> list[Route]:
@@ -69,8 +78,7 @@ class JobsAPI:
         if not isinstance(model, str) or not model:
             raise InvalidInput("name the model: ?model=NAME (or \"model\" in a JSON body)")
         number = None if version in (None, "") else parse_version(str(version))
-        mv = self.host.get(model, number)  # 404 for an unknown model or version, 503 when not ready
-        if mv.batcher is None:
+        if self.is_llm(model, number):  # 404 for an unknown model or version, 503 when not ready
             raise InvalidInput(f"model '{model}' is an LLM: submit its lines as an OpenAI batch (POST /v1/files, "
                                "then POST /v1/batches)")
         return f"/v2/models/{model}/versions/{number}/infer" if number is not None else f"/v2/models/{model}/infer"

@@ -20,7 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from ladle import __version__
-from ladle.api.body import read_body, until_disconnect
+from ladle.api.body import is_batch, read_body, until_disconnect
 from ladle.api.errors import openai_error_body
 from ladle.api.kserve import EXTENSIONS
 from ladle.api.sse import sse
@@ -144,7 +144,7 @@ async def _parse(raw: bytes) -> dict[str, Any]:
 
 def _forwarded(request: Request, body: bytes) -> Forwarded:
     return Forwarded(request.method, request.url.path, request.scope.get("query_string", b""),
-                     outgoing_headers(request.scope["headers"]), body)
+                     outgoing_headers(request.scope["headers"]), body, batch=is_batch(request))
 
 
 def _response(reply: Reply) -> Response:

@@ -15,10 +15,14 @@ from pathlib import Path
 from starlette.applications import Starlette
 
 from ladle.api.admission import AdmissionMiddleware
+from ladle.api.app import dispatcher
 from ladle.api.auth import install_access_control
 from ladle.api.errors import EXCEPTION_HANDLERS
+from ladle.api.jobs import JobsAPI
+from ladle.api.openai_batches import BatchesAPI
 from ladle.cluster.cluster import Cluster
 from ladle.cluster.frontend import FrontEnd
+from ladle.cluster.jobs import is_llm, job_service
 from ladle.cluster.models import ServedModel
 from ladle.cluster.repository import discover
 from ladle.config import ServerConfig
@@ -37,13 +41,19 @@ def describe_models(config: ServerConfig) -> list[ServedModel]:
     root = config.repository.repository
     if root is not None:
         names = list(config.repository.load_model) or model_names(root)
+        if models and models[0].name in names:
+            raise ValueError(f"the repository has a model named '{models[0].name}' too; give --served-model-name "
+                             "another name")
         models.extend(discover(config, name) for name in names)
     return models
 
 
 def create_cluster_app(config: ServerConfig, cluster: Cluster) -> Starlette:
+    """Batch jobs run where the front end deploys the models itself (`ladle serve --ray`); a front end that is one
+    Serve replica among possibly several (serve_app.py) has no store of its own to run them from."""
     metrics = Metrics()
     front = FrontEnd(config, cluster, metrics)
+    jobs = job_service(config, cluster, metrics.registry) if cluster.managed else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -51,11 +61,20 @@ def create_cluster_app(config: ServerConfig, cluster: Cluster) -> Starlette:
             await _deploy(config, cluster)
             ready = "ready" if front.is_ready() else "NOT ready (see the errors above)"
             log.info("ladle (on Ray) is %s on http://%s:%d", ready, config.http.host, config.http.port)
+        if jobs is not None:
+            await jobs.start(dispatcher(app))  # resumes the jobs a previous run left, once the models are up
         yield
         front.draining = True
+        if jobs is not None:
+            await jobs.close()  # lines running now go back to pending: the next start runs them
         await cluster.close()
 
-    app = Starlette(routes=front.routes(), lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
+    routes = front.routes()
+    if jobs is not None:
+        limit = min(config.http.max_request_bytes, config.http.max_openai_request_bytes)
+        routes += BatchesAPI(jobs, limit).routes()
+        routes += JobsAPI(jobs, is_llm(cluster), config.http.max_request_bytes).routes()
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.state.front = front
     if config.http.max_concurrent_requests > 0:
         app.add_middleware(AdmissionMiddleware, max_concurrent_requests=config.http.max_concurrent_requests,
@@ -76,13 +95,18 @@ async def _deploy(config: ServerConfig, cluster: Cluster) -> None:
 def serve_cluster(config: ServerConfig) -> int:
     from ladle.server import DrainingServer, health_server, uvicorn_config
 
+    try:
+        models = describe_models(config)
+    except (ValueError, FileNotFoundError) as exc:
+        log.error("cannot serve: %s", exc)
+        return 1
     cluster = Cluster(config)
     try:
         cluster.connect()
     except Exception as exc:  # no cluster at that address, a version mismatch: say so and stop
         log.error("cannot join the Ray cluster (--ray %s): %s", config.cluster.ray, exc)
         return 1
-    for model in describe_models(config):
+    for model in models:
         cluster.add(model)
     app = create_cluster_app(config, cluster)
     uv = uvicorn_config(app, config.http)

@@ -38,6 +38,11 @@ def model_checker(host: ModelHost) -> CheckModel:
     for name, record in tuple(host.models.items()):
         if record.config is not None:
             kinds[name] = record.config.backend
+    return backend_checker(kinds)
+
+
+def backend_checker(kinds: dict[str, str]) -> CheckModel:
+    """Checks an endpoint against {model: backend} (the models a server, or a cluster's front end, serves)."""
     served = ", ".join(sorted(kinds)) or "none"
 
     def check(endpoint: str, model: str) -> str | None:
