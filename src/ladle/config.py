@@ -214,6 +214,10 @@ class ClusterConfig:
         "host:6379; run ladle on a node of the cluster); needs `pip install 'ladle[ray]'`",
         nargs="?", const="auto", metavar="auto|ADDRESS",
     )
+    ray_app_prefix: str = option(
+        "ladle-", "Serve application and deployment names are this prefix + the model's name: give each `ladle serve "
+        "--ray` sharing one cluster a prefix of its own (a second one with the same prefix replaces the first's)"
+    )
     replicas: int = option(1, "replicas of each model (fixed; see --min-replicas/--max-replicas to autoscale)")
     min_replicas: int | None = option(
         None, "autoscale each model between --min-replicas and --max-replicas (at least 1) on ongoing requests "

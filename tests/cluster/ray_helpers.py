@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import httpx
@@ -43,3 +44,11 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"not within {timeout}s: {what}")
 
 
+
+
+def replica_pids(app: str) -> list[int]:
+    """The processes of an application's replicas (Ray titles them `ray::ServeReplica:<app>:<deployment>`)."""
+    out = subprocess.run(["pgrep", "-f", f"ServeReplica:{app}:"], capture_output=True, text=True).stdout
+    pids = [int(p) for p in out.split()]
+    assert pids, f"no replica process of {app}"
+    return pids

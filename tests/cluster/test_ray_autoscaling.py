@@ -3,13 +3,15 @@ removes it when idle."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.cluster.ray_helpers import IRIS, running, wait_for
+from tests.cluster.ray_helpers import IRIS, replica_pids, running, wait_for
 from tests.server import LadleServer
 
 pytestmark = pytest.mark.timeout(600)
@@ -22,6 +24,11 @@ def test_autoscaling_goes_up_under_load_and_back_down(ray_address: str, demo_rep
     with LadleServer(args, ready_timeout=180) as server:
         url = server.url
         assert running(url, "iris") == 1
+        # readiness follows the replicas: the only one killed, not ready until Serve has replaced it
+        for pid in replica_pids("ladle-iris"):
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: httpx.get(url + "/v2/health/ready").status_code == 503, 60, "not ready without a replica")
+        wait_for(lambda: httpx.get(url + "/v2/health/ready").status_code == 200, 120, "ready again")
         stop = threading.Event()
 
         def load() -> None:

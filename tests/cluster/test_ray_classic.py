@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from tests.cluster.ray_helpers import IRIS, per_replica, running, wait_for
+from tests.cluster.ray_helpers import IRIS, per_replica, replica_pids, running, wait_for
 from tests.server import LadleServer
 
 pytestmark = pytest.mark.timeout(600)
@@ -79,7 +78,7 @@ def test_a_killed_replica_costs_only_its_in_flight_requests(iris_on_ray: LadleSe
     for t in threads:
         t.start()
     time.sleep(2)
-    victim = _replica_pids("ladle-iris")[0]
+    victim = replica_pids("ladle-iris")[0]
     os.kill(victim, signal.SIGKILL)
     time.sleep(3)
     wait_for(lambda: running(url, "iris") == 2 and set(per_replica(url, "ladle_model_requests_total",
@@ -96,13 +95,6 @@ def test_a_killed_replica_costs_only_its_in_flight_requests(iris_on_ray: LadleSe
     assert statuses.count(200) > 100
     for _ in range(20):
         assert httpx.post(url + "/v2/models/iris/infer", json=IRIS).status_code == 200
-
-
-def _replica_pids(app: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"ServeReplica:{app}:"], capture_output=True, text=True).stdout
-    pids = [int(p) for p in out.split()]
-    assert pids, f"no replica process of {app}"
-    return pids
 
 
 

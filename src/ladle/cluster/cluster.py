@@ -46,6 +46,7 @@ class Cluster:
         they are deployments of one Serve application it is part of (serve_app.py: RayService, `serve run`)."""
         self.config = config
         self.managed = managed
+        self.prefix = config.cluster.ray_app_prefix
         self.models: dict[str, ServedModel] = {}
         self.wanted: set[str] = set()
         self.states: dict[str, AppState] = {}  # by model, replaced whole by the poller
@@ -75,7 +76,7 @@ class Cluster:
     def _poll(self) -> None:
         while not self._stop.is_set():
             try:
-                self.states = _snapshot(serve.status())
+                self.states = _snapshot(serve.status(), self.prefix)
             except Exception as exc:  # the controller restarting, the cluster going away: keep the last snapshot
                 log.warning("cannot read the Serve status: %s", exc)
             self._stop.wait(POLL_S)
@@ -101,9 +102,12 @@ class Cluster:
                  model.pinned)
         options = dict(p.options)
         options["request_router_config"] = RequestRouterConfig(**options["request_router_config"])
-        deployment = serve.deployment(LadleReplica, name=deployment_name(model.name)).options(**options)
+        deployment = serve.deployment(LadleReplica, name=deployment_name(model.name, self.prefix)).options(**options)
         app = deployment.bind(replica_config(self.config, model), model.name, model.generation)
-        model.handle = serve_run(app, name=app_name(model.name), route_prefix=None, _blocking=False)
+        if model.handle is None and model.name in self.states:
+            log.warning("replacing the Serve application %s already on the cluster (a previous ladle, or another "
+                        "one with the same --ray-app-prefix)", app_name(model.name, self.prefix))
+        model.handle = serve_run(app, name=app_name(model.name, self.prefix), route_prefix=None, _blocking=False)
         log.info("deploying model %s on Ray (%s)", model.name, _describe(options))
 
     async def _wait(self, names: list[str]) -> dict[str, str | None]:
@@ -145,8 +149,8 @@ class Cluster:
         self.check_managed("unloaded")
         self.wanted.discard(name)
         self.models[name].handle = None
-        await asyncio.to_thread(serve.delete, app_name(name), True)
-        KNOWN_REPLICAS.pop(deployment_name(name), None)
+        await asyncio.to_thread(serve.delete, app_name(name, self.prefix), True)
+        KNOWN_REPLICAS.pop(deployment_name(name, self.prefix), None)
 
     async def close(self) -> None:
         """Delete every application this front end deployed (its replicas drain first), then leave Ray."""
@@ -206,7 +210,7 @@ class Cluster:
         for name, model in tuple(self.models.items()):
             if model.handle is None or self.running(name) == 0:
                 continue
-            for label in KNOWN_REPLICAS.get(deployment_name(name), ()):
+            for label in KNOWN_REPLICAS.get(deployment_name(name, self.prefix), ()):
                 left = deadline - time.monotonic()
                 if left <= 0 or label in seen:
                     continue
@@ -241,13 +245,13 @@ def _unavailable(name: str, exc: Exception) -> Exception:
     return exc
 
 
-def _snapshot(status) -> dict[str, AppState]:
+def _snapshot(status, prefix: str) -> dict[str, AppState]:
     """Each model's deployment, wherever it is: its own application, or one application of all models."""
     models = {}
     for app in status.applications.values():
         app_status = _text(app.status)
         for name, deployment in app.deployments.items():
-            model = model_of(name)
+            model = model_of(name, prefix)
             if model is None:
                 continue
             counts = {_text(k): v for k, v in deployment.replica_states.items()}

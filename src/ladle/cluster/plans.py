@@ -32,18 +32,18 @@ def serve_env() -> dict[str, str]:
     return {key: os.environ.get(key, value) for key, value in SERVE_ENV.items()}
 
 
-def app_name(model: str) -> str:
+def app_name(model: str, prefix: str = APP_PREFIX) -> str:
     """The Serve application of a model this front end deploys (one per model, so each loads and unloads alone)."""
-    return APP_PREFIX + model
+    return prefix + model
 
 
-def deployment_name(model: str) -> str:
+def deployment_name(model: str, prefix: str = APP_PREFIX) -> str:
     """A model's deployment, also inside one Serve application of all models (cluster/serve_app.py)."""
-    return APP_PREFIX + model
+    return prefix + model
 
 
-def model_of(deployment: str) -> str | None:
-    return deployment[len(APP_PREFIX):] if deployment.startswith(APP_PREFIX) else None
+def model_of(deployment: str, prefix: str = APP_PREFIX) -> str | None:
+    return deployment[len(prefix):] if deployment.startswith(prefix) else None
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,8 @@ def _deployment(config: ServerConfig, model: ServedModel) -> serve.Application:
     options = dict(plan(model.name, model.config, config.cluster, config.llm, config.http.drain_timeout,
                         model.pinned).options)
     options["request_router_config"] = RequestRouterConfig(**options["request_router_config"])
-    deployment = serve.deployment(LadleReplica, name=deployment_name(model.name)).options(**options)
+    name = deployment_name(model.name, config.cluster.ray_app_prefix)
+    deployment = serve.deployment(LadleReplica, name=name).options(**options)
     return deployment.bind(replica_config(config, model), model.name, 0)
 
 
