@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -55,8 +54,6 @@ class Cluster:
     # -- joining Ray ------------------------------------------------------------------------------
     def connect(self) -> None:
         """Join (or start) the Ray cluster and Serve, with no Serve HTTP proxy: ladle's front end is the ingress."""
-        for key, value in serve_env().items():
-            os.environ.setdefault(key, value)
         address = self.config.cluster.ray
         env = {"env_vars": serve_env()}
         if address in (None, "auto"):
