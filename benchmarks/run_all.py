@@ -21,6 +21,7 @@ STEPS = [
     ("LLM speculative decoding: off vs n-gram on the demo GGUF", [str(HERE / "llm" / "speculative.py")]),
     ("overload: 10x capacity for 60 s, classic and LLM", [str(HERE / "overload" / "run.py")]),
     ("batch path: a Batches API job alone vs real time; TTFT under a batch", [str(HERE / "jobs" / "batch_path.py")]),
+    ("Ray: 1 vs 2 replicas, routing overhead, prefix-aware routing", [str(HERE / "cluster" / "ray_scaling.py")]),
 ]
 
 

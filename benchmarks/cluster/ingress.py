@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--num-cpus", type=float, default=1.0)
     ap.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"))
+    ap.add_argument("--serve-defaults", action="store_true",
+                    help="Ray Serve's own default settings instead of ladle's SERVE_ENV")
     args = ap.parse_args()
 
     import ray
@@ -39,7 +41,7 @@ def main() -> None:
 
     from ladle.cluster.plans import serve_env
 
-    env = serve_env()
+    env = {} if args.serve_defaults else serve_env()
     os.environ.update({k: v for k, v in env.items() if k not in os.environ})
     repository, model = str(args.repository.resolve()), args.model
 

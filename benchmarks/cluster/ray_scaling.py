@@ -14,16 +14,23 @@ local two-node Ray cluster, and the two ways to put ladle on Ray against each ot
   on fresh replicas; two sizes: `fits` (--prefix-groups heads, all of which fit in one replica's KV cache) and
   `pressure` (as many heads as --pressure times one replica's KV cache holds: two replicas' caches hold them only
   if each keeps its own half). Hit rate from the responses' usage and from the replicas' counters.
-- Each phase records the CPU time other processes took meanwhile (other load, CPU s/s: 2 cores in all).
+- Where (A)'s time goes (floor.py): a no-op Serve deployment called through a handle (ladle's Serve settings and
+  Serve's defaults), the same with LadleRouter, and ladle's iris replica called through ladle's Cluster, no HTTP.
+- Each phase records the CPU time other processes took meanwhile (other load, CPU s/s: 2 cores in all) and the CPU
+  each role of this run spent per request (server or front end, replicas, Serve proxy, the rest of Ray, client).
+- (A)'s Serve applications are `bench-<model>` (--ray-app-prefix): tests elsewhere look for `ladle-<model>` replica
+  processes machine-wide.
 
 The cluster: ray.cluster_utils.Cluster in a helper process (local_cluster.py), private temp dir, stopped at the end
 whatever happens. Writes out/ray_scaling.md and out/ray_scaling.json (--name) and prints the tables.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cluster/ray_scaling.py [--quick] [--duration 15]
-        [--seq-duration 10] [--llm-duration 20] [--concurrency 8] [--prefix-groups 8] [--prefix-rounds 6]
-        [--pressure 1.5] [--parts direct,ray,prefix,ingress]
+        [--seq-duration 10] [--llm-duration 20] [--concurrency 8] [--models iris,minilm,smollm2]
+        [--prefix-groups 8] [--prefix-rounds 6] [--pressure 1.5] [--pressure-rounds 3] [--floor noop,...]
+        [--parts direct,ray,prefix,floor,ingress] [--name ray_scaling] [--report-only]
 
---quick: short phases and fewer prefix rounds (a smoke run, 2-3 minutes of measuring plus server start-ups).
+Full: about 10.5 minutes on the 2-core dev box. --quick: iris and smollm2 only, short phases, no `pressure` workload,
+two floor variants (a smoke run, about 3-4 minutes, most of it server start-ups).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import os
 import re
 import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,10 +75,13 @@ REPO = ROOT / "examples" / "models"
 IRIS, EMBEDDER, LLM = "iris", "minilm", "smollm2"
 IRIS_BODY = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
 LLM_IN, LLM_OUT = 128, 64
+APP_PREFIX = "bench-"
 PREFIX_MAX_TOKENS, PREFIX_CONCURRENCY = 4, 4
-FULL = dict(duration=15.0, seq_duration=10.0, llm_duration=20.0, prefix_rounds=6, pressure_rounds=4)
-QUICK = dict(duration=4.0, seq_duration=3.0, llm_duration=6.0, prefix_rounds=3, pressure_rounds=2)
-PARTS = ("direct", "ray", "prefix", "ingress")
+FULL = dict(duration=15.0, seq_duration=10.0, llm_duration=20.0, prefix_rounds=6, pressure_rounds=3, pressure=1.5,
+            floor_calls=1000, models="iris,minilm,smollm2", floor="noop,noop-defaults,noop-ladle-router,ladle-iris")
+QUICK = dict(duration=3.0, seq_duration=2.0, llm_duration=5.0, prefix_rounds=3, pressure_rounds=2, pressure=0.0,
+             floor_calls=300, models="iris,smollm2", floor="noop,ladle-iris")
+PARTS = ("direct", "ray", "prefix", "floor", "ingress")
 
 
 # -- servers -----------------------------------------------------------------------------------------------------------
@@ -79,8 +90,10 @@ def ladle_command(*extra: str) -> list[str]:
 
 
 def ray_command(address: str, replicas: int, model: str, *extra: str) -> list[str]:
-    return ladle_command("--ray", address, "--replicas", str(replicas), "--num-cpus", "1", "--load-model", model,
-                         *extra)
+    """APP_PREFIX: this run's Serve applications are its own (not `ladle-<model>`, which other sessions' tests look
+    for by process title, machine-wide)."""
+    return ladle_command("--ray", address, "--ray-app-prefix", APP_PREFIX, "--replicas", str(replicas), "--num-cpus",
+                         "1", "--load-model", model, *extra)
 
 
 def shown(command: list[str]) -> str:
@@ -103,12 +116,11 @@ def server(command: list[str], log: Path, clock: quant.Clock, model: str | None 
 
 
 def wait_replicas(spawned: Spawned, model: str, count: int, timeout_s: float = 300.0) -> float:
+    """Seconds from spawn until the front end's ladle_cluster_replicas gauge shows `count` running replicas."""
     started = time.perf_counter() - spawned.ready_s
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
-        samples = pw.scrape(spawned.url)
-        labels = {dict(k[1]).get("replica") for k in samples if dict(k[1]).get("replica")}
-        if pw.replicas(samples, model) >= count and len(labels) >= count:
+        if pw.replicas(pw.scrape(spawned.url), model) >= count:
             return time.perf_counter() - started
         if spawned.process.poll() is not None:
             break
@@ -123,28 +135,52 @@ def kv_capacity_tokens(log: Path) -> int | None:
 
 
 # -- loads -------------------------------------------------------------------------------------------------------------
-def measured(work: Any) -> dict[str, Any]:
-    """work() with the other load of the box over it (CPU s/s of processes outside this run's tree)."""
-    with foreign_cpu() as other:
+def measured(work: Any, server_pid: int | None = None) -> dict[str, Any]:
+    """work() with the other load of the box over it (CPU s/s of processes outside this run's tree), and the CPU time
+    each role of this run's processes spent per request: the server process (ladle, or (A)'s front end), Serve
+    replicas, Serve's HTTP proxy, the rest of Ray (raylets, GCS, controller), and this load-generating client."""
+    with foreign_cpu(server_pid) as other:
         row = work()
     row["other_load"] = other["foreign_cpu_s"] / other["phase_s"]
+    row["cpu_ms_per_request"] = {role: s / row["requests"] * 1e3 for role, s in other["roles"].items()}
     return row
 
 
 @contextlib.contextmanager
-def foreign_cpu() -> Any:
-    """llm.foreign_cpu over every process this run started (servers, the Ray nodes and their workers)."""
-    before = {pid: llm._cpu_s(pid) for pid in _tree(os.getpid())}
+def foreign_cpu(server_pid: int | None = None) -> Any:
+    """llm.foreign_cpu over every process this run started (servers, the Ray nodes and their workers), by role."""
+    before = _cpu_by_pid()
     box, started = llm._box_busy_s(), time.perf_counter()
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     yield out
-    after = {}
-    for pid in _tree(os.getpid()) | set(before):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            after[pid] = llm._cpu_s(pid)
-    own = sum(after[p] - before.get(p, 0.0) for p in after)
-    out["foreign_cpu_s"] = max(0.0, llm._box_busy_s() - box - own)
+    after = _cpu_by_pid()
+    box_s = llm._box_busy_s() - box
+    server = _tree(server_pid) if server_pid else set()  # the server and its helper processes
+    roles: dict[str, float] = {}
+    for pid, (cpu, cmd) in after.items():
+        role = _role(pid, cmd, server)
+        roles[role] = roles.get(role, 0.0) + cpu - before.get(pid, (0.0, b""))[0]
+    out["foreign_cpu_s"] = max(0.0, box_s - sum(roles.values()))
+    out["roles"] = roles
     out["phase_s"] = time.perf_counter() - started
+
+
+def _cpu_by_pid() -> dict[int, tuple[float, bytes]]:
+    out = {}
+    for pid in _tree(os.getpid()):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            out[pid] = (llm._cpu_s(pid), Path(f"/proc/{pid}/cmdline").read_bytes()[:200])
+    return out
+
+
+def _role(pid: int, cmd: bytes, server: set[int]) -> str:
+    if pid == os.getpid():
+        return "client"
+    if pid in server:
+        return "server"
+    if b"ServeReplica" in cmd:
+        return "replicas"
+    return "proxy" if b"ProxyActor" in cmd else "ray"
 
 
 def _tree(root: int) -> set[int]:
@@ -206,32 +242,71 @@ def llm_load(url: str, concurrency: int, seconds: float) -> dict[str, Any]:
 
 
 def measure_model(url: str, model: str, args: argparse.Namespace, clock: quant.Clock, label: str,
-                  seq: bool = True) -> list[dict[str, Any]]:
+                  server_pid: int) -> list[dict]:
     c = args.concurrency
-    before = pw.scrape(url) if "ray" in label or "(B)" in label else None
-    rows = []
     if model == IRIS:
-        if seq:
-            clock.say(f"{label}: iris sequential, {args.seq_duration:.0f} s ...")
-            rows.append(measured(lambda: iris_load(url, 1, args.seq_duration)))
-        clock.say(f"{label}: iris at concurrency {c}, {args.duration:.0f} s ...")
-        rows.append(measured(lambda: iris_load(url, c, args.duration)))
+        loads = [(f"iris sequential, {args.seq_duration:.0f} s", lambda: iris_load(url, 1, args.seq_duration)),
+                 (f"iris at concurrency {c}, {args.duration:.0f} s", lambda: iris_load(url, c, args.duration))]
     elif model == EMBEDDER:
-        clock.say(f"{label}: minilm /v1/embeddings at concurrency {c}, {args.duration:.0f} s ...")
-        rows.append(measured(lambda: minilm_load(url, c, args.duration)))
+        loads = [(f"minilm /v1/embeddings at concurrency {c}, {args.duration:.0f} s",
+                  lambda: minilm_load(url, c, args.duration))]
     else:
-        clock.say(f"{label}: smollm2 /v1/completions at concurrency {c}, ~{args.llm_duration:.0f} s ...")
-        rows.append(measured(lambda: llm_load(url, c, args.llm_duration)))
-    if before is not None:  # how the requests spread over the replicas
-        after = pw.scrape(url)
-        name = "ladle_llm_requests_total" if model == LLM else "ladle_model_requests_total"
-        split = pw.delta_by_replica(before, after, name, model)
-        for row in rows:
-            row["per_replica_requests"] = split
-    for row in rows:
-        row["server"] = label
+        loads = [(f"smollm2 /v1/completions at concurrency {c}, ~{args.llm_duration:.0f} s",
+                  lambda: llm_load(url, c, args.llm_duration))]
+    counter = "ladle_llm_requests_total" if model == LLM else "ladle_model_requests_total"
+    rows = []
+    for what, load in loads:
+        clock.say(f"{label}: {what} ...")
+        before = pw.scrape(url)
+        row = measured(load, server_pid)
+        split = pw.delta_by_replica(before, pw.scrape(url), counter, model)  # how the requests spread
+        row.update(server=label, per_replica_requests={k: v for k, v in split.items() if "#" in k} or None)
         clock.say(f"{label}: {report.one_line(row)}")
+        rows.append(row)
     return rows
+
+
+FLOOR_VARIANTS = {"noop": [], "noop-defaults": ["--serve-defaults"],
+                  "noop-ladle-router": ["--target", "noop-ladle-router"], "ladle-iris": ["--target", "ladle-iris"]}
+
+
+def floor(address: str, clock: quant.Clock, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """floor.py's ladder: Serve's own per-call floor (ladle's Serve settings and Serve's defaults), with ladle's router,
+    and ladle's iris replica called through ladle's Cluster without the front end's HTTP."""
+    out = []
+    for extra in (FLOOR_VARIANTS[v] for v in args.floor):
+        command = [sys.executable, str(HERE / "floor.py"), "--address", address, "--concurrency",
+                   str(args.concurrency), "--seconds", str(args.duration), "--calls", str(args.floor_calls), *extra]
+        clock.say(f"Ray floor: `{quant.shown(command)}` ...")
+        with (OUT / f"{args.name}-floor.log").open("ab") as log:
+            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, cwd=ROOT, timeout=300)
+        lines = [x for x in done.stdout.decode().splitlines() if x.startswith("{")]
+        if done.returncode or not lines:
+            clock.say(f"floor.py {' '.join(extra)} failed (exit {done.returncode}); see out/{args.name}-floor.log")
+            continue
+        row = {**orjson.loads(lines[-1]), "command": quant.shown(command)}
+        clock.say(f"Ray floor ({row['target']}, {row['settings']}): sequential p50 {row['p50_ms']:.2f} ms, p99 "
+                  f"{row['p99_ms']:.2f} ms; {row['calls_s']:,.0f} calls/s at c={row['concurrency']}")
+        out.append(row)
+    return out
+
+
+NOISE = ("Failed to look up actor", "actor_died_error", "ACTOR_DIED", "Bound asyncio event loop is not running",
+         "KillActor RPC failed", "cancelling task of dead actor", "grpc_server.")
+
+
+def ray_errors(tmp: str, path: Path) -> int:
+    """Lines of the Ray session's logs (replicas, controller, raylets, drivers) that report an error, less the notices
+    every app deletion and Serve shutdown leaves (NOISE); kept in `path`."""
+    found = []
+    for log in sorted(Path(tmp).glob("ray/session_2*/logs/**/*")):  # session_2…: not the session_latest link
+        if log.is_file() and log.suffix in (".err", ".log", ".out"):
+            for line in log.read_text(errors="replace").splitlines():
+                if re.search(r"Traceback|\bERROR\b|\w+Error\b|SIGSEGV|exited unexpectedly|\bdied\b", line) and \
+                        not any(n in line for n in NOISE):
+                    found.append(f"{log.relative_to(tmp)}: {line[:600]}")
+    path.write_text("\n".join(found) + ("\n" if found else ""))
+    return len(found)
 
 
 def prefix_runs(url: str, routing: str, args: argparse.Namespace, doc: dict[str, Any],
@@ -273,18 +348,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=8, help="closed-loop concurrency of the throughput runs")
     ap.add_argument("--prefix-groups", type=int, default=8, help="groups of the `fits` prefix workload")
     ap.add_argument("--prefix-rounds", type=int, help="requests per group, `fits` (default 6; --quick 3)")
-    ap.add_argument("--pressure-rounds", type=int, help="requests per group, `pressure` (default 4; --quick 2)")
-    ap.add_argument("--pressure", type=float, default=1.5, help="`pressure` workload: heads' tokens as a multiple "
-                    "of one replica's KV cache (0: skip it)")
+    ap.add_argument("--pressure-rounds", type=int, help="requests per group, `pressure` (default 3; --quick 2)")
+    ap.add_argument("--floor-calls", type=int, help="sequential handle calls of the Ray floor (default 1000)")
+    ap.add_argument("--pressure", type=float, help="`pressure` workload: heads' tokens as a multiple of one "
+                    "replica's KV cache (default 1.5; 0, as --quick: skip it)")
+    ap.add_argument("--models", help="models of the throughput rows (default iris,minilm,smollm2; --quick "
+                    "iris,smollm2)")
+    ap.add_argument("--floor", help=f"floor.py variants, of {','.join(FLOOR_VARIANTS)} (default all; --quick "
+                    "noop,ladle-iris)")
     ap.add_argument("--head-chars", type=int, default=1500, help="characters of each group's shared head")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"what to run, of {','.join(PARTS)}")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the hardware probe")
     ap.add_argument("--name", default="ray_scaling", help="write out/NAME.md, out/NAME.json, out/NAME-*.log")
+    ap.add_argument("--report-only", action="store_true",
+                    help="measure nothing: rewrite out/NAME.md from out/NAME.json")
     args = ap.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.floor = [v.strip() for v in args.floor.split(",") if v.strip()]
+    if set(args.models) - {IRIS, EMBEDDER, LLM} or set(args.floor) - set(FLOOR_VARIANTS):
+        ap.error(f"--models: of {IRIS},{EMBEDDER},{LLM}; --floor: of {','.join(FLOOR_VARIANTS)}")
     if set(args.parts) - set(PARTS) or not args.parts:
         ap.error(f"--parts: choose from {', '.join(PARTS)}")
     return args
@@ -292,19 +378,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def ray_phase(address: str, args: argparse.Namespace, doc: dict[str, Any], clock: quant.Clock) -> None:
     log = OUT / f"{args.name}-ray.log"
+    prefix_done = False
     if "ray" in args.parts:
         for replicas in (1, 2):
-            for model in (IRIS, EMBEDDER, LLM):
+            for model in args.models:
                 label = f"ray, {replicas} replica{'s' if replicas > 1 else ''}"
                 command = ray_command(address, replicas, model)
                 with server(command, log, clock, model, replicas) as (spawned, ready_s):
                     doc["servers"].append({"server": label, "model": model, "command": shown(command),
-                                           "ready_s": spawned.ready_s, "replicas_ready_s": ready_s,
-                                           "replica_env": replica_env(doc["tmp"])})
-                    if model == LLM and replicas == 2 and "prefix" in args.parts:
+                                           "ready_s": spawned.ready_s, "replicas_ready_s": ready_s})
+                    if model == LLM and replicas == 2 and "prefix" in args.parts:  # on fresh replicas: first
                         doc["prefix"] += prefix_runs(spawned.url, "prefix", args, doc, clock)
-                    doc["rows"] += measure_model(spawned.url, model, args, clock, label)
-    elif "prefix" in args.parts:
+                        prefix_done = True
+                    doc["rows"] += measure_model(spawned.url, model, args, clock, label, spawned.process.pid)
+    if "prefix" in args.parts and not prefix_done:
         with server(ray_command(address, 2, LLM), log, clock, LLM, 2) as (spawned, _):
             doc["prefix"] += prefix_runs(spawned.url, "prefix", args, doc, clock)
     if "prefix" in args.parts:
@@ -312,34 +399,27 @@ def ray_phase(address: str, args: argparse.Namespace, doc: dict[str, Any], clock
         with server(command, log, clock, LLM, 2) as (spawned, _):
             doc["servers"].append({"server": "ray, 2 replicas, power-of-two", "model": LLM, "command": shown(command)})
             doc["prefix"] += prefix_runs(spawned.url, "power-of-two", args, doc, clock)
+    if "floor" in args.parts:
+        doc["floor"] = floor(address, clock, args)
     if "ingress" in args.parts:
         command = [sys.executable, str(HERE / "ingress.py"), str(REPO), "--model", IRIS, "--address", address]
         with server(command, OUT / f"{args.name}-ingress.log", clock) as (spawned, _):
             doc["servers"].append({"server": "(B) Serve ingress", "model": IRIS, "command": shown(command),
                                    "ready_s": spawned.ready_s})
-            doc["rows"] += measure_model(spawned.url, IRIS, args, clock, "(B) Serve ingress, 1 replica")
-
-
-def replica_env(tmp: str) -> list[dict[str, Any]]:
-    """OMP_NUM_THREADS and thread counts of this run's Serve replica processes (found by our RAY_TMPDIR)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            if not entry.name.isdigit() or b"ServeReplica" not in (entry / "cmdline").read_bytes():
-                continue
-            env = dict(kv.split(b"=", 1) for kv in (entry / "environ").read_bytes().split(b"\0") if b"=" in kv)
-            if env.get(b"RAY_TMPDIR", b"").decode() != tmp:
-                continue
-            threads = sum(1 for _ in (entry / "task").iterdir())
-            out.append({"pid": int(entry.name), "cmd": (entry / "cmdline").read_bytes().split(b"\0")[0].decode(),
-                        "OMP_NUM_THREADS": env.get(b"OMP_NUM_THREADS", b"").decode() or None, "threads": threads})
-    return out
+            doc["rows"] += measure_model(spawned.url, IRIS, args, clock, "(B) Serve ingress, 1 replica",
+                                          spawned.process.pid)
 
 
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` stops the servers and the cluster too
     argv = sys.argv[1:]
     args = parse_args(argv)
+    if args.report_only:
+        doc = orjson.loads((OUT / f"{args.name}.json").read_bytes())
+        report.summarize(doc)
+        (OUT / f"{args.name}.md").write_text(report.markdown(doc) + "\n")
+        print(report.markdown(doc))
+        return
     clock = quant.Clock()
     OUT.mkdir(parents=True, exist_ok=True)
     for log in OUT.glob(f"{args.name}-*.log"):
@@ -366,16 +446,19 @@ def main() -> None:
                 doc["servers"].append({"server": "direct", "command": shown(command), "ready_s": spawned.ready_s})
                 doc["kv_capacity_tokens"] = kv_capacity_tokens(log)
                 if "direct" in args.parts:
-                    for model in (IRIS, EMBEDDER, LLM):
-                        doc["rows"] += measure_model(spawned.url, model, args, clock, "direct")
-        if set(args.parts) & {"ray", "prefix", "ingress"}:
+                    for model in args.models:
+                        doc["rows"] += measure_model(spawned.url, model, args, clock, "direct", spawned.process.pid)
+        if set(args.parts) & {"ray", "prefix", "floor", "ingress"}:
             port = free_port()
             clock.say(f"starting a local Ray cluster: 2 nodes x 1 CPU, GCS port {port}, temp dir {tmp} ...")
-            with local_cluster(port, Path(tmp), OUT / f"{args.name}-cluster.log") as address:
-                clock.say(f"Ray cluster at {address}")
-                doc["ray_address"] = f"127.0.0.1:{port}"
-                ray_phase(f"127.0.0.1:{port}", args, doc, clock)
-            clock.say("Ray cluster stopped")
+            try:
+                with local_cluster(port, Path(tmp), OUT / f"{args.name}-cluster.log") as address:
+                    clock.say(f"Ray cluster at {address}")
+                    doc["ray_address"] = f"127.0.0.1:{port}"
+                    ray_phase(f"127.0.0.1:{port}", args, doc, clock)
+                clock.say("Ray cluster stopped")
+            finally:
+                doc["ray_error_lines"] = ray_errors(tmp, OUT / f"{args.name}-ray-errors.log")
     doc["seconds"] = time.perf_counter() - clock.started
     report.summarize(doc)
     text = report.markdown(doc)
@@ -385,8 +468,6 @@ def main() -> None:
 
 
 def subprocess_build() -> None:
-    import subprocess
-
     print(f"{quant.GGUF.relative_to(ROOT)} is missing: running examples/build_demo.py ...", file=sys.stderr)
     subprocess.run([sys.executable, str(ROOT / "examples" / "build_demo.py")], cwd=ROOT, check=True)
 

@@ -11,6 +11,8 @@ DIRECT, RAY1, RAY2, INGRESS = "direct", "ray, 1 replica", "ray, 2 replicas", "(B
 COLUMNS = (DIRECT, RAY1, RAY2, INGRESS)
 TARGET_OVERHEAD_MS = 1.0  # p50 added per iris request by the front end + Ray, against a single ladle
 TARGET_HITS = 2.0  # prefix-aware routing's prefix-cache hits over power-of-two's
+FLOOR_TARGETS = {"noop": "a no-op deployment (Serve's router)", "noop-ladle-router": "a no-op deployment, LadleRouter",
+                 "ladle-iris": "ladle's iris replica via Cluster.call (no HTTP)"}
 
 
 def one_line(row: dict[str, Any]) -> str:
@@ -91,14 +93,21 @@ def scaling_table(doc: dict[str, Any]) -> list[str]:
 
 def rows_table(doc: dict[str, Any]) -> list[str]:
     lines = ["| server | model | c | requests | seconds | req/s | p50 ms | p99 ms | out tok/s | requests per replica "
-             "| other load |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "| CPU ms per request: server · replicas · proxy · rest of Ray · client | other load |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in doc["rows"]:
         split = r.get("per_replica_requests") or {}
         lines.append(f"| {r['server']} | {r['model']} | {r['concurrency']} | {r['requests']:,} | {r['seconds']:.1f} | "
                      f"{r['req_s']:,.1f} | {_f(r.get('p50_ms'), '.2f')} | {r['p99_ms']:,.1f} | "
                      f"{_f(r.get('output_tok_s'), ',.1f')} | "
-                     f"{' / '.join(f'{v:.0f}' for v in split.values()) if split else '-'} | {r['other_load']:.2f} |")
+                     f"{' / '.join(f'{v:.0f}' for v in split.values()) if split else '-'} | {_cpu(r)} | "
+                     f"{r['other_load']:.2f} |")
     return lines
+
+
+def _cpu(row: dict[str, Any]) -> str:
+    cpu = row.get("cpu_ms_per_request") or {}
+    return " · ".join(_f(cpu.get(role), ".2f") for role in ("server", "replicas", "proxy", "ray", "client"))
 
 
 def prefix_table(doc: dict[str, Any]) -> list[str]:
@@ -127,18 +136,34 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc.get("overhead"):
         lines += ["Added per iris request against the direct ladle (sequential, p50 / p99): " + "; ".join(
             f"{k} {v['p50_ms']:+.2f} / {v['p99_ms']:+.2f} ms" for k, v in doc["overhead"].items()) + ".", ""]
+    if doc.get("floor"):
+        lines += ["Where (A)'s per-request cost goes (floor.py; calls through a deployment handle from an asyncio "
+                  "driver, 1 replica of 1 CPU):", "",
+                  "| called | Serve settings | sequential p50 / p99 ms | calls/s at c="
+                  f"{doc['floor'][0]['concurrency']} |",
+                  "|---|---|---:|---:|"]
+        lines += [f"| {FLOOR_TARGETS.get(f['target'], f['target'])} | {f['settings']} | {f['p50_ms']:.2f} / "
+                  f"{f['p99_ms']:.2f} | {f['calls_s']:,.0f} |" for f in doc["floor"]]
+        a1 = cell(doc, RAY1, "iris", 1)
+        if a1:
+            lines.append(f"| iris over HTTP through ladle's front end = (A) | ladle's SERVE_ENV | {a1['p50_ms']:.2f} / "
+                         f"{a1['p99_ms']:.2f} | {cell(doc, RAY1, 'iris', doc['args']['concurrency'])['req_s']:,.0f} "
+                         "(HTTP requests/s) |")
+        lines.append("")
     if doc["prefix"]:
+        pressure = (f"; `pressure`: {doc['pressure_groups']} groups = {a['pressure']:g}x one replica's cache in heads"
+                    if doc.get("pressure_groups") else "")
         lines += [f"### Prefix-cache hits: prefix-aware vs power-of-two routing (2 replicas, concurrency "
                   f"{doc['prefix'][0].get('concurrency', 4)}, max_tokens 4)", "",
                   f"One replica's KV cache: {_f(doc.get('kv_capacity_tokens'), ',')} tokens; mean prompt "
                   f"{doc.get('head_tokens', 0):.0f} tokens (head ~{a['head_chars']} chars + a question). `fits`: "
-                  f"{a['prefix_groups']} groups; `pressure`: {doc.get('pressure_groups', '-')} groups = "
-                  f"{a['pressure']:g}x one replica's cache in heads.", "", *prefix_table(doc), ""]
+                  f"{a['prefix_groups']} groups{pressure}.", "", *prefix_table(doc), ""]
     if doc["targets"]:
         lines += ["Targets:", ""]
         lines += [f"- {t['name']} {t['target']}: {t['measured']}, {'met' if t['met'] else 'NOT met'}"
                   for t in doc["targets"]]
         lines.append("")
     lines += ["Commands:", "", "```", doc["command"], *dict.fromkeys(s["command"] for s in doc["servers"]), "```", "",
-              f"Total {doc['seconds']:.0f} s."]
+              f"Total {doc['seconds']:.0f} s; {doc.get('ray_error_lines', 0)} error lines in the Ray session's logs "
+              "(out/NAME-ray-errors.log)."]
     return "\n".join(lines)
