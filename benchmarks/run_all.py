@@ -1,4 +1,4 @@
-"""`make bench`: the standard benchmark set, end to end (about 50-60 minutes on the 2-core dev box).
+"""`make bench`: the standard benchmark set, end to end (about 65 minutes on the 2-core dev box).
 
 Runs the hardware probe, the classic (KServe v2) benchmark and the LLM (OpenAI API) benchmark one after the
 other, never overlapping (each would skew the others), and says where each wrote its tables.
@@ -37,7 +37,7 @@ def main() -> int:
             print(f"benchmark step failed ({title}), exit {result.returncode}", file=sys.stderr)
             return result.returncode
     print(f"\nall benchmarks done in {(time.monotonic() - started) / 60:.1f} min; tables in "
-          f"benchmarks/{{classic,llm,overload,jobs}}/out/, plot in benchmarks/llm/throughput.png; "
+          f"benchmarks/{{classic,llm,overload,jobs,cluster}}/out/, plot in benchmarks/llm/throughput.png; "
           "benchmarks/RESULTS.md records them with the machine and commands")
     return 0
 

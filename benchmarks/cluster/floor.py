@@ -22,6 +22,15 @@ import statistics
 import time
 
 APP = "ladle-bench-floor"
+#: Ray Serve 2.60's own defaults of the settings ladle sets (ray/serve/_private/constants.py)
+SERVE_DEFAULTS = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
+                  "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}
+
+
+def ladle_serve_env() -> dict[str, str]:
+    from ladle.cluster.plans import SERVE_ENV
+
+    return SERVE_ENV
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -132,10 +141,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"))
     args = ap.parse_args()
-    from ladle.cluster.plans import SERVE_ENV
-
-    env = {} if args.serve_defaults else dict(SERVE_ENV)
-    os.environ.update(env)  # before ray.serve is imported: its constants read them once
+    # Before ray.serve (and ladle.cluster, whose import sets SERVE_ENV where unset) is imported: Serve reads them once
+    env = dict(SERVE_DEFAULTS) if args.serve_defaults else dict(ladle_serve_env())
+    os.environ.update(env)
     import ray
 
     async def measure(call) -> dict:
