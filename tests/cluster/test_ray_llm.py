@@ -3,6 +3,7 @@ through `cached_tokens`), streams pass through, and a session key keeps its repl
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -52,6 +53,9 @@ def test_llm_streams_and_sessions_stick(llm_on_ray: LadleServer) -> None:
         body = {"model": "tiny", "prompt": f"unrelated prompt number {i} " * (i + 1), "max_tokens": 1,
                 "user": "session-7"}
         assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
+    from ladle.cluster.frontend import METRICS_TTL_S  # (imports ray: the ray extra is optional)
+
+    time.sleep(METRICS_TTL_S)  # /metrics shares one scrape of the replicas per METRICS_TTL_S
     after = per_replica(url, "ladle_llm_prompt_tokens_total")
     grew = [label for label in after if after[label] > before.get(label, 0.0)]
     assert len(grew) == 1, (before, after)

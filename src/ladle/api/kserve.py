@@ -176,11 +176,11 @@ class KServeAPI:
     # -- repository extension ---------------------------------------------------------------------
     async def repository_index(self, request: Request) -> Response:
         body = await read_body(request, self.max_request_bytes)
-        options = _json_object(body)
+        options = optional_json_object(body)
         return _json(self.host.index(ready_only=bool(options.get("ready", False))))
 
     async def load(self, request: Request) -> Response:
-        _json_object(await read_body(request, self.max_request_bytes))
+        optional_json_object(await read_body(request, self.max_request_bytes))
         name = request.path_params["model"]
         failure = await self.host.load(name)
         if failure is not None:
@@ -188,7 +188,7 @@ class KServeAPI:
         return _json({})
 
     async def unload(self, request: Request) -> Response:
-        _json_object(await read_body(request, self.max_request_bytes))
+        optional_json_object(await read_body(request, self.max_request_bytes))
         await self.host.unload(request.path_params["model"])
         return _json({})
 
@@ -220,7 +220,7 @@ def _schedule_parameters(parameters: dict) -> tuple[int, float | None]:
     return priority, None if not timeout else timeout / 1e6
 
 
-def _json_object(body: bytes) -> dict:
+def optional_json_object(body: bytes) -> dict:
     if not body.strip():
         return {}
     try:

@@ -10,6 +10,7 @@ replica that does not answer.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,6 +35,8 @@ from ladle.errors import InvalidInput, LadleError
 from ladle.metrics import Metrics
 
 PARSE_ON_LOOP_BYTES = 64 * 1024
+#: /metrics answers from a scrape of every replica at most this old (Prometheus scrapes every 10-60 s)
+METRICS_TTL_S = 1.0
 
 
 class FrontEnd:
@@ -44,6 +47,8 @@ class FrontEnd:
         self.openai_limit = min(config.http.max_request_bytes, config.http.max_openai_request_bytes)
         self.repository = RepositoryControl(config, cluster, self.limit)
         self.draining = False
+        self._scraping = asyncio.Lock()
+        self._scraped: tuple[float, str] = (float("-inf"), "")
         self.replicas = Gauge("ladle_cluster_replicas", "Running Ray Serve replicas of each model", ["model"],
                               registry=metrics.registry)
 
@@ -125,11 +130,17 @@ class FrontEnd:
         return Response(status_code=200 if self.is_ready() else 503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
+        """At most one scrape of the replicas per METRICS_TTL_S, however many clients ask: the others share it."""
+        async with self._scraping:
+            if time.monotonic() - self._scraped[0] > METRICS_TTL_S:
+                self._scraped = (time.monotonic(), await self._scrape())
+        return Response(self._scraped[1], media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def _scrape(self) -> str:
         for name in self.cluster.models:
             self.replicas.labels(name).set(self.cluster.running(name))
         sources = [({}, self.metrics.render()), *await self.cluster.scrape()]
-        text = await asyncio.to_thread(merge_expositions, [(labels, t.decode()) for labels, t in sources])
-        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return await asyncio.to_thread(merge_expositions, [(labels, t.decode()) for labels, t in sources])
 
 
 async def _parse(raw: bytes) -> dict[str, Any]:

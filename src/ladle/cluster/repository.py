@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ladle.api.body import read_body
-from ladle.api.kserve import codec_error
+from ladle.api.kserve import codec_error, optional_json_object
 from ladle.cluster.cluster import Cluster
 from ladle.cluster.forwarding import Forwarded, Reply
 from ladle.cluster.hints import RouteHint
@@ -57,7 +57,7 @@ class RepositoryControl:
             return []
 
     async def index(self, request: Request) -> Response:
-        options = _object(await read_body(request, self.limit))
+        options = optional_json_object(await read_body(request, self.limit))
         names = sorted(set(self.cluster.models) | set(self.on_disk()))
         rows = await asyncio.gather(*(self._rows(name) for name in names))
         flat = [row for group in rows for row in group]
@@ -81,7 +81,7 @@ class RepositoryControl:
         return [{"name": name, "state": state, "reason": reason}]
 
     async def load(self, request: Request) -> Response:
-        _object(await read_body(request, self.limit))
+        optional_json_object(await read_body(request, self.limit))
         name = self._existing(request.path_params["model"], "loaded or reloaded")
         self.cluster.check_managed("loaded")
         model = discover(self.config, name)
@@ -94,7 +94,7 @@ class RepositoryControl:
         return _json({})
 
     async def unload(self, request: Request) -> Response:
-        _object(await read_body(request, self.limit))
+        optional_json_object(await read_body(request, self.limit))
         name = request.path_params["model"]
         model = self.cluster.models.get(check_model_name(name))
         if model is None:
@@ -113,18 +113,6 @@ class RepositoryControl:
         if root is None or model_dir(root, check_model_name(name)) is None:
             raise NotFound(f"no model '{name}' in the repository")
         return name
-
-
-def _object(body: bytes) -> dict[str, Any]:
-    if not body.strip():
-        return {}
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise InvalidInput("the request body must be a JSON object")
-    return value
 
 
 def _json(payload: Any, status: int = 200) -> Response:
