@@ -36,13 +36,16 @@ def main() -> None:
                     help="Ray Serve's own default settings instead of ladle's SERVE_ENV")
     args = ap.parse_args()
 
-    import ray
-    from ray import serve
+    from floor import SERVE_DEFAULTS  # benchmarks/cluster/floor.py, beside this script
 
+    if args.serve_defaults:  # before ladle.cluster (its import sets ladle's where unset) and ray.serve read them
+        os.environ.update(SERVE_DEFAULTS)
     from ladle.cluster.plans import serve_env
 
-    env = {} if args.serve_defaults else serve_env()
+    env = serve_env()  # the settings in force in this process, for the replica too
     os.environ.update({k: v for k, v in env.items() if k not in os.environ})
+    import ray
+    from ray import serve
     repository, model = str(args.repository.resolve()), args.model
 
     def build_app():  # evaluated on the replica (cloudpickled by value with this closure)

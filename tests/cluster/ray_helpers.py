@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+#: this test run's Serve application prefix: its replicas (and the processes the tests kill) are its own alone
+PREFIX = f"t{os.getpid()}-"
 IRIS = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
 
 
@@ -52,3 +55,10 @@ def replica_pids(app: str) -> list[int]:
     pids = [int(p) for p in out.split()]
     assert pids, f"no replica process of {app}"
     return pids
+
+
+def settle_metrics() -> None:
+    """Wait out the front end's /metrics cache, so that the next read is a fresh scrape of the replicas."""
+    from ladle.cluster.frontend import METRICS_TTL_S  # imports ray: only once a test runs (the extra is optional)
+
+    time.sleep(METRICS_TTL_S)

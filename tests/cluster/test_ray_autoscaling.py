@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster.ray_helpers import IRIS, replica_pids, running, wait_for
+from tests.cluster.ray_helpers import IRIS, PREFIX, replica_pids, running, wait_for
 from tests.server import LadleServer
 
 pytestmark = pytest.mark.timeout(600)
@@ -20,12 +20,12 @@ pytestmark = pytest.mark.timeout(600)
 def test_autoscaling_goes_up_under_load_and_back_down(ray_address: str, demo_repository: Path) -> None:
     args = [demo_repository, "--load-model", "iris", "--ray", ray_address, "--min-replicas", "1",
             "--max-replicas", "2", "--target-ongoing-requests", "1", "--upscale-delay", "1",
-            "--downscale-delay", "4", "--num-cpus", "1"]
+            "--downscale-delay", "4", "--num-cpus", "1", "--ray-app-prefix", PREFIX]
     with LadleServer(args, ready_timeout=180) as server:
         url = server.url
         assert running(url, "iris") == 1
         # readiness follows the replicas: the only one killed, not ready until Serve has replaced it
-        for pid in replica_pids("ladle-iris"):
+        for pid in replica_pids(PREFIX + "iris"):
             os.kill(pid, signal.SIGKILL)
         wait_for(lambda: httpx.get(url + "/v2/health/ready").status_code == 503, 60, "not ready without a replica")
         wait_for(lambda: httpx.get(url + "/v2/health/ready").status_code == 200, 120, "ready again")

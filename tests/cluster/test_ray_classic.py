@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from tests.cluster.ray_helpers import IRIS, per_replica, replica_pids, running, wait_for
+from tests.cluster.ray_helpers import IRIS, PREFIX, per_replica, replica_pids, running, settle_metrics, wait_for
 from tests.server import LadleServer
 
 pytestmark = pytest.mark.timeout(600)
@@ -23,19 +23,24 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def iris_on_ray(ray_address: str, demo_repository: Path) -> Iterator[LadleServer]:
-    with LadleServer([demo_repository, "--load-model", "iris", "--ray", ray_address, "--replicas", "2",
-                      "--num-cpus", "1", "--allow-admin-without-key"], ready_timeout=180) as server:
+    args = [demo_repository, "--load-model", "iris", "--ray", ray_address, "--replicas", "2", "--num-cpus", "1",
+            "--allow-admin-without-key", "--ray-app-prefix", PREFIX]
+    with LadleServer(args, ready_timeout=180) as server:
         yield server
 
 
 def test_replicas_share_traffic_and_answer_like_a_single_ladle(iris_on_ray: LadleServer) -> None:
     url = iris_on_ray.url
+    # every replica is in /metrics before any request reaches it (the routers start with the deployment)
+    wait_for(lambda: len(per_replica(url, "ladle_model_state", model="iris", state="READY")) == 2, 20,
+             "both replicas in /metrics before any traffic")
     client = triton.InferenceServerClient(url.removeprefix("http://"))
     data = triton.InferInput("input", [1, 4], "FP32")
     data.set_data_from_numpy(np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32))
     assert client.infer("iris", [data]).as_numpy("label").tolist() == [0]
     for _ in range(40):
         assert httpx.post(url + "/v2/models/iris/infer", json=IRIS).status_code == 200
+    settle_metrics()
     served = per_replica(url, "ladle_model_requests_total", model="iris", outcome="success")
     assert len(served) == 2 and all(v > 0 for v in served.values()), served
     assert running(url, "iris") == 2
@@ -78,7 +83,7 @@ def test_a_killed_replica_costs_only_its_in_flight_requests(iris_on_ray: LadleSe
     for t in threads:
         t.start()
     time.sleep(2)
-    victim = replica_pids("ladle-iris")[0]
+    victim = replica_pids(PREFIX + "iris")[0]
     os.kill(victim, signal.SIGKILL)
     time.sleep(3)
     wait_for(lambda: running(url, "iris") == 2 and set(per_replica(url, "ladle_model_requests_total",

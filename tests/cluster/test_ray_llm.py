@@ -3,13 +3,12 @@ through `cached_tokens`), streams pass through, and a session key keeps its repl
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.cluster.ray_helpers import per_replica
+from tests.cluster.ray_helpers import PREFIX, per_replica, settle_metrics
 from tests.fixtures.checkpoints import save_tiny_checkpoint
 from tests.server import LadleServer
 
@@ -20,7 +19,7 @@ pytestmark = pytest.mark.timeout(600)
 def llm_on_ray(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LadleServer]:
     checkpoint = save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
     with LadleServer(["--model", checkpoint, "--ray", ray_address, "--replicas", "2", "--num-cpus", "1",
-                      "--kv-cache-memory", "64MiB"], ready_timeout=180) as server:
+                      "--kv-cache-memory", "64MiB", "--ray-app-prefix", PREFIX], ready_timeout=180) as server:
         yield server
 
 
@@ -36,6 +35,7 @@ def test_llm_prompts_sharing_a_prefix_go_to_the_replica_that_caches_it(llm_on_ra
             cached[group].append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
     for group in cached.values():  # the first of a group fills the cache; every later one finds its head there
         assert group[0] == 0 and all(c >= 64 for c in group[1:]), cached
+    settle_metrics()
     hits = per_replica(url, "ladle_llm_prefix_cache_hit_tokens_total")  # the replicas count the same hits
     assert sum(hits.values()) == sum(sum(group) for group in cached.values()), hits
 
@@ -48,14 +48,13 @@ def test_llm_streams_and_sessions_stick(llm_on_ray: LadleServer) -> None:
     chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                                  max_tokens=4, stream=True))
     assert chunks and chunks[-1].choices[0].finish_reason is not None
+    settle_metrics()  # /metrics shares one scrape of the replicas per second: a fresh one
     before = per_replica(url, "ladle_llm_prompt_tokens_total")
     for i in range(6):
         body = {"model": "tiny", "prompt": f"unrelated prompt number {i} " * (i + 1), "max_tokens": 1,
                 "user": "session-7"}
         assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
-    from ladle.cluster.frontend import METRICS_TTL_S  # (imports ray: the ray extra is optional)
-
-    time.sleep(METRICS_TTL_S)  # /metrics shares one scrape of the replicas per METRICS_TTL_S
+    settle_metrics()
     after = per_replica(url, "ladle_llm_prompt_tokens_total")
     grew = [label for label in after if after[label] > before.get(label, 0.0)]
     assert len(grew) == 1, (before, after)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.cluster.ray_helpers import IRIS, per_replica
+from tests.cluster.ray_helpers import IRIS, PREFIX, per_replica, settle_metrics
 from tests.server import free_port
 
 pytestmark = pytest.mark.timeout(600)
@@ -35,7 +35,8 @@ def serve_app(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -
         "applications": [{
             "name": "ladle", "route_prefix": "/", "import_path": "ladle.cluster.serve_app:build",
             "args": {"repository": str(demo_repository),
-                     "flags": "--load-model iris --replicas 2 --num-cpus 1 --allow-admin-without-key"},
+                     "flags": "--load-model iris --replicas 2 --num-cpus 1 --allow-admin-without-key "
+                              f"--ray-app-prefix {PREFIX}"},
         }],
     }))
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
@@ -76,6 +77,7 @@ def test_ladle_behind_serve_proxy_answers_and_scales_like_ladle_serve_ray(serve_
         r = httpx.post(serve_app + "/v2/models/iris/infer", json=IRIS, timeout=30)
         assert r.status_code == 200, r.text
         assert r.json()["outputs"][0]["data"] == [0]
+    settle_metrics()
     served = per_replica(serve_app, "ladle_model_requests_total", model="iris", outcome="success")
     assert len(served) == 2 and sum(served.values()) == 30, served
     bad = httpx.post(serve_app + "/v2/models/iris/infer", json={"inputs": []})

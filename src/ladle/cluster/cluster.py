@@ -92,6 +92,7 @@ class Cluster:
                 continue
             model.generation += 1
             await asyncio.to_thread(self._run, model)
+            _start_router(model.handle)
         return await self._wait(names) if wait else {}
 
     def _run(self, model: ServedModel) -> None:
@@ -219,6 +220,16 @@ class Cluster:
                     continue
                 seen[got] = text
         return [({"replica": label}, text) for label, text in sorted(seen.items())]
+
+
+def _start_router(handle) -> None:
+    """Start the handle's router now, on this loop, rather than at its first request: /metrics then lists every
+    replica (LadleRouter publishes the replicas it learns of) before any traffic. `_init` is Serve's own call for
+    that; were it to go, the router would simply start with the first request."""
+    try:
+        handle._init()
+    except Exception as exc:  # already started, or Serve's private API changed
+        log.debug("router of %s starts with its first request: %s", handle, exc)
 
 
 async def _await(response):
