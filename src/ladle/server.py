@@ -41,8 +41,13 @@ def serve(config: ServerConfig) -> int:
             log.error("cannot serve --model %s: %s", config.llm.model, exc)
             return 1
     app = create_app(config, host)
-    server = DrainingServer(uvicorn_config(app, config.http), app.state.host)
-    health = health_server(config.http, app.state.host.is_ready)
+    return run(uvicorn_config(app, config.http), config.http, app.state.host)
+
+
+def run(uv: uvicorn.Config, http: HTTPConfig, served: Drainable) -> int:
+    """Serve until stopped (SIGTERM drains), with the --health-port thread if asked for; the exit status."""
+    server = DrainingServer(uv, served)
+    health = health_server(http, served.is_ready)
     try:
         server.run()
     finally:
@@ -99,6 +104,8 @@ def _http_protocol(max_connections: int | None) -> type:
 
 class Drainable(Protocol):
     draining: bool
+
+    def is_ready(self) -> bool: ...
 
 
 class DrainingServer(uvicorn.Server):

@@ -90,12 +90,17 @@ def create_app(config: ServerConfig, host: ModelHost | None = None, with_jobs: b
     app.state.host = host
     app.state.metrics = metrics
     app.state.jobs = jobs
+    install_edge(app, config, metrics)
+    return app
+
+
+def install_edge(app: Starlette, config: ServerConfig, metrics: Metrics) -> None:
+    """The middleware every ladle front door has: admission (--max-concurrent-requests), then keys and rate limits."""
     if config.http.max_concurrent_requests > 0:
         app.add_middleware(AdmissionMiddleware, max_concurrent_requests=config.http.max_concurrent_requests,
                            refused=metrics.refused.labels("over_concurrency"))
     # added last: outermost, so a refused request never takes an admission slot
     install_access_control(app, config.security, config.http.host, metrics.refused)
-    return app
 
 
 def dispatcher(app: Starlette) -> Dispatcher:

@@ -14,9 +14,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 
-from ladle.api.admission import AdmissionMiddleware
-from ladle.api.app import dispatcher
-from ladle.api.auth import install_access_control
+from ladle.api.app import dispatcher, install_edge
 from ladle.api.errors import EXCEPTION_HANDLERS
 from ladle.api.jobs import JobsAPI
 from ladle.api.openai_batches import BatchesAPI
@@ -76,10 +74,7 @@ def create_cluster_app(config: ServerConfig, cluster: Cluster) -> Starlette:
         routes += JobsAPI(jobs, is_llm(cluster), config.http.max_request_bytes).routes()
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.state.front = front
-    if config.http.max_concurrent_requests > 0:
-        app.add_middleware(AdmissionMiddleware, max_concurrent_requests=config.http.max_concurrent_requests,
-                           refused=metrics.refused.labels("over_concurrency"))
-    install_access_control(app, config.security, config.http.host, metrics.refused)
+    install_edge(app, config, metrics)
     return app
 
 
@@ -93,7 +88,7 @@ async def _deploy(config: ServerConfig, cluster: Cluster) -> None:
 
 
 def serve_cluster(config: ServerConfig) -> int:
-    from ladle.server import DrainingServer, health_server, uvicorn_config
+    from ladle.server import run, uvicorn_config
 
     try:
         models = describe_models(config)
@@ -111,11 +106,4 @@ def serve_cluster(config: ServerConfig) -> int:
     app = create_cluster_app(config, cluster)
     uv = uvicorn_config(app, config.http)
     uv.loop = "asyncio"  # Ray's handles run their gRPC calls on the caller's loop: plain asyncio, as Ray tests it
-    server = DrainingServer(uv, app.state.front)
-    health = health_server(config.http, app.state.front.is_ready)
-    try:
-        server.run()
-    finally:
-        if health is not None:
-            health.stop()
-    return 0 if server.started else 1
+    return run(uv, config.http, app.state.front)
