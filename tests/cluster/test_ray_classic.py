@@ -108,13 +108,22 @@ def test_a_killed_replica_costs_only_its_in_flight_requests(iris_on_ray: LadleSe
 
 def test_unload_and_load_go_through_serve(iris_on_ray: LadleServer) -> None:
     url = iris_on_ray.url
-    old = set(per_replica(url, "ladle_model_requests_total", model="iris"))
+    settle_metrics()
+    old = set(per_replica(url, "ladle_model_state", model="iris", state="READY"))
+    # a reload answers once the fresh replicas run (Serve's rolling update), the old ones gone
+    assert httpx.post(url + "/v2/repository/models/iris/load", timeout=180).status_code == 200
+    settle_metrics()
+    reloaded = set(per_replica(url, "ladle_model_state", model="iris", state="READY"))
+    assert len(reloaded) == 2 and not reloaded & old, (old, reloaded)
+    assert httpx.post(url + "/v2/models/iris/infer", json=IRIS).status_code == 200
+    old = reloaded
     assert httpx.post(url + "/v2/repository/models/iris/unload").status_code == 200
     gone = httpx.post(url + "/v2/models/iris/infer", json=IRIS)
     assert gone.status_code == 503 and "not loaded" in gone.json()["error"]
     assert httpx.post(url + "/v2/repository/models/iris/load", timeout=180).status_code == 200
     assert httpx.post(url + "/v2/models/iris/infer", json=IRIS).status_code == 200
-    assert not set(per_replica(url, "ladle_model_requests_total", model="iris")) & old  # fresh replicas
+    settle_metrics()
+    assert not set(per_replica(url, "ladle_model_state", model="iris", state="READY")) & old  # fresh replicas
     assert httpx.post(url + "/v2/repository/models/nope/load").status_code == 404
 
 

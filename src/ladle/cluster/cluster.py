@@ -82,8 +82,9 @@ class Cluster:
     def add(self, model: ServedModel) -> None:
         self.models[model.name] = model
 
-    async def deploy(self, names: list[str], wait: bool = True) -> dict[str, str | None]:
-        """(Re)deploy these models; with `wait`, until each has a running replica or failed: name -> reason."""
+    async def deploy(self, names: list[str]) -> dict[str, str | None]:
+        """(Re)deploy these models and wait until each one's update is done (its new replicas run) or failed:
+        name -> the reason it failed, or None."""
         self.check_managed("loaded")
         for name in names:
             model = self.models[name]
@@ -93,7 +94,7 @@ class Cluster:
             model.generation += 1
             await asyncio.to_thread(self._run, model)
             _start_router(model.handle)
-        return await self._wait(names) if wait else {}
+        return await self._wait(names)
 
     def _run(self, model: ServedModel) -> None:
         p = plan(model.name, model.config, self.config.cluster, self.config.llm, self.config.http.drain_timeout,
@@ -122,8 +123,10 @@ class Cluster:
             await asyncio.sleep(POLL_S / 2)
 
     def _settling(self, name: str) -> bool:
+        """Still on its way: no state yet, an update under way (a reload keeps the old replicas running meanwhile),
+        or no replica running and not failed."""
         state = self.states.get(name)
-        return state is None or (state.running == 0 and state.status not in FAILED)
+        return state is None or state.status == "UPDATING" or (state.running == 0 and state.status not in FAILED)
 
     def progress(self, name: str) -> str:
         app = self.states.get(name)
@@ -134,7 +137,7 @@ class Cluster:
         if model.config is None:
             return model.reason
         app = self.states.get(name)
-        if app is not None and app.running > 0:
+        if app is not None and app.running > 0 and app.status not in FAILED:
             return None
         return (app.message if app else "") or "no replica started"
 

@@ -159,12 +159,8 @@ def _forwarded(request: Request, body: bytes) -> Forwarded:
 
 
 def _response(reply: Reply) -> Response:
-    response = Response(reply.body, status_code=reply.status)
-    kept = [(k, v) for k, v in reply.headers if k not in DROPPED_RESPONSE_HEADERS and k != b"content-type"]
-    response.raw_headers = [*response.raw_headers, *kept]
-    content_type = next((v for k, v in reply.headers if k == b"content-type"), None)
-    if content_type is not None:
-        response.raw_headers.append((b"content-type", content_type))
+    response = Response(reply.body, status_code=reply.status)  # no media type: its only header is content-length
+    response.raw_headers += [(k, v) for k, v in reply.headers if k not in DROPPED_RESPONSE_HEADERS]
     return response
 
 
