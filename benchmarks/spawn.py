@@ -61,9 +61,14 @@ def spawned_server(
             time.sleep(poll_s)
         yield Spawned(process, f"http://127.0.0.1:{port}", time.perf_counter() - started)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, 60)
+
+
+def stop(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM, up to `grace_s` to exit, then SIGKILL."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -24,6 +24,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: spawn.py
+from spawn import stop
+
 READY_TIMEOUT_S = 120.0
 
 
@@ -66,12 +69,7 @@ def _stop(helper: subprocess.Popen) -> None:
         try:
             helper.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            helper.terminate()
-            try:
-                helper.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                helper.kill()
-                helper.wait()
+            stop(helper, 30)
 
 
 def main() -> None:
