@@ -7,8 +7,9 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ladle"
-# shared leaves: they import nothing of ladle but each other (process: the process-wide start-up policy)
-LEAVES = {"ladle", "errors", "tensors", "config", "metrics", "logs", "extras", "process"}
+# shared leaves: they import nothing of ladle but each other (process: the process-wide start-up policy;
+# windows: recent requests per version, which metrics record and rollout gates read)
+LEAVES = {"ladle", "errors", "tensors", "config", "metrics", "logs", "extras", "process", "windows"}
 # what each package (or top-level module) may import besides itself and the leaves
 ALLOWED = {
     "repository": set(),
@@ -22,12 +23,16 @@ ALLOWED = {
     "bench": {"options"},
     "cluster": {"api", "cli", "jobs", "repository", "serving", "server"},  # serve_app: an entry point, like cli
     "server": {"api", "serving", "cluster"},
-    "cli": {"api", "bench", "jobs", "options", "repository", "server", "serving"},
+    "cli": {"api", "bench", "jobs", "options", "repository", "rollout_cli", "server", "serving"},
+    "rollout_cli": {"serving"},  # only serving.rollout_plan (pure): see ROLLOUT_CLI_MODULES
     "__main__": {"cli"},
 }
 # the API layer imports only llm's torch-free contracts and text handling at run time (the engine: TYPE_CHECKING)
 API_LLM_MODULES = {"request", "sampling_params", "outputs", "output_processor", "tokenizer", "detokenizer",
                    "chat_template"}
+
+# `ladle rollout` is a client: of the server side it imports only the pure plan module (parse_duration, the checks)
+ROLLOUT_CLI_MODULES = {"ladle.serving.rollout_plan"}
 
 
 def _imports(tree: ast.AST, top_level: bool = True) -> list[tuple[str, bool]]:
@@ -58,6 +63,8 @@ def _violations(layer: str, name: str, source: str) -> list[str]:
             problems.append(f"{where}: {layer} may not import {target}")
         elif layer == "api" and target == "llm" and (len(parts) < 3 or parts[2] not in API_LLM_MODULES):
             problems.append(f"{where}: the API imports only llm's contracts at run time (engines: TYPE_CHECKING)")
+        elif layer == "rollout_cli" and module not in ROLLOUT_CLI_MODULES:
+            problems.append(f"{where}: the rollout client imports only {sorted(ROLLOUT_CLI_MODULES)} of serving")
         elif layer == "serving" and target == "llm" and top_level:
             problems.append(f"{where}: serving imports llm (torch) lazily, inside the function that needs it")
     return problems
@@ -97,3 +104,5 @@ def test_forbidden_imports_are_caught() -> None:
     assert not _violations("serving", "s.py", "def f():\n    from ladle.llm.factory import build_engine")
     assert _violations("api", "a.py", "from ladle.llm.async_engine import AsyncEngine")
     assert _violations("api", "a.py", "from ladle.batching.batcher import Batcher")
+    assert _violations("rollout_cli", "r.py", "from ladle.serving.rollout import RolloutManager")
+    assert not _violations("rollout_cli", "r.py", "from ladle.serving.rollout_plan import parse_duration")

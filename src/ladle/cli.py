@@ -24,6 +24,7 @@ from ladle.config import (
 )
 from ladle.jobs.cli import add_jobs_parser
 from ladle.options import add_dataclass_options, build_dataclass
+from ladle.rollout_cli import add_rollout_parser
 
 log = logging.getLogger("ladle")
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(handler=run_config_schema)
     add_bench_parser(commands)
     add_jobs_parser(commands)
+    add_rollout_parser(commands)
     return parser
 
 

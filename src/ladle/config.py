@@ -182,11 +182,11 @@ class JobsConfig:
 
     data_dir: Path = option(
         Path("ladle-data"), "where batch jobs, their files and finished results are stored (SQLite in WAL mode plus "
-        "files), so they survive a restart; created on first use"
+        "files), and gated rollouts (rollouts/), so they survive a restart; created on first use"
     )
     jobs_db: str | None = option(
         None, "share one job store between several servers: a PostgreSQL URL (postgresql://user@host/db); files and "
-        "results then live in the database and --data-dir is unused"
+        "results then live in the database and --data-dir holds only rollouts"
     )
     max_batch_file_bytes: int = option(
         200 * 1024 * 1024, "largest batch input file accepted (POST /v1/files, POST /v2/jobs), in bytes; larger "

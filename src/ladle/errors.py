@@ -32,6 +32,12 @@ class NotFound(LadleError):
     status = 404
 
 
+class Conflict(LadleError):
+    """The request clashes with the current state (e.g. a rollout of that model is already running)."""
+
+    status = 409
+
+
 class PayloadTooLarge(LadleError):
     """The request body is over the configured limit."""
 
@@ -88,3 +94,9 @@ class ModelError(LadleError):
     """The model itself raised while running a batch."""
 
     status = 500
+
+
+class NotSupported(LadleError):
+    """The feature exists, but not in the mode this server runs in (e.g. rollouts under --ray)."""
+
+    status = 501

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from ladle.windows import RequestWindow
+
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )
@@ -82,6 +84,7 @@ class VersionMetrics:
         self.queue_depth = metrics.queue_depth.labels(model, version)
         self.inflight = metrics.inflight.labels(model, version)
         self.load_duration = metrics.load_duration.labels(model, version)
+        self.window = RequestWindow()  # recent requests, for rollout gates (serving/rollout.py)
 
     def outcome(self, outcome: str) -> None:
         counter = self._outcomes.get(outcome)
@@ -106,10 +109,11 @@ REQUEST_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0
 
 
 class LLMMetricFamilies:
-    """The LLM engine's metric families (one set per server; engines bind their model label)."""
+    """The LLM engine's metric families (one set per server; each engine binds its model and version labels, so
+    the arms of an A/B test or a rollout are separate series)."""
 
     def __init__(self, registry: CollectorRegistry, refused: Counter | None = None) -> None:
-        m = ("model",)
+        m = ("model", "version")
         r = registry
         self.refused = refused  # the server-wide refusal counter: engines count their queue-full refusals there
         self.ttft = Histogram("ladle_llm_time_to_first_token_seconds", "Time to first token", m,
@@ -150,30 +154,35 @@ class LLMMetricFamilies:
 
 
 class LLMMetrics:
-    """One engine's label-bound children; recorded from the engine thread (prometheus_client is thread-safe)."""
+    """One engine's label-bound children; recorded from the engine thread (prometheus_client is thread-safe).
+    `window`: the version's recent finished requests, which a rollout's gates read."""
 
-    def __init__(self, families: LLMMetricFamilies, model: str) -> None:
+    def __init__(self, families: LLMMetricFamilies, model: str, version: str = "1",
+                 window: RequestWindow | None = None) -> None:
         self.families = families
         self.model = model
+        self.version = version
+        self.window = window if window is not None else RequestWindow()
         for name in ("ttft", "itl", "e2e", "queue", "running", "waiting", "kv_usage", "prompt_tokens",
                      "generation_tokens", "preemptions", "prefix_hits", "prefix_queries", "batch_tokens",
                      "step_failures"):
-            setattr(self, name, getattr(families, name).labels(model))
+            setattr(self, name, getattr(families, name).labels(model, version))
 
         self.queue_full = families.refused.labels("llm_queue_full") if families.refused is not None else None
 
     def finished(self, reason: str) -> None:
-        self.families.finished.labels(self.model, reason).inc()
+        self.families.finished.labels(self.model, self.version, reason).inc()
 
     def speculation(self, drafted: list[int], accepted: list[int]) -> None:
         """Add per-position draft and accepted token counts (increments since the last call)."""
         f = self.families
         for position, (d, a) in enumerate(zip(drafted, accepted, strict=True)):
             if d:
-                f.spec_draft_pos.labels(self.model, str(position)).inc(d)
+                f.spec_draft_pos.labels(self.model, self.version, str(position)).inc(d)
             if a:
-                f.spec_accepted_pos.labels(self.model, str(position)).inc(a)
+                f.spec_accepted_pos.labels(self.model, self.version, str(position)).inc(a)
+        # bound on first use: a server without speculation shows no spec-decode series at all
         if total := sum(drafted):
-            f.spec_draft.labels(self.model).inc(total)
+            f.spec_draft.labels(self.model, self.version).inc(total)
         if total := sum(accepted):
-            f.spec_accepted.labels(self.model).inc(total)
+            f.spec_accepted.labels(self.model, self.version).inc(total)

@@ -17,8 +17,8 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from ladle.api.app import create_app
-from ladle.api.auth import AccessControl, KeyRing, RateLimiter, Role, bearer_token, is_admin_path
-from ladle.config import SecurityConfig, ServerConfig
+from ladle.api.auth import Access, AccessControl, KeyRing, RateLimiter, Role, bearer_token, classify, is_admin_path
+from ladle.config import JobsConfig, SecurityConfig, ServerConfig
 from tests.fixtures.checkpoints import save_tiny_checkpoint
 from tests.repos import write_probe
 from tests.server import LadleServer
@@ -291,3 +291,28 @@ def test_admin_paths() -> None:
     assert not is_admin_path("/v2/repository/index")
     assert not is_admin_path("/v2/models/reset_me/infer") and not is_admin_path("/v2/models/reset")
     assert not is_admin_path("/v2/models/m/infer")
+
+
+def test_starting_or_aborting_a_rollout_is_admin_reading_it_is_not() -> None:
+    path = "/v2/models/m/rollout"
+    assert is_admin_path(path, "POST") and is_admin_path(path, "DELETE")
+    assert not is_admin_path(path, "GET") and not is_admin_path(path, "HEAD") and not is_admin_path(path)
+    assert classify(path, "POST") is Access.ADMIN and classify(path, "DELETE") is Access.ADMIN
+    assert classify(path, "GET") is Access.API
+    assert not is_admin_path("/v2/models/m/versions/2/rollout", "POST")  # no such route: not the rollout API
+    assert not is_admin_path("/v2/models/rollout", "POST") and not is_admin_path("/v2/models/m/infer", "POST")
+    assert classify("/v2/repository/models/m/load", "POST") is Access.ADMIN
+    assert classify("/v2/health/ready", "GET") is Access.OPEN and classify("/metrics", "GET") is Access.METRICS
+
+
+def test_rollout_changes_are_off_without_an_admin_key(tmp_path) -> None:
+    """No admin key and no --allow-admin-without-key: POST and DELETE of a rollout answer 403; GET still reads."""
+    from starlette.testclient import TestClient
+
+    app = create_app(ServerConfig(security=SecurityConfig(), jobs=JobsConfig(data_dir=tmp_path)))
+    with TestClient(app) as client:  # no repository: nothing loads, the routes are all there is
+        for method in ("POST", "DELETE"):
+            r = client.request(method, "/v2/models/m/rollout", json={"to": 2, "steps": [100], "every": 1})
+            assert r.status_code == 403 and "--allow-admin-without-key" in r.json()["error"]
+        r = client.get("/v2/models/m/rollout")
+        assert r.status_code == 404 and "has no rollout" in r.json()["error"]

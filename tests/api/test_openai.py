@@ -282,7 +282,7 @@ def test_malformed_json_and_chat_errors(server, client) -> None:
 
 def metric(server, name: str) -> float:
     text = httpx.get(server.url + "/metrics").text
-    match = re.search(rf'^{name}\{{model="{MODEL}"\}} (\S+)$', text, re.M)
+    match = re.search(rf'^{name}\{{model="{MODEL}",version="1"\}} (\S+)$', text, re.M)
     assert match, name
     return float(match.group(1))
 
@@ -302,7 +302,7 @@ def test_disconnect_mid_stream_frees_the_blocks(server) -> None:
     assert metric(server, "ladle_llm_requests_running") == 0
     assert metric(server, "ladle_llm_kv_cache_usage_ratio") == 0
     text = httpx.get(server.url + "/metrics").text
-    assert 'ladle_llm_requests_total{finish_reason="abort",model="tiny"}' in text
+    assert 'ladle_llm_requests_total{finish_reason="abort",model="tiny",version="1"}' in text
 
 
 def test_llm_metrics_are_exported(server, client) -> None:

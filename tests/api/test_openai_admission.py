@@ -44,7 +44,7 @@ def client(server) -> openai.OpenAI:
 
 def metric(server, name: str, labels: str = "") -> float:
     text = httpx.get(server.url + "/metrics").text
-    match = re.search(rf'^{name}\{{{labels}model="{MODEL}"\}} (\S+)$', text, re.M)
+    match = re.search(rf'^{name}\{{{labels}model="{MODEL}",version="1"\}} (\S+)$', text, re.M)
     return float(match.group(1)) if match else 0.0
 
 

@@ -93,7 +93,7 @@ def spec_samples(server: LadleServer) -> dict[tuple[str, str], float]:
 def spec_totals(server: LadleServer, model: str = MODEL) -> tuple[float, float]:
     """(draft tokens, accepted tokens) the server counted for `model` so far."""
     samples = spec_samples(server)
-    return tuple(samples.get((f"ladle_llm_spec_decode_{kind}_tokens_total", f'model="{model}"'), 0.0)
+    return tuple(samples.get((f"ladle_llm_spec_decode_{kind}_tokens_total", f'model="{model}",version="1"'), 0.0)
                  for kind in ("draft", "accepted"))
 
 
@@ -242,7 +242,7 @@ def test_structured_output_fits_the_schema(clients, spec) -> None:
 def test_metrics_count_drafts_on_the_spec_server_only(clients, plain, spec) -> None:
     both(clients, LOOPING[0], extra_body=IGNORE_EOS)
     samples = spec_samples(spec)
-    total = {name: value for (name, labels), value in samples.items() if labels == f'model="{MODEL}"'}
+    total = {name: value for (name, labels), value in samples.items() if labels == f'model="{MODEL}",version="1"'}
     drafts = total["ladle_llm_spec_decode_draft_tokens_total"]
     accepted = total.get("ladle_llm_spec_decode_accepted_tokens_total", 0.0)
     assert drafts > 0 and 0 <= accepted <= drafts
@@ -250,7 +250,7 @@ def test_metrics_count_drafts_on_the_spec_server_only(clients, plain, spec) -> N
     def per_position(kind: str) -> list[float]:
         found = {int(m.group(1)): value for (name, labels), value in samples.items()
                  if name == f"ladle_llm_spec_decode_{kind}_tokens_per_pos_total"
-                 and (m := re.fullmatch(rf'model="{MODEL}",position="(\d+)"', labels))}
+                 and (m := re.fullmatch(rf'model="{MODEL}",position="(\d+)",version="1"', labels))}
         return [found.get(i, 0.0) for i in range(max(found, default=-1) + 1)]
 
     drafted_pos, accepted_pos = per_position("draft"), per_position("accepted")

@@ -62,6 +62,8 @@ def test_errors_keep_their_protocol_shape(iris_on_ray: LadleServer) -> None:
     assert garbage.status_code == 400 and "JSON" in garbage.json()["error"]["message"]
     huge = httpx.post(url + "/v1/completions", content=b"x" * (5 * 1024 * 1024))
     assert huge.status_code == 413
+    rollout = httpx.post(url + "/v2/models/iris/rollout", json={"to": 2, "steps": [50, 100], "every": 60})
+    assert rollout.status_code == 501 and "--ray" in rollout.json()["error"]  # a single ladle's feature, said so
 
 
 def test_a_killed_replica_costs_only_its_in_flight_requests(iris_on_ray: LadleServer) -> None:

@@ -123,7 +123,8 @@ def test_a_deadline_finishes_queued_and_running_requests_as_timeout(model_dir) -
         await engine.close()
 
     asyncio.run(main())
-    assert registry.get_sample_value("ladle_llm_requests_total", {"model": "tiny", "finish_reason": "timeout"}) == 2
+    timeouts = {"model": "tiny", "version": "1", "finish_reason": "timeout"}
+    assert registry.get_sample_value("ladle_llm_requests_total", timeouts) == 2
 
 
 def test_precheck_refuses_only_what_admit_would_refuse_now() -> None:

@@ -1,6 +1,7 @@
 """A step that raises (a bug, a device error) fails the requests in the engine with the reason, and the engine
 keeps serving: later requests get the same tokens as before the failure, the KV cache is empty again, and the
-failure is counted on /metrics. The fault is injected into the runner; everything else is the real engine."""
+failure is counted on /metrics and in the version's rollout window. The fault is injected into the runner;
+everything else is the real engine."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ladle.config import LLMConfig
 from ladle.llm.factory import build_engine
 from ladle.llm.sampling_params import SamplingParams
 from ladle.metrics import LLMMetricFamilies
+from ladle.windows import RequestWindow
 from tests.fixtures.checkpoints import save_tiny_checkpoint
 
 POISON = 7  # a batch holding this prompt token makes the runner raise
@@ -22,7 +24,8 @@ def test_a_failed_step_fails_its_requests_and_the_engine_continues(tmp_path) -> 
     model_dir = save_tiny_checkpoint(tmp_path / "llama", "llama")
     registry = CollectorRegistry()
     config = LLMConfig(model=str(model_dir), dtype="float32", num_kv_blocks=32, block_size=16, max_model_len=128)
-    engine = build_engine(config, "tiny", model_dir, LLMMetricFamilies(registry))
+    window = RequestWindow()
+    engine = build_engine(config, "tiny", model_dir, LLMMetricFamilies(registry), window=window)
     runner = engine.core.runner
     real_execute = runner.execute
 
@@ -64,5 +67,8 @@ def test_a_failed_step_fails_its_requests_and_the_engine_continues(tmp_path) -> 
             await engine.close()
 
     asyncio.run(main())
-    assert registry.get_sample_value("ladle_llm_engine_step_failures_total", {"model": "tiny"}) == 1
-    assert registry.get_sample_value("ladle_llm_requests_total", {"model": "tiny", "finish_reason": "error"}) == 2
+    assert registry.get_sample_value("ladle_llm_engine_step_failures_total", {"model": "tiny", "version": "1"}) == 1
+    errors = {"model": "tiny", "version": "1", "finish_reason": "error"}
+    assert registry.get_sample_value("ladle_llm_requests_total", errors) == 2
+    stats = window.since(0)  # the two that failed in the raising step, and the two served before and after it
+    assert (stats.requests, stats.errors) == (4, 2)

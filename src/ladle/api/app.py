@@ -29,6 +29,8 @@ from ladle.api.offload import ProcessOffload
 from ladle.api.openai import OpenAIAPI
 from ladle.api.openai_batches import BatchesAPI
 from ladle.api.openai_embeddings import EmbeddingsAPI
+from ladle.api.rollouts import RolloutsAPI
+from ladle.api.shadows import ShadowAPI
 from ladle.config import ServerConfig
 from ladle.jobs import targets
 from ladle.jobs.dispatch import Dispatcher
@@ -37,13 +39,15 @@ from ladle.jobs.service import JobService
 from ladle.metrics import Metrics
 from ladle.process import freeze_loaded_objects
 from ladle.serving.host import ModelHost
+from ladle.serving.rollout import RolloutManager
 
 log = logging.getLogger(__name__)
 
 
 def create_app(config: ServerConfig, host: ModelHost | None = None, with_jobs: bool = True) -> Starlette:
     """`host` may hold models built before start-up (server.py pins the --model LLM); its repository loads here.
-    `with_jobs=False`: no batch-job store, runner or routes (a cluster replica: the front end runs the jobs)."""
+    `with_jobs=False`: no batch-job store, runner or routes, and no rollouts (a cluster replica: the front end runs the
+    jobs, and a rollout on one replica's host would move only that replica's share of the traffic)."""
     host = host or ModelHost(config.repository.repository, Metrics(), config.llm)
     metrics = host.metrics
     offload = ProcessOffload()  # parses large KServe bodies in a helper process (api/offload.py)
@@ -52,6 +56,7 @@ def create_app(config: ServerConfig, host: ModelHost | None = None, with_jobs: b
     openai = OpenAIAPI(host, openai_limit)
     embeddings = EmbeddingsAPI(host, openai_limit)
     jobs = job_service(config, host) if with_jobs else None
+    rollouts = RolloutManager(host, config.jobs.data_dir) if with_jobs else None
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -62,18 +67,24 @@ def create_app(config: ServerConfig, host: ModelHost | None = None, with_jobs: b
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         host.start(asyncio.get_running_loop())
+        if rollouts is not None:
+            rollouts.restore()  # the splits saved rollouts reached, in force before the first request
         if config.repository.repository is not None:
             await host.load_all(list(config.repository.load_model) or None)
             if not config.repository.strict_readiness:
                 host.relax_readiness()
         if jobs is not None:
             await jobs.start(dispatcher(app))  # resumes the jobs a previous run left, once the models are up
+        if rollouts is not None:
+            rollouts.resume(asyncio.get_running_loop())  # once the models are up: a step's window starts now
         freeze_loaded_objects()  # GC pauses off the request path (ladle/process.py)
         ready = "ready" if host.is_ready() else "NOT ready (see the errors above)"
         log.info("ladle is %s on http://%s:%d", ready, config.http.host, config.http.port)
         yield
         if jobs is not None:
             await jobs.close()  # lines running now go back to pending: the next start runs them
+        if rollouts is not None:
+            await rollouts.close()  # running rollouts stay running on disk: the next start resumes them
         await host.close()
         offload.close()
 
@@ -81,8 +92,10 @@ def create_app(config: ServerConfig, host: ModelHost | None = None, with_jobs: b
         *kserve.routes(),
         *openai.routes(),
         *embeddings.routes(),
+        *ShadowAPI(host).routes(),
         *(BatchesAPI(jobs, openai_limit).routes() if jobs is not None else ()),
         *(JobsAPI(jobs, host_is_llm(host), config.http.max_request_bytes).routes() if jobs is not None else ()),
+        *(RolloutsAPI(rollouts, config.http.max_request_bytes).routes() if rollouts is not None else ()),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]

@@ -37,7 +37,7 @@ OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/health"})
 #: rate-limit buckets kept at most; the least recently used is dropped (which only ever gives a client more)
 MAX_BUCKETS = 10_000
 SHORT_KEY = 16
-ADMIN_OFF = ("the repository load/unload API is off: start ladle with --admin-key KEY and send "
+ADMIN_OFF = ("the admin API (repository load/unload, rollouts) is off: start ladle with --admin-key KEY and send "
              "`Authorization: Bearer KEY`, or with --allow-admin-without-key")
 _NEEDS_KEY = "this endpoint needs an API key: send the header `Authorization: Bearer <key>`"
 _OPENAI_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
@@ -56,19 +56,27 @@ class Role(enum.IntEnum):
     ADMIN = 2
 
 
-def is_admin_path(path: str) -> bool:
-    """The repository load/unload API and any cache reset endpoint (vLLM's /reset_prefix_cache and kin)."""
+#: methods that change a model's rollout (GET of it only reads: an API key is enough)
+_ROLLOUT_ADMIN_METHODS = frozenset({"POST", "DELETE"})
+
+
+def is_admin_path(path: str, method: str = "GET") -> bool:
+    """The repository load/unload API, starting or aborting a rollout (POST/DELETE /v2/models/{m}/rollout), and
+    any cache reset endpoint (vLLM's /reset_prefix_cache and kin)."""
     if path.startswith("/v2/repository/models/"):
         return path.endswith(("/load", "/unload"))
-    return not path.startswith("/v2/models/") and path.rpartition("/")[2].startswith("reset")
+    if path.startswith("/v2/models/"):
+        # exactly /v2/models/{model}/rollout: a model name cannot hold a '/'
+        return method in _ROLLOUT_ADMIN_METHODS and path.count("/") == 4 and path.endswith("/rollout")
+    return path.rpartition("/")[2].startswith("reset")
 
 
-def classify(path: str) -> Access:
+def classify(path: str, method: str) -> Access:
     if path in OPEN_PATHS:
         return Access.OPEN
     if path == "/metrics":
         return Access.METRICS
-    return Access.ADMIN if is_admin_path(path) else Access.API
+    return Access.ADMIN if is_admin_path(path, method) else Access.API
 
 
 # -- keys: where they come from --------------------------------------------------------------------
@@ -230,7 +238,7 @@ class AccessControl:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        access = classify(scope["path"])
+        access = classify(scope["path"], scope["method"])
         if access is Access.OPEN:
             return await self.app(scope, receive, send)
         token = bearer_token(scope["headers"])
@@ -294,7 +302,7 @@ def install_access_control(app: Starlette, config: SecurityConfig, host: str = "
 def _switch_off_admin_routes(app: Starlette) -> None:
     routes = app.router.routes
     for i, route in enumerate(routes):
-        if isinstance(route, Route) and is_admin_path(route.path):
+        if isinstance(route, Route) and any(is_admin_path(route.path, m) for m in route.methods or ("GET",)):
             routes[i] = Route(route.path, _admin_off, methods=list(route.methods or ()), name=route.name)
 
 

@@ -23,6 +23,7 @@ from ladle.api.offload import ProcessOffload
 from ladle.errors import InvalidInput, LadleError
 from ladle.repository.layout import parse_version
 from ladle.repository.signature import served_shape
+from ladle.serving import traffic
 from ladle.serving.host import ModelHost
 from ladle.serving.submit import Outcome, submit
 from ladle.serving.versions import ModelVersion
@@ -75,10 +76,17 @@ class KServeAPI:
         # the host's readiness rule: models, LLM engines (--model's too) and SIGTERM draining
         return Response(status_code=200 if self.host.is_ready() else 503)
 
-    def _lookup(self, request: Request) -> ModelVersion:
+    def _lookup(self, request: Request, parameters: dict | None = None) -> ModelVersion:
+        """The version a request goes to: the one its path names, else the model's split's (by its sticky key)."""
         raw = request.path_params.get("version")
-        version = None if raw in (None, "") else parse_version(raw)
-        return self.host.get(request.path_params["model"], version)
+        name = request.path_params["model"]
+        if raw not in (None, ""):
+            return self.host.get(name, parse_version(raw))
+        mv = self.host.get(name)
+        sticky = mv.config.sticky_key
+        if sticky is None:
+            return mv
+        return self.host.get(name, key=sticky_value(request, sticky, parameters))
 
     async def model_metadata(self, request: Request) -> Response:
         mv = self._lookup(request)
@@ -127,13 +135,17 @@ class KServeAPI:
                     raise InvalidInput(f"model '{mv.name}' is an LLM: use the OpenAI API (POST /v1/completions)")
                 req = await self._decode(headers, body)
                 # again, now that no await separates it from submit: a reload may have retired that
-                # version while the body arrived, and its successor must take the request
-                outcome.mv = mv = self._lookup(request)
+                # version while the body arrived, and its successor must take the request (and a sticky key may
+                # be a request parameter)
+                outcome.mv = mv = self._lookup(request, req.parameters)
                 priority, timeout_s = _schedule_parameters(req.parameters)
                 inputs = {t.name: (t.datatype, t.data) for t in req.inputs}
                 requested = None if req.outputs is None else [o.name for o in req.outputs]
                 result = await submit(mv, inputs, functools.partial(until_disconnect, request), priority,
                                       timeout_s, requested, background=is_batch(request))
+                if request.path_params.get("version") in (None, "") and (copy := self.host.shadow_for(mv)):
+                    shadow, target = copy
+                    shadow.copy_tensors(target, mv, inputs, result.outputs, time.monotonic() - started)
                 accept = headers.get(b"accept-encoding")
                 if sum(getattr(a, "nbytes", 0) for a in result.outputs.values()) > OFFLOAD_BYTES:
                     return await asyncio.to_thread(self._encode, accept, req, mv, result.outputs)
@@ -199,6 +211,16 @@ def codec_error(message: str, status: int) -> Response:
 
 def _tensor_meta(mv: ModelVersion, spec) -> dict:
     return {"name": spec.name, "datatype": spec.datatype, "shape": served_shape(mv.config, spec)}
+
+
+def sticky_value(request: Request, name: str, parameters: dict | None = None) -> str | None:
+    """A request's sticky key: the header `name`, else its KServe request parameter `name` (bounded: a key is
+    hashed on the event loop)."""
+    value = request.headers.get(name)
+    if value is None and parameters is not None:
+        found = parameters.get(name)
+        value = None if found is None or isinstance(found, (dict, list)) else str(found)
+    return None if value is None else value[:traffic.MAX_KEY_CHARS]
 
 
 def _header_length(raw: str | None) -> int | None:

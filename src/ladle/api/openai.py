@@ -8,10 +8,8 @@ byte is sent, so refusals are status codes; a client that disconnects aborts its
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -22,91 +20,24 @@ from starlette.types import Receive, Scope, Send
 
 from ladle.api.body import ClientDisconnected, is_batch, read_body, until_disconnect
 from ladle.api.errors import openai_error_body, public_message
-from ladle.api.openai_format import Choice, chat_logprobs, completion_logprobs, echo_logprobs, usage
+from ladle.api.openai_format import Choice, chat_logprobs, completion_logprobs, echo_logprobs
+from ladle.api.openai_generation import Generation, matcher
 from ladle.api.openai_limits import check_fan_out, count_prompts, deadline
 from ladle.api.openai_prompts import chat_prompt, completion_prompts
 from ladle.api.openai_protocol import ChatCompletionRequest, CompletionRequest, Schema, parse_body
-from ladle.api.sse import DONE, merge, sse
-from ladle.errors import DeadlineExceeded, LadleError, ModelError, NotFound
-from ladle.llm.output_processor import StreamDelta
-from ladle.llm.request import SequenceSpec
-from ladle.llm.sampling_params import SamplingParams
+from ladle.api.openai_shadow import shadow_copier
+from ladle.api.sse import DONE, sse
+from ladle.errors import LadleError, NotFound
+from ladle.serving import traffic
 from ladle.serving.host import ModelHost
+from ladle.serving.versions import ModelVersion
 
 if TYPE_CHECKING:  # the engine pulls in torch; a server without LLMs never imports it
-    from ladle.llm.async_engine import AsyncEngine, RequestStream
-
-#: sequences a request fans out into on the event loop; more (a raised max_sequences_per_request) on a thread
-FAN_OUT_ON_LOOP = 256
+    from ladle.llm.async_engine import AsyncEngine
 
 
 def _json(payload: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
-
-
-class Generation:
-    """The engine requests behind one API call: choice i of prompt p is stream p * n + i.
-    Built with `start`, which admits them all (or none); `close` aborts those not finished."""
-
-    def __init__(self, engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams) -> None:
-        engine.check_token_ids(params)
-        self.engine, self.prompts, self.n = engine, prompts, params.n
-        self.id = uuid.uuid4().hex
-        self.created = int(time.time())
-        self.streams: list[RequestStream] = []
-        self.choices: list[Choice] = []
-        self.cached_tokens = 0
-
-    @classmethod
-    async def start(cls, engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, matcher: Any,
-                    deadline_at: float | None, prompt_param: str, background: bool = False) -> Generation:
-        """Admit every sequence before anything is sent: a refusal raises here (a status code, not an event)."""
-        gen = cls(engine, prompts, params)
-        if len(prompts) * params.n <= FAN_OUT_ON_LOOP:
-            specs = gen._specs(params, matcher, background)
-        else:
-            specs = await asyncio.to_thread(gen._specs, params, matcher, background)
-        gen.streams = engine.submit(specs, deadline_at, prompt_param)
-        gen.choices = [Choice(index) for index in range(len(gen.streams))]
-        return gen
-
-    def _specs(self, params: SamplingParams, matcher: Any, background: bool) -> list[SequenceSpec]:
-        # each stream walks the grammar on its own copy of the compiled matcher
-        return [
-            SequenceSpec(f"{self.id}-{p}-{i}", ids, params.child(i), None if matcher is None else matcher.deep_copy(),
-                         background)
-            for p, ids in enumerate(self.prompts) for i in range(params.n)
-        ]
-
-    async def deltas(self) -> AsyncIterator[tuple[Choice, StreamDelta]]:
-        async with contextlib.aclosing(merge(self.streams)) as merged:
-            async for index, delta in merged:
-                if delta.error is not None:
-                    raise ModelError(f"generation failed: {delta.error}")
-                if delta.finish_reason == "timeout":
-                    raise DeadlineExceeded("the request did not finish before its deadline (`timeout`, the "
-                                           "X-Request-Timeout header or the server's --request-timeout) and was "
-                                           "stopped", param="timeout")
-                choice = self.choices[index]
-                choice.add(delta)
-                if delta.finished and index % self.n == 0:
-                    self.cached_tokens += delta.num_cached_tokens
-                yield choice, delta
-
-    async def run(self) -> None:
-        async for _ in self.deltas():
-            pass
-
-    def close(self) -> None:
-        """Abort every sequence not finished yet (client gone, error, deadline): frees its KV blocks."""
-        self.engine.abort(self.streams)
-
-    def usage(self) -> dict[str, Any]:
-        completion = sum(c.num_output_tokens for c in self.choices)
-        return usage(sum(len(p) for p in self.prompts), completion, self.cached_tokens)
-
-    def prompt_of(self, choice: Choice) -> list[int]:
-        return self.prompts[choice.index // self.n]
 
 
 class OpenAIAPI:
@@ -139,7 +70,8 @@ class OpenAIAPI:
     async def completions(self, request: Request) -> Response:
         started = time.monotonic()
         req = await self._parse(request, CompletionRequest)
-        engine = self._engine(req.model)
+        mv = self._version(request, req)
+        engine: AsyncEngine = mv.engine  # type: ignore[assignment]  # the host holds AsyncEngines
         deadline_at = deadline(request, req.timeout, engine.config, started)
         num_prompts = count_prompts(req.prompt)
         check_fan_out(engine.config, num_prompts, req.n, "prompt")
@@ -150,12 +82,15 @@ class OpenAIAPI:
             engine.check_length(len(ids), max_tokens, "prompt")
         # echo + logprobs scores the prompt too, as OpenAI's legacy completions do
         params = req.sampling_params(max_tokens, req.logprobs, req.logprobs if req.echo else None)
-        gen = await Generation.start(engine, prompts, params, await _matcher(engine, req), deadline_at, "prompt",
+        gen = await Generation.start(engine, prompts, params, await matcher(engine, req), deadline_at, "prompt",
                                      is_batch(request))
         model = req.model or engine.info.name
+        shadow = shadow_copier(self.host, mv, req, params, gen, started,
+                               lambda e: completion_prompts(e, req.prompt), "prompt")
         if req.stream:
-            return _EventStream(self._completion_chunks(gen, req, model), gen)
+            return _EventStream(self._completion_chunks(gen, req, model), gen, shadow)
         await _run_unless_disconnected(request, gen)
+        shadow()
         choices = [self._completion_choice(gen, req, c) for c in gen.choices]
         return _json({"id": f"cmpl-{gen.id}", "object": "text_completion", "created": gen.created, "model": model,
                       "choices": choices, "usage": gen.usage()})
@@ -202,7 +137,8 @@ class OpenAIAPI:
     async def chat_completions(self, request: Request) -> Response:
         started = time.monotonic()
         req = await self._parse(request, ChatCompletionRequest)
-        engine = self._engine(req.model)
+        mv = self._version(request, req)
+        engine: AsyncEngine = mv.engine  # type: ignore[assignment]  # the host holds AsyncEngines
         deadline_at = deadline(request, req.timeout, engine.config, started)
         check_fan_out(engine.config, 1, req.n, "messages")
         engine.precheck(req.n)  # under overload, refuse before rendering the template
@@ -210,12 +146,14 @@ class OpenAIAPI:
         max_tokens = req.requested_max_tokens or max(engine.info.max_model_len - len(ids), 1)
         engine.check_length(len(ids), max_tokens, "messages")
         params = req.sampling_params(max_tokens, req.logprobs_k)
-        gen = await Generation.start(engine, [ids], params, await _matcher(engine, req), deadline_at, "messages",
+        gen = await Generation.start(engine, [ids], params, await matcher(engine, req), deadline_at, "messages",
                                      is_batch(request))
         model = req.model or engine.info.name
+        shadow = shadow_copier(self.host, mv, req, params, gen, started, lambda e: _chat_prompts(e, req), "messages")
         if req.stream:
-            return _EventStream(self._chat_chunks(gen, req, model), gen)
+            return _EventStream(self._chat_chunks(gen, req, model), gen, shadow)
         await _run_unless_disconnected(request, gen)
+        shadow()
         choices = [self._chat_choice(gen, req, c) for c in gen.choices]
         return _json({"id": f"chatcmpl-{gen.id}", "object": "chat.completion", "created": gen.created,
                       "model": model, "choices": choices, "usage": gen.usage()})
@@ -248,37 +186,46 @@ class OpenAIAPI:
     async def _parse(self, request: Request, schema: type[Schema]) -> Schema:
         return await parse_body(await read_body(request, self.max_request_bytes), schema)
 
-    def _engine(self, model: str | None) -> AsyncEngine:
+    def _version(self, request: Request, req: CompletionRequest | ChatCompletionRequest) -> ModelVersion:
+        """The LLM version this request goes to: the model's split, by its sticky key (`user` or a header)."""
+        model = req.model
         if model is None:  # OpenAI clients may leave `model` out when the server has one
             served = self._served()
             model = next(iter(served)) if len(served) == 1 else None
-        # the version this request goes to (traffic_split), or the model's own state: not ready, unloading, ...
-        engine = None if model is None else self.host.llm_engine(model)
-        if engine is not None:
-            return engine  # type: ignore[return-value]
+        # the version this request goes to (traffic split), or the model's own state: not ready, unloading, ...
+        mv = None if model is None else self.host.llm_version(model, self._sticky(request, req, model))
+        if mv is not None:
+            return mv
         names = ", ".join(sorted(self._served())) or "none"
         raise NotFound(f"the model '{model}' does not exist; served models: {names}", param="model")
 
+    def _sticky(self, request: Request, req: CompletionRequest | ChatCompletionRequest, model: str) -> str | None:
+        record = self.host.models.get(model)
+        sticky = record.config.sticky_key if record is not None and record.config is not None else None
+        if sticky is None:
+            return None
+        value = req.user if sticky == "user" else request.headers.get(sticky)
+        return None if value is None else value[:traffic.MAX_KEY_CHARS]
 
-async def _matcher(engine: AsyncEngine, req: CompletionRequest | ChatCompletionRequest) -> Any:
-    """The compiled output constraint of a request, if it has one (a 400 when it does not compile)."""
-    found = req.structured()
-    return None if found is None else await engine.compile_structured(*found)
+async def _chat_prompts(engine: AsyncEngine, req: ChatCompletionRequest) -> list[list[int]]:
+    return [await chat_prompt(engine, req)]
 
 
 class _EventStream(StreamingResponse):
     """Server-sent events of an admitted generation: however the response ends (done, error, client gone,
     or never started), its engine requests are closed."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], gen: Generation) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes], gen: Generation, finished: Callable[[], None]) -> None:
         super().__init__(_with_errors(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self.generation = gen
+        self.finished = finished  # called when every choice finished (the shadow copy)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self.generation.close()
+        self.finished()
 
 
 async def _with_errors(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from ladle.api.body import ClientDisconnected, is_batch, read_body, until_disconnect
 from ladle.api.openai_protocol import parse_body
 from ladle.errors import InvalidInput, NotFound
+from ladle.serving import traffic
 from ladle.serving.host import ModelHost
 from ladle.serving.submit import Outcome, submit
 from ladle.serving.versions import ModelVersion
@@ -49,7 +50,7 @@ class EmbeddingsAPI:
     async def embeddings(self, request: Request) -> Response:
         started = time.monotonic()
         req = await parse_body(await read_body(request, self.max_request_bytes), EmbeddingRequest)
-        mv = self._encoder(req.model)
+        mv = self._encoder(request, req)
         texts = [req.input] if isinstance(req.input, str) else req.input
         if req.dimensions is not None:
             raise InvalidInput("dimensions is not supported: the model's embedding size is fixed", param="dimensions")
@@ -63,8 +64,12 @@ class EmbeddingsAPI:
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
-    def _encoder(self, name: str) -> ModelVersion:
+    def _encoder(self, request: Request, req: EmbeddingRequest) -> ModelVersion:
+        name = req.model
         mv = self.host.get(name)
+        if (sticky := mv.config.sticky_key) is not None:  # keep a client on one version of the split
+            key = req.user if sticky == "user" else request.headers.get(sticky)
+            mv = self.host.get(name, key=None if key is None else key[: traffic.MAX_KEY_CHARS])
         if mv.config.backend != "sentence_transformers":
             raise NotFound(f"model '{name}' is not an embedding model (backend {mv.config.backend})", param="model")
         return mv
@@ -86,6 +91,10 @@ class EmbeddingsAPI:
                 counting.cancel()
             raise
         tokens = 0 if counting is None else await counting
+        if (copy := self.host.shadow_for(mv)) is not None:
+            shadow, target = copy
+            shadow.copy_tensors(target, mv, {spec.name: (spec.datatype, array)}, result.outputs,
+                               result.queue_s + result.compute_s)
         return result.outputs[mv.outputs[0].name], tokens
 
 

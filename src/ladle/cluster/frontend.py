@@ -31,7 +31,7 @@ from ladle.cluster.hints import RouteHint, prompt_head, session_key
 from ladle.cluster.metrics_merge import merge_expositions
 from ladle.cluster.repository import RepositoryControl
 from ladle.config import ServerConfig
-from ladle.errors import InvalidInput, LadleError
+from ladle.errors import InvalidInput, LadleError, NotSupported
 from ladle.metrics import Metrics
 
 PARSE_ON_LOOP_BYTES = 64 * 1024
@@ -62,6 +62,7 @@ class FrontEnd:
             Route("/v1/embeddings", self.openai, methods=["POST"]),
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route(model, self.kserve, methods=["GET"]),
+            Route(model + "/rollout", self.no_rollouts, methods=["GET", "POST", "DELETE"]),
             Route(model + "/{rest:path}", self.kserve, methods=["GET", "POST"]),
             Route("/v2", self.server_metadata, methods=["GET"]),
             Route("/v2/health/live", self.live, methods=["GET"]),
@@ -109,6 +110,11 @@ class FrontEnd:
         return response
 
     # -- answered here ---------------------------------------------------------------------------------
+    async def no_rollouts(self, request: Request) -> Response:
+        raise NotSupported(
+            "gated rollouts run in a single `ladle serve` (its model host moves the traffic and reads the gates); "
+            "under --ray every replica has its own host, so a rollout in one would move only its share of the "
+            "traffic. Move traffic by editing the model's traffic_split and POST /v2/repository/models/{model}/load")
     async def list_models(self, request: Request) -> Response:
         """The LLMs and encoders with a running replica, as their replicas describe themselves."""
         names = [n for n, m in self.cluster.models.items() if m.kind in ("llm", "embeddings") and

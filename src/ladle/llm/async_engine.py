@@ -145,6 +145,11 @@ class AsyncEngine:
         finally:
             stream.close()
 
+    @property
+    def waiting_sequences(self) -> int:
+        """Sequences admitted and not scheduled yet (a backlog: the model host makes no shadow copies then)."""
+        return self._admission.sequences
+
     def precheck(self, num_sequences: int) -> None:
         """A cheap early refusal (503) for a request that could not be admitted now, before it is tokenized."""
         self._check_open()
@@ -347,13 +352,11 @@ class AsyncEngine:
                       self.info.name, len(failed))
         message = f"the engine step failed ({type(exc).__name__}: {exc}); the request was dropped"
         for request_id in failed:
-            self.processor.abort(request_id)
+            self.processor.fail(request_id)  # counts the "error" finish and the window's failure
         self._post([StreamDelta(request_id, "", [], [], error=message) for request_id in failed])
         self._counts = (0, 0, 0)  # the fresh scheduler counts from zero again
         if self.metrics is not None:
             self.metrics.step_failures.inc()
-            for _ in failed:
-                self.metrics.finished("error")
         self._record_state()
 
     def _post(self, deltas: list[StreamDelta], started: list[str] | None = None) -> None:

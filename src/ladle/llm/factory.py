@@ -16,6 +16,7 @@ from ladle.llm.kv_cache import BlockPool, KVCacheManager
 from ladle.llm.scheduler import Scheduler
 from ladle.metrics import LLMMetricFamilies, LLMMetrics
 from ladle.process import pin_torch_threads
+from ladle.windows import RequestWindow
 
 try:  # the llm extra's packages: a core install is told which extra to add, not which module was first missing
     import torch
@@ -61,14 +62,16 @@ def pick_device(name: str) -> str:
     return name
 
 
-def build_engine(config: LLMConfig, name: str, model_dir: Path, families: LLMMetricFamilies | None) -> AsyncEngine:
-    """Load the checkpoint (a directory or a GGUF file) and build the engine (blocking: call off the event loop)."""
+def build_engine(config: LLMConfig, name: str, model_dir: Path, families: LLMMetricFamilies | None,
+                 version: str = "1", window: RequestWindow | None = None) -> AsyncEngine:
+    """Load the checkpoint (a directory or a GGUF file) and build the engine (blocking: call off the event loop).
+    Its metrics carry `version`; its finished requests are recorded into `window` (the version's, for rollouts)."""
     started = time.monotonic()
     spec_config(config)  # a bad speculation option fails before the checkpoint loads
     background_caps(config)
     checkpoint = open_checkpoint(model_dir)
     tokenizer = load_tokenizer(checkpoint)
-    metrics = LLMMetrics(families, name) if families is not None else None
+    metrics = LLMMetrics(families, name, version, window) if families is not None else None
     engine = AsyncEngine(name, lambda: build_core(config, model_dir, tokenizer, checkpoint), tokenizer, metrics, config)
     runner = engine.core.runner
     log.info(

@@ -1,8 +1,9 @@
 """Turns the core's token outputs into text deltas: incremental detokenization, stop strings,
-and the per-request latency metrics (TTFT, inter-token latency, end-to-end, queue time).
+and the per-request latency metrics (TTFT, inter-token latency, end-to-end, queue time) and rollout window.
 
 Invariant: text is emitted only when it is complete UTF-8 and can no longer turn out to be part
-of a stop string; a stop string match finishes the request in the same step.
+of a stop string; a stop string match finishes the request in the same step. Each sequence that finishes
+(but for aborts and timeouts) lands in the version's window exactly once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from ladle.metrics import LLMMetrics
 
 if TYPE_CHECKING:  # the tokenizer needs the llm extra; the API imports StreamDelta on a core install too
     from ladle.llm.tokenizer import Tokenizer
+
+#: finishes that say nothing about a version's health (the client left; its own deadline passed): kept out of the
+#: window a rollout's gates read
+UNJUDGED = frozenset({"abort", "timeout"})
 
 
 @dataclass
@@ -49,6 +54,7 @@ class _State:
     num_prompt_tokens: int
     num_output_tokens: int = 0
     last_token_at: float | None = None
+    ttft: float | None = None  # the window's latency: a rollout gate judges how soon an answer starts
     stopped_by_string: bool = False
 
 
@@ -87,6 +93,15 @@ class OutputProcessor:
 
     def abort(self, request_id: str) -> None:
         self._states.pop(request_id, None)
+
+    def fail(self, request_id: str) -> None:
+        """A sequence the engine dropped because a step raised: an "error" finish, and a failure in the window."""
+        state = self._states.pop(request_id, None)
+        if self.metrics is not None:
+            self.metrics.finished("error")
+            if state is not None:  # no state: already finished (and recorded), or never added
+                now = time.monotonic()
+                self.metrics.window.record(state.ttft if state.ttft is not None else now - state.arrival, True, now)
 
     def _delta(self, state: _State, output: RequestOutput, now: float, scheduled_at: float | None) -> StreamDelta:
         if state.stop is not None and len(output.new_token_ids) > 1:
@@ -138,7 +153,8 @@ class OutputProcessor:
         if m is not None:
             m.generation_tokens.inc(count)
             if state.last_token_at is None:
-                m.ttft.observe(now - state.arrival)
+                state.ttft = now - state.arrival
+                m.ttft.observe(state.ttft)
                 m.queue.observe(max((scheduled_at or now) - state.arrival, 0.0))
                 m.prompt_tokens.inc(state.num_prompt_tokens)
             else:
@@ -146,6 +162,11 @@ class OutputProcessor:
         state.last_token_at = now
 
     def _finish(self, state: _State, delta: StreamDelta, now: float) -> None:
-        if self.metrics is not None:
-            self.metrics.e2e.observe(now - state.arrival)
-            self.metrics.finished(delta.finish_reason or "error")
+        m = self.metrics
+        if m is None:
+            return
+        m.e2e.observe(now - state.arrival)
+        m.finished(delta.finish_reason or "error")
+        if delta.finish_reason not in UNJUDGED:
+            latency = state.ttft if state.ttft is not None else now - state.arrival
+            m.window.record(latency, delta.finish_reason in (None, "error"), now)

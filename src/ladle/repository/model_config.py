@@ -174,6 +174,27 @@ class ClusterOptions(_Config):
         return self
 
 
+class ShadowOptions(_Config):
+    """Copy a fraction of the requests a model's traffic split routes to a candidate version and compare the answers;
+    the caller only ever sees the primary's answer."""
+
+    unknown_hint: ClassVar[str] = "unknown field; one of {known}"
+
+    version: Positive
+    """The candidate: it must be loaded (list it in version_policy); it takes no traffic of its own unless the
+    traffic_split gives it some."""
+    fraction: Annotated[float, Strict(), Field(ge=0, le=1)]
+    """Share of the routed requests copied to it, in [0, 1]."""
+    max_in_flight: Positive = 16
+    """Copies running at once; a request arriving while this many run is not copied (shadow is shed first)."""
+    atol: FiniteNumber = 1e-5
+    """Tensors: an element differs when |primary - shadow| > atol + rtol * |primary| (numpy.isclose)."""
+    rtol: FiniteNumber = 1e-4
+
+
+StickyKey = Annotated[str, Strict(), Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
 class ModelConfig(_Config):
     """One model's configuration. `inputs`/`outputs` may be empty when the backend infers them."""
 
@@ -204,6 +225,12 @@ class ModelConfig(_Config):
     traffic_split: tuple[tuple[int, float], ...] = Field(
         (), json_schema_extra={"default": {}, "propertyNames": {"pattern": "^[1-9][0-9]*$"}})
     """{version: weight}: how requests naming no version are shared out (relative weights); empty: the newest."""
+    sticky_key: StickyKey | None = None
+    """Keep each client on one version of the split: a header name (e.g. X-User-Id; a KServe request parameter of
+    that name counts too), or `user` for the OpenAI `user` field. Consistent: moving weights moves only the keys
+    that must move."""
+    shadow: ShadowOptions | None = None
+    """Shadow traffic: {version: 3, fraction: 0.1} also sends a copy of 10% of the routed requests to version 3."""
     cluster: ClusterOptions = ClusterOptions()
     """Replicas, autoscaling and per-replica resources on a Ray cluster (`ladle serve --ray`)."""
 

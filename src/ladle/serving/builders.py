@@ -17,9 +17,10 @@ from typing import Any
 from ladle.batching.batcher import Batcher
 from ladle.batching.instances import Instance, create_instances
 from ladle.config import INHERITED_FIELDS, LLMConfig
-from ladle.metrics import Metrics
+from ladle.metrics import Metrics, VersionMetrics
 from ladle.repository.model_config import ConfigError, ModelConfig
 from ladle.serving.versions import LLMEngine, ModelVersion, TokenCounter
+from ladle.windows import RequestWindow
 
 
 def llm_config_from_parameters(parameters: dict, model_dir: Path, where: str,
@@ -50,16 +51,21 @@ def llm_parameters(llm: LLMConfig) -> dict[str, Any]:
 
 
 def build_llm_engine(metrics: Metrics, name: str, version_dir: Path, config: ModelConfig,
-                     server: LLMConfig | None = None) -> LLMEngine:
-    """Load a checkpoint into an engine, not started (blocking: call off the event loop, or before it runs)."""
+                     server: LLMConfig | None = None, version: int = 1,
+                     window: RequestWindow | None = None) -> LLMEngine:
+    """Load a checkpoint into an engine, not started (blocking: call off the event loop, or before it runs). Its
+    metrics carry the version label; it records finished requests into `window` (the version's, for rollouts)."""
     from ladle.llm.factory import build_engine  # torch: only when an LLM is served
 
     llm_config = llm_config_from_parameters(dict(config.parameters), version_dir, str(version_dir.parent), server)
-    return build_engine(llm_config, name, version_dir, metrics.llm)
+    return build_engine(llm_config, name, version_dir, metrics.llm, str(version), window)
 
 
-def llm_version(metrics: Metrics, name: str, version: int, config: ModelConfig, engine: LLMEngine) -> ModelVersion:
-    return ModelVersion(name, version, config, (), (), None, metrics.for_version(name, version), 0.0, engine=engine)
+def llm_version(metrics: Metrics, name: str, version: int, config: ModelConfig, engine: LLMEngine,
+                vm: VersionMetrics | None = None) -> ModelVersion:
+    """`vm`: the version's metrics whose window the engine records into (made here when the caller made none)."""
+    vm = vm if vm is not None else metrics.for_version(name, version)
+    return ModelVersion(name, version, config, (), (), None, vm, 0.0, engine=engine)
 
 
 async def build_version(metrics: Metrics, name: str, version: int, version_dir: Path,
@@ -67,9 +73,11 @@ async def build_version(metrics: Metrics, name: str, version: int, version_dir: 
     """Load one version, ready to serve (an LLM engine is started on the running loop); `server_llm`: the server's
     LLM flags, whose speculation options apply where the model's config sets none."""
     if config.is_llm:
-        engine = await asyncio.to_thread(build_llm_engine, metrics, name, version_dir, config, server_llm)
+        vm = metrics.for_version(name, version)  # first: the engine records into this version's window
+        engine = await asyncio.to_thread(build_llm_engine, metrics, name, version_dir, config, server_llm, version,
+                                         vm.window)
         engine.start(asyncio.get_running_loop())
-        return llm_version(metrics, name, version, config, engine)
+        return llm_version(metrics, name, version, config, engine, vm)
     instances, counter = await asyncio.to_thread(_load_instances, name, version, version_dir, config)
     vm = metrics.for_version(name, version)
     batcher = Batcher(f"{name}:{version}", config, instances, observer=vm)

@@ -20,7 +20,10 @@ from ladle.errors import InvalidInput, NotFound, Unavailable
 from ladle.metrics import Metrics
 from ladle.repository.layout import check_model_name, is_model_name, model_dir, model_names, version_numbers
 from ladle.repository.model_config import ConfigError, ModelConfig, load_model_config, load_version_config
+from ladle.serving import traffic
 from ladle.serving.builders import build_llm_engine, build_version, llm_parameters, llm_version
+from ladle.serving.shadow import Shadow
+from ladle.serving.shadow_metrics import ShadowMetrics
 from ladle.serving.versions import LLMEngine, ModelRecord, ModelVersion, VersionStatus
 
 log = logging.getLogger(__name__)
@@ -34,20 +37,25 @@ class ModelHost:
         self.models: dict[str, ModelRecord] = {}
         self.wanted: set[str] = set()  # models that should be loaded (readiness)
         self.draining = False  # SIGTERM: not ready any more, whatever the models say
+        # runtime traffic splits that replace a config's traffic_split (rollouts write them; serving/rollout.py)
+        self.overrides: dict[str, traffic.Split] = {}
+        self.shadows: dict[str, Shadow] = {}  # models whose config has `shadow:` (serving/shadow.py)
+        self.shadow_metrics = ShadowMetrics(metrics.registry)
         # one load at a time: loads are CPU-bound anyway, and frameworks' lazy imports (transformers)
         # are not safe to race from two threads
         self._load_slot = asyncio.Lock()
 
     # -- lookups (hot path) -------------------------------------------------------------------
-    def get(self, name: str, version: int | None = None) -> ModelVersion:
-        """The version to serve: the one asked for, or one routed by the model's traffic_split, or the newest READY."""
+    def get(self, name: str, version: int | None = None, key: str | None = None) -> ModelVersion:
+        """The version to serve: the one asked for, or one routed by the model's traffic split (by sticky `key` when
+        the request carries one; serving/traffic.py), or the newest READY."""
         record = self.models.get(name)
         if record is None:
             check_model_name(name)  # only on a miss: a name that could never exist is a 400
             raise NotFound(f"unknown model '{name}'; POST /v2/repository/index lists the models")
         if version is None:
             if record.ready:
-                return record.route()
+                return record.route(key, self.overrides.get(name))
             # the reason (a load failure's exception text) stays in the repository index, off inference answers
             raise Unavailable(f"model '{name}' is not ready (state {record.state}); the repository index says why")
         served = record.ready.get(version)
@@ -74,13 +82,63 @@ class ModelHost:
                     served[name] = newest.engine
         return served
 
-    def llm_engine(self, name: str) -> LLMEngine | None:
-        """The engine of the LLM version a request to `name` goes to (traffic_split); None when `name` is no model
+    def llm_version(self, name: str, key: str | None = None) -> ModelVersion | None:
+        """The LLM version a request to `name` goes to (traffic split, sticky `key`); None when `name` is no model
         that ever loaded a config, or not an LLM. A known model that is not ready raises Unavailable (503)."""
         record = self.models.get(name)
         if record is None or record.config is None:
             return None
-        return self.get(name).engine
+        mv = self.get(name, key=key)
+        return mv if mv.engine is not None else None
+
+    # -- traffic: splits and their runtime overrides -------------------------------------------------
+    def split_of(self, name: str) -> tuple[traffic.Split, str]:
+        """The split requests to `name` follow now and where it comes from: "rollout" (a runtime override),
+        "config" (config.yaml's traffic_split) or "newest" (no split: the newest READY version)."""
+        if name in self.overrides:
+            return self.overrides[name], "rollout"
+        record = self.models.get(name)
+        split = record.config.traffic_split if record is not None and record.config is not None else ()
+        return split, "config" if split else "newest"
+
+    def set_override(self, name: str, split: traffic.Split | None) -> None:
+        """Replace `name`'s traffic split at run time (None: back to config.yaml's). Survives reloads of the model."""
+        if split is None:
+            self.overrides.pop(name, None)
+        else:
+            self.overrides[name] = split
+
+    # -- shadow traffic ---------------------------------------------------------------------------------
+    def shadow_for(self, primary: ModelVersion) -> tuple[Shadow, ModelVersion] | None:
+        """The shadow and its candidate version when the request `primary` answered is to be copied (a draw)."""
+        shadow = self.shadows.get(primary.name)
+        if shadow is None:
+            return None
+        target = self.version(primary.name, shadow.options.version)
+        if target is None or not shadow.draw(primary, _busy(primary)):
+            return None
+        return shadow, target
+
+    def _update_shadow(self, record: ModelRecord) -> Shadow | None:
+        """After a (re)load: the model's Shadow follows its config (counts and samples survive a reload); returns
+        a Shadow that is no longer wanted, to close."""
+        options = record.config.shadow if record.config is not None else None
+        if options is None:
+            return self.shadows.pop(record.name, None)
+        shadow = self.shadows.get(record.name)
+        if shadow is None:
+            self.shadows[record.name] = Shadow(record.name, options, self.shadow_metrics)
+        else:
+            shadow.options = options
+        if options.version not in record.ready:
+            log.warning("model %s: shadow version %d is not loaded (list it in version_policy); no requests are "
+                        "copied until it is", record.name, options.version)
+        return None
+
+    def version(self, name: str, version: int) -> ModelVersion | None:
+        """A READY version, or None (no lookup side effects: for rollouts and shadows watching a version)."""
+        record = self.models.get(name)
+        return record.ready.get(version) if record is not None else None
 
     def is_ready(self) -> bool:
         """The readiness rule (also read from the --health-port thread: it only takes snapshots of the dicts)."""
@@ -108,9 +166,19 @@ class ModelHost:
                 state, reason = (record.state, record.reason) if record else ("UNAVAILABLE", "not loaded")
                 rows.append({"name": name, "state": state, "reason": reason})
                 continue
+            split = self._split_row(name)
             for version, status in sorted(record.status.items()):
-                rows.append({"name": name, "version": str(version), "state": status.state, "reason": status.reason})
+                rows.append({"name": name, "version": str(version), "state": status.state, "reason": status.reason,
+                             **split})
         return [r for r in rows if r["state"] == "READY"] if ready_only else rows
+
+    def _split_row(self, name: str) -> dict:
+        """What the index says of a model's split (nothing when it has none): the weights in percent, and whether
+        config.yaml or a rollout set them."""
+        split, source = self.split_of(name)
+        if not split:
+            return {}
+        return {"traffic_split": {str(v): round(w, 4) for v, w in traffic.normalized(split)}, "split_source": source}
 
     def _on_disk(self) -> list[str]:
         if self.root is None:
@@ -132,7 +200,8 @@ class ModelHost:
             raise ValueError(f"the repository has a model named '{name}' too; give --served-model-name another name")
         config = ModelConfig(name=name, backend="llm", parameters=llm_parameters(llm))
         started = time.monotonic()
-        mv = llm_version(self.metrics, name, 1, config, build_llm_engine(self.metrics, name, checkpoint, config))
+        mv = llm_version(self.metrics, name, 1, config, build_llm_engine(
+            self.metrics, name, checkpoint, config, window=(vm := self.metrics.for_version(name, 1)).window), vm)
         mv.load_seconds = time.monotonic() - started
         mv.metrics.load_duration.set(mv.load_seconds)
         self.models[name] = ModelRecord(name, config, {1: mv}, {1: VersionStatus("READY")}, "READY", pinned=True)
@@ -198,10 +267,13 @@ class ModelHost:
             del record.status[version]
         record.state = "READY" if record.ready else "UNAVAILABLE"
         record.reason = "" if record.ready else "no version loaded; see the version reasons"
-        if unserved := [v for v, _ in config.traffic_split if v not in record.ready]:
+        if unserved := [v for v, _ in self.split_of(record.name)[0] if v not in record.ready]:
             log.warning("model %s: traffic_split names version(s) %s that are not loaded; their share goes to the "
                         "other versions of the split (or to the newest version)", record.name, unserved)
+        dropped = self._update_shadow(record)
         await _retire(old.values())
+        if dropped is not None:
+            await dropped.close()
 
     async def _load_version(self, record: ModelRecord, config: ModelConfig, version: int) -> ModelVersion | None:
         name = record.name
@@ -243,6 +315,9 @@ class ModelHost:
             for version in record.status:
                 self._set_status(record, version, "UNLOADING")
             record.state, record.reason = "UNLOADING", ""
+            shadow = self.shadows.pop(record.name, None)
+            if shadow is not None:
+                await shadow.close()
             await _retire(old.values())
             for version in record.status:
                 self._set_status(record, version, "UNAVAILABLE", "unloaded")
@@ -254,6 +329,14 @@ class ModelHost:
         for record in list(self.models.values()):
             if record.ready:
                 await self._unload(record)
+
+
+def _busy(mv: ModelVersion) -> bool:
+    """Whether a version has a backlog (more queued than one batch, or LLM sequences waiting): then no shadow copy
+    is made — under load the shadow is shed first."""
+    if mv.batcher is not None:
+        return len(mv.batcher.queue) > max(mv.config.max_batch_size, 1)
+    return getattr(mv.engine, "waiting_sequences", 0) > 0
 
 
 async def _retire(versions: Iterable[ModelVersion]) -> None:

@@ -66,9 +66,14 @@ class Outcome:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         metrics = self.mv.metrics
         if exc is None:
+            elapsed = time.monotonic() - self.started
             metrics.outcome("success")
-            metrics.request_duration.observe(time.monotonic() - self.started)
+            metrics.request_duration.observe(elapsed)
+            metrics.window.record(elapsed, False)
         elif isinstance(exc, self.gone):
             metrics.outcome("cancelled")
         elif isinstance(exc, LadleError):
-            metrics.outcome("error" if exc.status >= 500 else "rejected")
+            failed = exc.status >= 500
+            metrics.outcome("error" if failed else "rejected")
+            if failed:  # a client's bad request says nothing about the version's health
+                metrics.window.record(time.monotonic() - self.started, True)

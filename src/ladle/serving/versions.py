@@ -7,7 +7,6 @@ only ever picks one of them.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -15,6 +14,7 @@ from typing import Protocol
 from ladle.batching.batcher import Batcher
 from ladle.metrics import VersionMetrics
 from ladle.repository.model_config import ModelConfig
+from ladle.serving import traffic
 from ladle.tensors import TensorSpec
 
 
@@ -74,13 +74,11 @@ class ModelRecord:
     pinned: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def route(self) -> ModelVersion:
-        """The version for a request that names none: drawn by the config's traffic_split among its READY
-        versions, else (no split, or none of its versions ready) the newest READY one. Needs a READY version."""
-        split = self.config.traffic_split if self.config is not None else ()
-        if split:
-            choices = [(version, weight) for version, weight in split if weight > 0 and version in self.ready]
-            if choices:
-                versions, weights = zip(*choices, strict=True)
-                return self.ready[random.choices(versions, weights)[0]]
-        return self.ready[max(self.ready)]
+    def route(self, key: str | None = None, override: traffic.Split | None = None) -> ModelVersion:
+        """The version for a request that names none: the traffic split (a rollout's `override`, else the config's)
+        among its READY versions — by sticky `key` when the request has one — else the newest READY version that is
+        not the shadow candidate. Needs a READY version."""
+        config = self.config
+        split = override if override is not None else (config.traffic_split if config is not None else ())
+        spare = config.shadow.version if config is not None and config.shadow is not None else None
+        return self.ready[traffic.choose(split, self.ready, key, spare)]
