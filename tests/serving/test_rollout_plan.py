@@ -50,6 +50,7 @@ def test_a_plan_is_frozen() -> None:
     ({"steps": (50, "100")}, "steps"),
     ({"steps": (50, 50)}, "steps"),
     ({"steps": (50, 25)}, "steps"),
+    ({"steps": tuple(range(1, 102))}, "steps"),  # more than MAX_STEPS
     ({"every_s": 0.5}, "every"),
     ({"every_s": 0}, "every"),
     ({"every_s": float("inf")}, "every"),

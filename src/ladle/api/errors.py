@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ladle.api.body import ClientDisconnected
-from ladle.errors import DeadlineExceeded, LadleError, Unavailable
+from ladle.errors import DeadlineExceeded, LadleError, NotSupported, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,10 @@ def request_id(request: Request | None = None) -> str:
 
 
 def is_internal(exc: LadleError) -> bool:
-    """A 5xx whose message may carry internal detail: everything but ladle's own 503s (not ready, queue full,
-    draining) and 504s (deadline), which are written by ladle and say only what the client can act on."""
-    return exc.status >= 500 and not isinstance(exc, (Unavailable, DeadlineExceeded))
+    """A 5xx whose message may carry internal detail: everything but ladle's own 501s (not in this mode), 503s (not
+    ready, queue full, draining) and 504s (deadline), which are written by ladle and say only what the client can act
+    on."""
+    return exc.status >= 500 and not isinstance(exc, (NotSupported, Unavailable, DeadlineExceeded))
 
 
 def public_message(exc: LadleError, rid: str | None = None) -> str:

@@ -65,9 +65,16 @@ class RolloutPlan:
                    data.get("max_p99_ms"), data.get("min_requests", DEFAULT_MIN_REQUESTS))
 
 
+#: steps one rollout may have
+MAX_STEPS = 100
+
+
 def _checked_steps(steps: object) -> tuple[float, ...]:
     if isinstance(steps, (str, bytes)) or not isinstance(steps, (tuple, list)) or not steps:
-        raise ValueError(f"steps: must be a non-empty list of percentages such as [5, 25, 50, 100], got {steps!r}")
+        raise ValueError(f"steps: must be a non-empty list of percentages such as [5, 25, 50, 100], got "
+                         f"{steps!r}"[:300])
+    if len(steps) > MAX_STEPS:  # a status lists them, a record stores them: a hostile list stays small
+        raise ValueError(f"steps: at most {MAX_STEPS} steps, got {len(steps)}")
     for step in steps:
         if not _is_number(step) or not 0 < step <= 100:
             raise ValueError(f"steps: each step is the candidate's percent of the traffic, in (0, 100], got {step!r}")
