@@ -16,6 +16,8 @@ HERE = Path(__file__).resolve().parent
 STEPS = [
     ("hardware roofline figures", [str(HERE / "hardware.py")]),
     ("classic: iris + minilm, ladle vs a bare Starlette floor", [str(HERE / "classic" / "run.py")]),
+    ("rollouts: what splits, sticky keys and shadow copies cost iris", [str(HERE / "classic" / "rollout_paths.py"),
+                                                                        "--rounds", "5"]),
     ("LLM: SmolLM-135M-shaped Llama, ladle vs transformers", [str(HERE / "llm" / "run.py")]),
     ("LLM weight formats: full width vs int8 / int4, and the demo GGUF", [str(HERE / "llm" / "quant.py")]),
     ("LLM speculative decoding: off vs n-gram on the demo GGUF", [str(HERE / "llm" / "speculative.py")]),
