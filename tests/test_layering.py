@@ -8,8 +8,9 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ladle"
 # shared leaves: they import nothing of ladle but each other (process: the process-wide start-up policy;
-# windows: recent requests per version, which metrics record and rollout gates read)
-LEAVES = {"ladle", "errors", "tensors", "config", "metrics", "logs", "extras", "process", "windows"}
+# windows: recent requests per version, which metrics record and rollout gates read; client_commands: what the
+# client commands share)
+LEAVES = {"ladle", "errors", "tensors", "config", "metrics", "logs", "extras", "process", "windows", "client_commands"}
 # what each package (or top-level module) may import besides itself and the leaves
 ALLOWED = {
     "repository": set(),

@@ -18,25 +18,18 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ladle.client_commands import DEFAULT_URL, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CommandError
 from ladle.serving.rollout_plan import DEFAULT_MIN_REQUESTS, RolloutPlan, format_ms, parse_duration
 
 if TYPE_CHECKING:
     import httpx
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 POLL_INTERVAL_S = 1.0
 REPEAT_PROGRESS_S = 10.0  # while a step waits, its progress line is repeated this often
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-class RolloutError(Exception):
-    """A failure to report as `ladle rollout: MESSAGE` with an exit status."""
-
-    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
+RolloutError = CommandError  # reported as `ladle rollout: MESSAGE`
 
 
 def add_rollout_parser(commands: argparse._SubParsersAction) -> None:

@@ -118,6 +118,19 @@ def test_a_key_stays_on_its_version_and_moving_weights_moves_only_the_keys_that_
     assert 0.05 < sum(v == "2" for v in before.values()) / len(keys) < 0.15
 
 
+def test_a_sticky_key_counts_by_its_first_256_characters(server) -> None:
+    """A client-sized key is bounded: it is hashed on the event loop. Keys that differ only past character 256 land
+    together; a non-string parameter is no key (a random draw), never an error."""
+    with httpx.Client(base_url=server.url) as client:
+        for i in range(30):
+            head = f"user-{i}-".ljust(256, "x")
+            assert infer(client, "split", 1.0, head + "a" * 3000)["model_version"] == \
+                infer(client, "split", 1.0, head + "b")["model_version"]
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}],
+                "parameters": {"X-User-Id": {"nested": [1, 2]}}}
+        assert client.post("/v2/models/split/infer", json=body).status_code == 200
+
+
 def test_an_identical_shadow_agrees_and_the_caller_sees_only_the_primary(server) -> None:
     before = shadow_status(server, "shadowed")["counts"]["compared"]
     with httpx.Client(base_url=server.url) as client:

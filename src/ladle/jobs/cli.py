@@ -23,26 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from ladle.client_commands import DEFAULT_URL, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CommandError
 from ladle.jobs.records import COMPLETED, TERMINAL
 
 if TYPE_CHECKING:
     import httpx
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 OPENAI_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 POLL_INTERVAL_S = 0.5
 MAX_ERRORS_SHOWN = 20  # a failed validation can list an error per line; the first ones say what is wrong
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-class JobsError(Exception):
-    """A failure to report as `ladle jobs: MESSAGE` with an exit status."""
-
-    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
+JobsError = CommandError  # reported as `ladle jobs: MESSAGE`
 
 
 @dataclass(frozen=True)
