@@ -7,10 +7,13 @@ the window is safe to record into from the engine thread while the event loop re
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections import deque
 from dataclasses import dataclass
+
+import numpy as np
 
 #: requests remembered per version: at 2,000 req/s, the last 30 s (a gate window longer than that is sampled
 #: from its most recent requests, which the status says)
@@ -41,18 +44,23 @@ class RequestWindow:
         self._ring.append((time.monotonic() if now is None else now, latency_s, failed))
 
     def since(self, start: float, end: float | None = None) -> WindowStats:
-        """Requests that ended at or after `start` (a time.monotonic() value) and before `end`."""
+        """Requests that ended at or after `start` (a time.monotonic() value) and before `end`. Read on the event
+        loop once a second per rollout: a C-level copy, a bisection to the window, a partition for the p99 (a full
+        ring of 65,536 requests: ~10 ms)."""
         snapshot = tuple(self._ring)  # deque iteration while another thread appends would raise
-        rows = [row for row in snapshot if row[0] >= start and (end is None or row[0] < end)]
+        # rows are appended in time order (one clock), so the window is one slice
+        first = bisect.bisect_left(snapshot, start, key=_ended)
+        last = len(snapshot) if end is None else bisect.bisect_left(snapshot, end, lo=first, key=_ended)
+        rows = snapshot[first:last]
         truncated = len(snapshot) == self._ring.maxlen and bool(snapshot) and snapshot[0][0] > start
-        errors = sum(1 for row in rows if row[2])
         # latency of the requests that succeeded: a failure's latency says nothing about the model's speed
-        latencies = sorted(row[1] for row in rows if not row[2])
-        return WindowStats(len(rows), errors, percentile(latencies, 0.99), truncated)
+        latencies = np.array([row[1] for row in rows if not row[2]])
+        errors = len(rows) - len(latencies)
+        if not len(latencies):
+            return WindowStats(len(rows), errors, None, truncated)
+        k = min(len(latencies) - 1, max(0, math.ceil(0.99 * len(latencies)) - 1))  # the nearest-rank p99
+        return WindowStats(len(rows), errors, float(np.partition(latencies, k)[k]), truncated)
 
 
-def percentile(ordered: list[float], q: float) -> float | None:
-    """The nearest-rank percentile of an ascending list (None when empty)."""
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+def _ended(row: tuple[float, float, bool]) -> float:
+    return row[0]
