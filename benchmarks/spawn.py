@@ -49,6 +49,8 @@ def spawned_server(
 ) -> Iterator[Spawned]:
     """Run `command --port PORT` (offline, output appended to `log`) until the block ends."""
     port = port or free_port()
+    if "serve" in command and "--grpc-port" not in command and any("ladle" in part for part in command):
+        command = [*command, "--grpc-port", "0"]  # gRPC's default port would clash between servers; REST is measured
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with log.open("ab") as sink:
         started = time.perf_counter()

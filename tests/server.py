@@ -31,6 +31,8 @@ class LadleServer:
     def __init__(self, args: list[str], ready_timeout: float = 120.0, wait_ready: bool = True,
                  env: dict[str, str] | None = None, port: int | None = None) -> None:
         self.args = [str(a) for a in args]
+        if "--grpc-port" not in self.args:  # gRPC's default port (8001) would be shared by every test server
+            self.args += ["--grpc-port", "0"]
         if "--data-dir" not in self.args:  # batch jobs are stored under --data-dir: never in the checkout
             self._data = tempfile.TemporaryDirectory(prefix="ladle-data-")
             self.args += ["--data-dir", self._data.name]

@@ -42,6 +42,15 @@ class HTTPConfig:
         None, "also answer /v2/health/live, /v2/health/ready and /health on this port, from a thread of their own: "
         "probes there never wait behind the main port's event loop, even under overload (same host as --host)"
     )
+    grpc_port: int = option(
+        8001, "also serve KServe v2 over gRPC (inference.GRPCInferenceService, what tritonclient.grpc speaks) on this "
+        "port, same host as --host; 0: off"
+    )
+    otlp_traces_endpoint: str | None = option(
+        None, "send OpenTelemetry traces (one span per request, children for queue, compute, tokenize, first token) "
+        "to this OTLP endpoint, e.g. http://localhost:4317 (gRPC) or http://localhost:4318/v1/traces (HTTP); off "
+        "when unset"
+    )
 
 
 @dataclass(frozen=True)
