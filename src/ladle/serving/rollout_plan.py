@@ -12,9 +12,10 @@ import itertools
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from ladle.windows import WindowStats
+if TYPE_CHECKING:  # `ladle rollout` imports this module: it stays free of numpy
+    from ladle.windows import WindowStats
 
 DEFAULT_MIN_REQUESTS = 100
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smh]?)")
