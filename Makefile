@@ -14,7 +14,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[all,dev]'
 	@touch $(STAMP)
 
-install: $(STAMP) demo
+# the KServe v2 gRPC stubs: build output (gitignored), compiled from the protos by grpcio-tools
+GRPC_OUT := src/ladle/api/grpc/generated/grpc_service_pb2_grpc.py
+$(GRPC_OUT): $(STAMP) $(wildcard src/ladle/api/grpc/protos/*.proto)
+	$(PY) -m ladle.api.grpc.build
+
+install: $(STAMP) $(GRPC_OUT) demo
 
 demo: $(STAMP)
 	$(PY) examples/build_demo.py

@@ -16,6 +16,7 @@ HERE = Path(__file__).resolve().parent
 STEPS = [
     ("hardware roofline figures", [str(HERE / "hardware.py")]),
     ("classic: iris + minilm, ladle vs a bare Starlette floor", [str(HERE / "classic" / "run.py")]),
+    ("KServe v2 over gRPC vs REST: iris and minilm", [str(HERE / "classic" / "grpc_vs_rest.py")]),
     ("rollouts: what splits, sticky keys and shadow copies cost iris", [str(HERE / "classic" / "rollout_paths.py"),
                                                                         "--rounds", "5"]),
     ("LLM: SmolLM-135M-shaped Llama, ladle vs transformers", [str(HERE / "llm" / "run.py")]),

@@ -1,7 +1,7 @@
 """What traffic splits, sticky keys and shadow traffic cost the primary (issue 13): iris (ONNX version 2 serving,
 the scikit-learn version 1 as the shadow candidate) over KServe v2 at concurrency 1 and 8, for the demo config on
-the code before issue 13 (`--base-ref`), the same config now, a split with a sticky key, and shadow copies of 10%
-and 100% of the requests. Rounds alternate the servers so drift hits all alike; medians are reported.
+the code of `--base-ref` (default: before issue 13), the same config now, a split with a sticky key, and shadow
+copies of 10% and 100% of the requests. Rounds alternate the servers so drift hits all alike; medians are reported.
 
 Run: HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/classic/rollout_paths.py   (writes benchmarks/classic/out/)
 """
@@ -33,7 +33,7 @@ from ladle.serving import traffic  # noqa: E402
 
 DEMO = ROOT / "examples/models"
 VARIANTS = {  # name -> config.yaml fields over the demo's iris config
-    "before issue 13 (base ref)": {},
+    "base ref (--base-ref)": {},
     "now: no split": {},
     "split {2: 100} + sticky_key": {"traffic_split": {2: 100}, "sticky_key": "X-User-Id"},
     "shadow 10% to version 1": {"traffic_split": {2: 100}, "shadow": {"version": 1, "fraction": 0.1}},
@@ -59,7 +59,7 @@ def base_checkout(ref: str, where: Path) -> Path:
 def run_round(name: str, root: Path, log: Path, concurrency: list[int], duration: float,
               base_src: Path) -> list[dict]:
     env_before = os.environ.get("PYTHONPATH")
-    if name.startswith("before"):
+    if name.startswith("base ref"):
         os.environ["PYTHONPATH"] = str(base_src)  # the spawned server imports the base ref's ladle
     try:
         with spawned_server(ladle_command(root), log) as spawned:

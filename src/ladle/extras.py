@@ -34,6 +34,8 @@ EXTRAS: dict[str, Extra] = {
     "bench": Extra("bench", ("aiohttp", "tqdm"), ("aiohttp", "tqdm")),
     "client": Extra("client", ("httpx", "tqdm"), ("httpx", "tqdm")),
     "postgres": Extra("postgres", ("psycopg",), ("psycopg",)),
+    "grpc": Extra("grpc", ("grpcio", "protobuf"), ("grpc", "google.protobuf")),  # --grpc-port
+    "tracing": Extra("tracing", ("opentelemetry-sdk", "opentelemetry-exporter-otlp"), ("opentelemetry",)),
 }
 
 #: model config `backend` -> the extra it needs (onnx and python are core)

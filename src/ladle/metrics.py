@@ -6,6 +6,8 @@ so recording a request costs a few attribute lookups, not label resolution.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ladle.windows import RequestWindow
@@ -85,6 +87,7 @@ class VersionMetrics:
         self.inflight = metrics.inflight.labels(model, version)
         self.load_duration = metrics.load_duration.labels(model, version)
         self.window = RequestWindow()  # recent requests, for rollout gates (serving/rollout.py)
+        self.stats = VersionStats()  # Triton's statistics extension (api/stats.py): exact sums, plain ints
 
     def outcome(self, outcome: str) -> None:
         counter = self._outcomes.get(outcome)
@@ -92,14 +95,69 @@ class VersionMetrics:
             counter = self._outcomes[outcome] = self._metrics.requests.labels(*self._labels, outcome)
         counter.inc()
 
-    def on_batch(self, rows: int, requests: int, compute_s: float) -> None:
+    def on_batch(self, rows: int, requests: int, compute_s: float, phases: tuple[int, int, int] | None = None) -> None:
+        """`phases`: the batch's (gather inputs, model call, split outputs) in ns when it succeeded, else None."""
         self.batch_size.observe(rows)
         self.compute_duration.observe(compute_s)
+        if phases is not None:
+            self.stats.batch(rows, requests, phases)
 
     def watch(self, queue_depth, inflight) -> None:
         """Gauges read at scrape time from the batcher itself: nothing to update per request."""
         self.queue_depth.set_function(queue_depth)
         self.inflight.set_function(inflight)
+
+
+class VersionStats:
+    """Triton's statistics of one version as plain ints (ns, counts), all updated on the event loop: a request's
+    outcome (success/fail with its whole duration), its queue wait, and each successful batch's phases — added once
+    per batch to its batch size's row and once per request to the request totals (every request of a batch is charged
+    the batch's full phase times, as Triton does). A batch of one request costs one dict lookup and four int adds."""
+
+    __slots__ = ("fail_count", "fail_ns", "last_inference", "queue_count", "queue_ns", "rows", "success_count",
+                 "success_ns")
+
+    def __init__(self) -> None:
+        self.success_count = self.success_ns = 0
+        self.fail_count = self.fail_ns = 0
+        self.queue_count = self.queue_ns = 0
+        self.last_inference = 0.0  # time.monotonic() of the last request's end
+        # batch size (rows) -> [batches, input ns, infer ns, output ns, then what the requests beyond the first of
+        # each batch add: requests, input ns, infer ns, output ns]
+        self.rows: dict[int, list[int]] = {}
+
+    def request(self, ok: bool, elapsed_s: float, now: float) -> None:
+        """`now`: time.monotonic() at the request's end (turned into wall-clock time only when read)."""
+        if ok:
+            self.success_count += 1
+            self.success_ns += int(elapsed_s * 1e9)
+        else:
+            self.fail_count += 1
+            self.fail_ns += int(elapsed_s * 1e9)
+        self.last_inference = now
+
+    def batch(self, rows: int, requests: int, phases: tuple[int, int, int]) -> None:
+        row = self.rows.get(rows)
+        if row is None:
+            row = self.rows[rows] = [0] * 8
+        gather, infer, split = phases
+        row[0] += 1
+        row[1] += gather
+        row[2] += infer
+        row[3] += split
+        if requests > 1:
+            more = requests - 1
+            row[4] += more
+            row[5] += gather * more
+            row[6] += infer * more
+            row[7] += split * more
+
+    @property
+    def last_inference_ms(self) -> int:
+        """The last request's end in ms since the epoch (0: none yet), as Triton reports `last_inference`."""
+        if not self.last_inference:
+            return 0
+        return int((time.time() - time.monotonic() + self.last_inference) * 1000)
 
 
 TOKEN_LATENCY_BUCKETS = (

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import uvicorn
 
+from ladle.api import tracing
 from ladle.api.app import create_app
 from ladle.api.health_server import HealthServer
 from ladle.config import HTTPConfig, ServerConfig
@@ -41,7 +42,17 @@ def serve(config: ServerConfig) -> int:
             log.error("cannot serve --model %s: %s", config.llm.model, exc)
             return 1
     app = create_app(config, host)
-    return run(uvicorn_config(app, config.http), config.http, app.state.host)
+    # tracing is on only with --otlp-traces-endpoint: without it no OpenTelemetry module is even imported
+    try:
+        provider = tracing.setup(config.http.otlp_traces_endpoint) if config.http.otlp_traces_endpoint else None
+    except ImportError as exc:
+        log.error("--otlp-traces-endpoint needs OpenTelemetry: pip install 'ladle[tracing]' (%s)", exc)
+        return 1
+    try:
+        return run(uvicorn_config(app, config.http), config.http, app.state.host)
+    finally:
+        if provider is not None:
+            provider.shutdown()  # exports the spans still batched
 
 
 def run(uv: uvicorn.Config, http: HTTPConfig, served: Drainable) -> int:

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from ladle.api.admission import AdmissionMiddleware
 from ladle.api.auth import install_access_control
 from ladle.api.errors import EXCEPTION_HANDLERS
+from ladle.api.grpc.server import GrpcServer
 from ladle.api.jobs import JobsAPI, host_is_llm
 from ladle.api.kserve import KServeAPI
 from ladle.api.offload import ProcessOffload
@@ -57,6 +58,8 @@ def create_app(config: ServerConfig, host: ModelHost | None = None, with_jobs: b
     embeddings = EmbeddingsAPI(host, openai_limit)
     jobs = job_service(config, host) if with_jobs else None
     rollouts = RolloutManager(host, config.jobs.data_dir) if with_jobs else None
+    # KServe v2 over gRPC (--grpc-port); not on a cluster replica (with_jobs=False): --ray serves no gRPC
+    grpc_server = GrpcServer(config, host, metrics.refused) if with_jobs and config.http.grpc_port else None
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -73,6 +76,8 @@ def create_app(config: ServerConfig, host: ModelHost | None = None, with_jobs: b
             await host.load_all(list(config.repository.load_model) or None)
             if not config.repository.strict_readiness:
                 host.relax_readiness()
+        if grpc_server is not None:
+            await grpc_server.start()
         if jobs is not None:
             await jobs.start(dispatcher(app))  # resumes the jobs a previous run left, once the models are up
         if rollouts is not None:
@@ -81,6 +86,8 @@ def create_app(config: ServerConfig, host: ModelHost | None = None, with_jobs: b
         ready = "ready" if host.is_ready() else "NOT ready (see the errors above)"
         log.info("ladle is %s on http://%s:%d", ready, config.http.host, config.http.port)
         yield
+        if grpc_server is not None:
+            await grpc_server.stop()
         if jobs is not None:
             await jobs.close()  # lines running now go back to pending: the next start runs them
         if rollouts is not None:

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import orjson
 from starlette.requests import Request
@@ -18,8 +19,10 @@ from starlette.routing import Route
 
 from ladle import __version__
 from ladle.api import kserve_codec as codec
+from ladle.api import tracing
 from ladle.api.body import ClientDisconnected, header_values, is_batch, read_body, until_disconnect
 from ladle.api.offload import ProcessOffload
+from ladle.api.stats import statistics
 from ladle.errors import InvalidInput, LadleError
 from ladle.repository.layout import parse_version
 from ladle.repository.signature import served_shape
@@ -28,10 +31,14 @@ from ladle.serving.host import ModelHost
 from ladle.serving.submit import Outcome, submit
 from ladle.serving.versions import ModelVersion
 
+if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is on
+    from opentelemetry.trace import Span
+
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "schedule_policy"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "schedule_policy", "statistics"]
 HEADER_LENGTH = b"inference-header-content-length"
+_INFER_SPANS = {False: "POST /v2/models/{model}/infer", True: "POST /v2/models/{model}/versions/{version}/infer"}
 _INFER_HEADERS = (b"content-length", b"content-encoding", HEADER_LENGTH, b"accept-encoding")
 #: bodies larger than this are decoded in a helper process, results larger than this encoded on a worker thread
 #: (encoding is mostly numpy tobytes/tolist, which copes with threads better than parsing); small ones stay inline,
@@ -54,6 +61,9 @@ class KServeAPI:
         version = model + "/versions/{version}"
         return [  # the hot route first: Starlette tries routes in order
             *(Route(p + "/infer", self.infer, methods=["POST"]) for p in (model, version)),
+            # before the metadata routes: /v2/models/stats is every model's statistics, as in Triton (a model named
+            # "stats" has its statistics at /v2/models/stats/stats)
+            *(Route(p + "/stats", self.stats, methods=["GET"]) for p in ("/v2/models", model, version)),
             Route("/v2", self.server_metadata, methods=["GET"]),
             Route("/v2/health/live", self.live, methods=["GET"]),
             Route("/v2/health/ready", self.ready, methods=["GET"]),
@@ -122,8 +132,21 @@ class KServeAPI:
             "parameters": dict(c.parameters),
         })
 
+    async def stats(self, request: Request) -> Response:
+        raw = request.path_params.get("version")
+        version = None if raw in (None, "") else parse_version(raw)
+        return _json(statistics(self.host, request.path_params.get("model"), version))
+
     # -- inference ------------------------------------------------------------------------------
     async def infer(self, request: Request) -> Response:
+        if not tracing.active:  # off: not even a no-op span on the hot path
+            return await self._infer(request, None)
+        versioned = request.path_params.get("version") not in (None, "")
+        attributes = {"ladle.model": request.path_params["model"]}
+        with tracing.request_span(_INFER_SPANS[versioned], request.headers, attributes) as span:
+            return await self._infer(request, span)
+
+    async def _infer(self, request: Request, span: Span | None) -> Response:
         started = time.monotonic()
         mv = self._lookup(request)  # an unknown model is refused before its body is read
         outcome = Outcome(mv, started, ClientDisconnected)
@@ -143,6 +166,10 @@ class KServeAPI:
                 requested = None if req.outputs is None else [o.name for o in req.outputs]
                 result = await submit(mv, inputs, functools.partial(until_disconnect, request), priority,
                                       timeout_s, requested, background=is_batch(request))
+                if span is not None:
+                    span.set_attribute("ladle.version", str(mv.version))
+                    tracing.batch_spans(span, result.batch_started, result.queue_s, result.compute_s,
+                                        result.batch_rows)
                 if request.path_params.get("version") in (None, "") and (copy := self.host.shadow_for(mv)):
                     shadow, target = copy
                     shadow.copy_tensors(target, mv, inputs, result.outputs, time.monotonic() - started)
@@ -152,6 +179,7 @@ class KServeAPI:
                 return self._encode(accept, req, mv, result.outputs)
         except ClientDisconnected:
             log.debug("infer %s:%d cancelled: client disconnected", mv.name, mv.version)
+            tracing.set_outcome(span, "cancelled")
             return Response(status_code=499)
 
     async def _decode(self, headers: dict[bytes, str], body: bytes) -> codec.InferRequest:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -18,11 +18,13 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from ladle.api import tracing
 from ladle.api.body import ClientDisconnected, is_batch, read_body, until_disconnect
 from ladle.api.errors import openai_error_body, public_message
 from ladle.api.openai_format import Choice, chat_logprobs, completion_logprobs, echo_logprobs
 from ladle.api.openai_generation import Generation, matcher
 from ladle.api.openai_limits import check_fan_out, count_prompts, deadline
+from ladle.api.openai_observe import Observation
 from ladle.api.openai_prompts import chat_prompt, completion_prompts
 from ladle.api.openai_protocol import ChatCompletionRequest, CompletionRequest, Schema, parse_body
 from ladle.api.openai_shadow import shadow_copier
@@ -68,22 +70,28 @@ class OpenAIAPI:
 
     # -- completions ------------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
-        started = time.monotonic()
+        return await self._observed(request, "POST /v1/completions", self._completions)
+
+    async def _completions(self, request: Request, obs: Observation) -> Response:
+        started = obs.started
         req = await self._parse(request, CompletionRequest)
         mv = self._version(request, req)
+        obs.routed(mv)
         engine: AsyncEngine = mv.engine  # type: ignore[assignment]  # the host holds AsyncEngines
         deadline_at = deadline(request, req.timeout, engine.config, started)
         num_prompts = count_prompts(req.prompt)
         check_fan_out(engine.config, num_prompts, req.n, "prompt")
         engine.precheck(num_prompts * req.n)  # under overload, refuse before tokenizing
+        tokenizing = time.monotonic()
         prompts = await completion_prompts(engine, req.prompt)
+        obs.tokenized(tokenizing, sum(map(len, prompts)))
         max_tokens = req.max_tokens or 16
         for ids in prompts:
             engine.check_length(len(ids), max_tokens, "prompt")
         # echo + logprobs scores the prompt too, as OpenAI's legacy completions do
         params = req.sampling_params(max_tokens, req.logprobs, req.logprobs if req.echo else None)
-        gen = await Generation.start(engine, prompts, params, await matcher(engine, req), deadline_at, "prompt",
-                                     is_batch(request))
+        obs.gen = gen = await Generation.start(engine, prompts, params, await matcher(engine, req), deadline_at,
+                                               "prompt", is_batch(request))
         model = req.model or engine.info.name
         shadow = shadow_copier(self.host, mv, req, params, gen, started,
                                lambda e: completion_prompts(e, req.prompt), "prompt")
@@ -135,19 +143,25 @@ class OpenAIAPI:
 
     # -- chat completions ------------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
-        started = time.monotonic()
+        return await self._observed(request, "POST /v1/chat/completions", self._chat_completions)
+
+    async def _chat_completions(self, request: Request, obs: Observation) -> Response:
+        started = obs.started
         req = await self._parse(request, ChatCompletionRequest)
         mv = self._version(request, req)
+        obs.routed(mv)
         engine: AsyncEngine = mv.engine  # type: ignore[assignment]  # the host holds AsyncEngines
         deadline_at = deadline(request, req.timeout, engine.config, started)
         check_fan_out(engine.config, 1, req.n, "messages")
         engine.precheck(req.n)  # under overload, refuse before rendering the template
+        tokenizing = time.monotonic()
         ids = await chat_prompt(engine, req)
+        obs.tokenized(tokenizing, len(ids))
         max_tokens = req.requested_max_tokens or max(engine.info.max_model_len - len(ids), 1)
         engine.check_length(len(ids), max_tokens, "messages")
         params = req.sampling_params(max_tokens, req.logprobs_k)
-        gen = await Generation.start(engine, [ids], params, await matcher(engine, req), deadline_at, "messages",
-                                     is_batch(request))
+        obs.gen = gen = await Generation.start(engine, [ids], params, await matcher(engine, req), deadline_at,
+                                               "messages", is_batch(request))
         model = req.model or engine.info.name
         shadow = shadow_copier(self.host, mv, req, params, gen, started, lambda e: _chat_prompts(e, req), "messages")
         if req.stream:
@@ -183,6 +197,23 @@ class OpenAIAPI:
         yield DONE
 
     # -- shared ------------------------------------------------------------------------------------
+    async def _observed(
+        self, request: Request, name: str, handler: Callable[[Request, Observation], Awaitable[Response]]
+    ) -> Response:
+        """Run a generation handler under its Observation (trace span, statistics): a stream finishes it when it
+        ends, anything else when the handler returns or raises."""
+        obs = Observation(tracing.start_span(name, request.headers))
+        try:
+            response = await handler(request, obs)
+        except BaseException as exc:
+            obs.finish(exc)
+            raise
+        if isinstance(response, _EventStream):
+            response.observation = obs
+        else:
+            obs.finish()
+        return response
+
     async def _parse(self, request: Request, schema: type[Schema]) -> Schema:
         return await parse_body(await read_body(request, self.max_request_bytes), schema)
 
@@ -219,12 +250,15 @@ class _EventStream(StreamingResponse):
         super().__init__(_with_errors(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self.generation = gen
         self.finished = finished  # called when every choice finished (the shadow copy)
+        self.observation: Observation | None = None  # the call's trace and statistics, finished with the stream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self.generation.close()
+            if self.observation is not None:
+                self.observation.finish_stream()
         self.finished()
 
 

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from ladle.api import tracing
 from ladle.api.openai_format import Choice, usage
 from ladle.api.openai_protocol import ChatCompletionRequest, CompletionRequest
 from ladle.api.sse import merge
@@ -37,6 +38,11 @@ class Generation:
         self.streams: list[RequestStream] = []
         self.choices: list[Choice] = []
         self.cached_tokens = 0
+        # time.monotonic() readings for the request's trace: admitted, first step, first token here, last delta
+        self.submitted_at = 0.0
+        self.scheduled_at: float | None = None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
 
     @classmethod
     async def start(cls, engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, matcher: Any,
@@ -47,6 +53,7 @@ class Generation:
             specs = gen._specs(params, matcher, background)
         else:
             specs = await asyncio.to_thread(gen._specs, params, matcher, background)
+        gen.submitted_at = time.monotonic()
         gen.streams = engine.submit(specs, deadline_at, prompt_param)
         gen.choices = [Choice(index) for index in range(len(gen.streams))]
         return gen
@@ -70,13 +77,28 @@ class Generation:
                                            "stopped", param="timeout")
                 choice = self.choices[index]
                 choice.add(delta)
+                if self.first_token_at is None and delta.token_ids:
+                    self.first_token_at, self.scheduled_at = time.monotonic(), delta.scheduled_at
                 if delta.finished and index % self.n == 0:
                     self.cached_tokens += delta.num_cached_tokens
                 yield choice, delta
+        self.finished_at = time.monotonic()
 
     async def run(self) -> None:
         async for _ in self.deltas():
             pass
+
+    def trace(self, span: Any) -> None:
+        """Children of the request's span: `queue` (admitted -> its first engine step), `first_token` (admitted -> the
+        first token reached the event loop), `generation` (first token -> last delta: decode and incremental
+        detokenizing). With several choices, the first token of any of them."""
+        if self.first_token_at is None:
+            return
+        tracing.child(span, "queue", self.submitted_at, self.scheduled_at or self.first_token_at)
+        tracing.child(span, "first_token", self.submitted_at, self.first_token_at)
+        tokens = sum(c.num_output_tokens for c in self.choices)
+        tracing.child(span, "generation", self.first_token_at, self.finished_at or time.monotonic(),
+                      {"ladle.completion_tokens": tokens})
 
     def close(self) -> None:
         """Abort every sequence not finished yet (client gone, error, deadline): frees its KV blocks."""

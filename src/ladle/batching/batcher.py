@@ -36,12 +36,15 @@ class InferResult:
     queue_s: float
     compute_s: float
     batch_rows: int
+    batch_started: float = 0.0  # time.monotonic() when its batch started (tracing places its spans by it)
 
 
 class BatchObserver(Protocol):
-    """Receives per-batch facts for metrics; called on the event loop."""
+    """Receives per-batch facts for metrics; called on the event loop. `phases`: (gather inputs, model call, split
+    outputs) in ns, measured on the instance thread; None when the batch failed."""
 
-    def on_batch(self, rows: int, requests: int, compute_s: float) -> None: ...
+    def on_batch(self, rows: int, requests: int, compute_s: float, phases: tuple[int, int, int] | None = None) -> None:
+        ...
 
 
 class Batcher:
@@ -229,13 +232,14 @@ class Batcher:
             self._idle.append(instance)
             if self._down:
                 self._mark_up(instance)
+        phases = None
         if isinstance(outcome, LadleError):
             pieces = [outcome] * len(batch)
         elif isinstance(outcome, BaseException):  # a model's own failure must not take the batcher down
             log.error("model %s failed on a batch of %d requests", self.label, len(batch), exc_info=outcome)
             pieces = [ModelError(f"model {self.label} failed: {type(outcome).__name__}: {outcome}")] * len(batch)
         else:
-            pieces, model_s = outcome
+            pieces, model_s, phases = outcome
             if self._inline is not None:
                 self._inline.record(model_s)
         compute_s = time.monotonic() - started
@@ -244,28 +248,35 @@ class Batcher:
             if isinstance(piece, LadleError):
                 self._resolve(pending, piece)
             else:
-                self._resolve(pending, InferResult(piece, started - pending.enqueued_at, compute_s, rows))
+                self._resolve(pending, InferResult(piece, started - pending.enqueued_at, compute_s, rows, started))
         if self.observer is not None:
-            self.observer.on_batch(rows, len(batch), compute_s)
+            self.observer.on_batch(rows, len(batch), compute_s, phases)
 
-    def _timed_execute(self, instance: Instance, batch: list[PendingRequest]) -> tuple[list, float]:
-        started = time.perf_counter()
-        pieces = self._execute(instance, batch)
-        return pieces, time.perf_counter() - started
+    def _timed_execute(self, instance: Instance, batch: list[PendingRequest]) -> tuple[list, float, tuple]:
+        """(pieces, seconds, phases): `phases` is (gather, predict, split) in ns (statistics). A lone request has
+        nothing to gather or split: its whole time is the model call, with no clock reads beyond these two."""
+        phases = [0, 0, 0]
+        started = time.perf_counter_ns()
+        pieces = self._execute(instance, batch, phases)
+        elapsed = time.perf_counter_ns() - started
+        return pieces, elapsed / 1e9, (0, elapsed, 0) if len(batch) == 1 else tuple(phases)
 
-    def _execute(self, instance: Instance, batch: list[PendingRequest]) -> list[dict[str, np.ndarray]]:
+    def _execute(
+        self, instance: Instance, batch: list[PendingRequest], phases: list[int]
+    ) -> list[dict[str, np.ndarray]]:
         """On the instance thread (or inline, see inline.py): assemble, run, split."""
-        if not self.config.batched:
+        if not self.config.batched or len(batch) == 1:  # one request: concat and split would return it as it is
             return [instance.predict(batch[0].inputs)]
         requests = [p.inputs for p in batch]
         pad = self._policy.ragged == "pad"
         groups = padding_groups(requests) if pad else [list(range(len(batch)))]
         if len(groups) == 1:
-            return self._run_group(instance, requests, [p.rows for p in batch], pad)
+            return self._run_group(instance, requests, [p.rows for p in batch], pad, phases)
         pieces: list[dict[str, np.ndarray] | LadleError] = [{}] * len(batch)
         for group in groups:  # shapes that would pad too far run apart; a failure stays with its own group
             try:
-                outputs = self._run_group(instance, [requests[i] for i in group], [batch[i].rows for i in group], pad)
+                outputs = self._run_group(instance, [requests[i] for i in group], [batch[i].rows for i in group], pad,
+                                          phases)
             except LadleError as exc:
                 outputs = [exc] * len(group)
             except Exception as exc:
@@ -276,10 +287,20 @@ class Batcher:
         return pieces
 
     def _run_group(
-        self, instance: Instance, requests: list[dict[str, np.ndarray]], rows: list[int], pad: bool
+        self, instance: Instance, requests: list[dict[str, np.ndarray]], rows: list[int], pad: bool, phases: list[int]
     ) -> list[dict[str, np.ndarray]]:
+        """One model call; adds its gather/predict/split times to `phases` (a few clock reads per batch)."""
+        clock = time.perf_counter_ns
+        t0 = clock()
         inputs = concat_inputs(requests, pad=pad, padding_value=self._policy.padding_value)
-        return split_outputs(instance.predict(inputs), rows)
+        t1 = clock()
+        outputs = instance.predict(inputs)
+        t2 = clock()
+        pieces = split_outputs(outputs, rows)
+        phases[0] += t1 - t0
+        phases[1] += t2 - t1
+        phases[2] += clock() - t2
+        return pieces
 
     # -- faults -------------------------------------------------------------------------------
     # A batch past execution_timeout_ms fails with 504 at once. A process instance's worker is killed (its

@@ -21,7 +21,10 @@ from ladle.options import add_dataclass_options, build_dataclass
 class InferBenchConfig:
     """One `ladle bench infer` run. Unset load/stop options resolve to concurrency 1 and 100 requests."""
 
-    url: str = option("http://127.0.0.1:8000", "base URL of the KServe v2 server")
+    url: str = option("http://127.0.0.1:8000", "base URL of the KServe v2 server (with --protocol grpc: its host, "
+                      "unless --grpc-address is given)")
+    protocol: str = option("http", "http (KServe v2 REST) or grpc (inference.GRPCInferenceService, raw tensors)")
+    grpc_address: str | None = option(None, "host:port of the gRPC endpoint (default: --url's host, port 8001)")
     model: str | None = option(None, "model to load-test (required)")
     model_version: int | None = option(None, "model version (default: the server's choice, usually the newest)")
     input: Path | None = option(  # noqa: RUF009 (option() returns a dataclasses.field)
@@ -57,6 +60,8 @@ class InferBenchConfig:
                         num_requests=self.num_requests, duration=self.duration, timeout=self.timeout)
         if self.warmup < 0:
             raise ValueError(f"--warmup must be 0 or more, got {self.warmup}")
+        if self.protocol not in ("http", "grpc"):
+            raise ValueError(f"--protocol must be http or grpc, got {self.protocol!r}")
 
 
 def _check_positive(**values: float | None) -> None:
@@ -107,3 +112,14 @@ def _run_infer(args: argparse.Namespace) -> int:
     from ladle.bench.infer import main
 
     return run_tool("infer", InferBenchConfig, args, main)
+
+
+def grpc_client_missing() -> bool:
+    """True, after saying what to install, when `--protocol grpc` cannot run (it uses tritonclient's gRPC stubs)."""
+    try:
+        import tritonclient.grpc.service_pb2_grpc  # noqa: F401
+    except ImportError:
+        print("ladle bench infer --protocol grpc needs tritonclient's gRPC stubs: pip install 'ladle[bench]' "
+              "(tritonclient[grpc])", file=sys.stderr)
+        return True
+    return False

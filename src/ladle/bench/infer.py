@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 # aiohttp, not httpx: measured against `ladle serve` on this 2-core box, aiohttp spends ~0.1-0.25 ms of
 # client CPU per request, httpx.AsyncClient ~0.8 ms (~2-3 ms at 64 in flight); the client must not be
@@ -42,6 +43,14 @@ Record = tuple[float, float, int]  # start (s since the measured phase began), l
 
 class BenchError(Exception):
     """The run cannot start: bad input file, unreachable server, unknown model metadata."""
+
+
+def grpc_address(config: InferBenchConfig) -> str:
+    """--grpc-address, else --url's host on Triton's gRPC port 8001."""
+    if config.grpc_address:
+        return config.grpc_address
+    host = urlsplit(config.url).hostname or "127.0.0.1"
+    return f"[{host}]:8001" if ":" in host else f"{host}:8001"
 
 
 @dataclass(frozen=True)
@@ -158,14 +167,15 @@ class BenchResult:
 def format_report(result: BenchResult) -> str:
     summary, config = result.summary(), result.config
     version = f"version {config.model_version}" if config.model_version else "default version"
+    target = f"grpc {grpc_address(config)}" if config.protocol == "grpc" else config.url
     load = (f"concurrency {config.concurrency}" if config.concurrency else f"Poisson {config.request_rate:g} req/s")
     latency = summarize([lat for _, lat, status in result.records if status == 200])
     parts = [f"mean {format_ms(latency.mean)}", *(f"{percentile_key(q)} {format_ms(v)}"
                                                    for q, v in latency.percentiles.items()),
              f"max {format_ms(latency.max)}"]
     lines = [
-        f"model         {config.model} ({version}) at {config.url}",
-        f"load          {load}, {'binary' if config.binary else 'JSON'} tensors"
+        f"model         {config.model} ({version}) at {target}",
+        f"load          {load}, {'raw' if config.protocol == 'grpc' else 'binary' if config.binary else 'JSON'} tensors"
         + (" (interrupted)" if result.interrupted else ""),
         f"requests      {summary['requests']} ({summary['successes']} ok, "
         f"{summary['requests'] - summary['successes']} errors)",
@@ -307,10 +317,18 @@ async def run_async(config: InferBenchConfig) -> BenchResult:
 
 def run(config: InferBenchConfig) -> BenchResult:
     """Blocking entry point for scripts (benchmarks/classic/run.py): runs on uvloop when installed."""
+    if config.protocol == "grpc":
+        from ladle.bench.infer_grpc import run_grpc
+
+        return run_blocking(run_grpc(config))
     return run_blocking(run_async(config))
 
 
 def main(config: InferBenchConfig) -> int:
+    from ladle.bench import grpc_client_missing
+
+    if config.protocol == "grpc" and grpc_client_missing():
+        return 2
     try:
         result = run(config)
     except BenchError as exc:

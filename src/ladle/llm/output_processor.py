@@ -40,6 +40,7 @@ class StreamDelta:
     num_cached_tokens: int = 0
     error: str | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # with the first token, when asked
+    scheduled_at: float | None = None  # with the first token: when its first step began (time.monotonic(); tracing)
 
     @property
     def finished(self) -> bool:
@@ -109,6 +110,8 @@ class OutputProcessor:
         else:
             delta = self._text_delta(state, output)
         if delta.token_ids:
+            if state.last_token_at is None:
+                delta.scheduled_at = scheduled_at or now
             self._time_tokens(state, len(delta.token_ids), now, scheduled_at)
         delta.num_output_tokens = state.num_output_tokens
         return delta

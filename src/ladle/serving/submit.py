@@ -46,6 +46,9 @@ async def submit(
         mv.batcher.cancel(pending)  # a no-op once resolved; else the client is gone: drop it before it runs
         raise
     mv.metrics.queue_duration.observe(result.queue_s)
+    stats = mv.metrics.stats
+    stats.queue_count += 1
+    stats.queue_ns += int(result.queue_s * 1e9)
     log.debug("infer %s rows=%d queue=%.2fms compute=%.2fms batch=%d", label, rows, result.queue_s * 1e3,
               result.compute_s * 1e3, result.batch_rows)
     return result
@@ -65,15 +68,18 @@ class Outcome:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         metrics = self.mv.metrics
+        now = time.monotonic()
+        elapsed = now - self.started
         if exc is None:
-            elapsed = time.monotonic() - self.started
             metrics.outcome("success")
             metrics.request_duration.observe(elapsed)
             metrics.window.record(elapsed, False)
+            metrics.stats.request(True, elapsed, now)
         elif isinstance(exc, self.gone):
             metrics.outcome("cancelled")
         elif isinstance(exc, LadleError):
             failed = exc.status >= 500
             metrics.outcome("error" if failed else "rejected")
+            metrics.stats.request(False, elapsed, now)  # Triton's `fail`: any request that got no answer, 4xx or 5xx
             if failed:  # a client's bad request says nothing about the version's health
-                metrics.window.record(time.monotonic() - self.started, True)
+                metrics.window.record(elapsed, True)
