@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -41,6 +42,8 @@ def server(tmp_path_factory) -> Iterator[LadleServer]:
     repo = tmp_path_factory.mktemp("repo")
     log = repo / "probe.log"
     write_probe(repo, parameters={"log": str(log)})
+    write_probe(repo, "split", versions=(1, 2), version_policy={"all": True}, traffic_split={1: 50, 2: 50},
+                sticky_key="X-User-Id")
     tensors = [{"name": f"{{}}_{dt.lower()}", "datatype": dt, "shape": [-1]} for dt in NUMPY]
     for name, chosen in (("echo", tensors), ("echo_typed", [t for t in tensors if t["datatype"] != "FP16"])):
         write_model(repo, name, {
@@ -208,3 +211,21 @@ def test_admin_off_and_rate_limit_without_keys(tmp_path: Path) -> None:
         client.get_model_metadata("probe")  # the second of the burst of 2 (the unload took the first)
         assert "rate limit" in _expect(grpc.StatusCode.RESOURCE_EXHAUSTED, client.get_model_metadata, "probe")
         assert client.is_server_live()  # health is never limited
+
+
+def test_a_sticky_key_picks_the_same_version_over_grpc_and_rest(server, rpc) -> None:
+    """The model's sticky_key as a metadata entry or a request parameter; REST agrees key for key (one hash)."""
+    x = grpcclient.InferInput("x", [1, 1], "FP32")
+    x.set_data_from_numpy(np.array([[1.0]], dtype=np.float32))
+    keys = [f"user-{i}" for i in range(24)]
+    by_metadata = {k: rpc.infer("split", [x], headers={**AUTH, "x-user-id": k}).get_response().model_version
+                   for k in keys}
+    by_parameter = {k: rpc.infer("split", [x], headers=AUTH, parameters={"X-User-Id": k}).get_response().model_version
+                    for k in keys}
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}
+    by_rest = {k: httpx.post(server.url + "/v2/models/split/infer", json=body,
+                             headers={"Authorization": f"Bearer {API}", "X-User-Id": k}).json()["model_version"]
+               for k in keys}
+    assert by_metadata == by_parameter == by_rest
+    assert set(by_metadata.values()) == {"1", "2"}  # 24 keys at 50/50: both versions have some
+

@@ -26,7 +26,6 @@ from ladle.api.stats import statistics
 from ladle.errors import InvalidInput, LadleError
 from ladle.repository.layout import parse_version
 from ladle.repository.signature import served_shape
-from ladle.serving import traffic
 from ladle.serving.host import ModelHost
 from ladle.serving.submit import Outcome, submit
 from ladle.serving.versions import ModelVersion
@@ -89,14 +88,9 @@ class KServeAPI:
     def _lookup(self, request: Request, parameters: dict | None = None) -> ModelVersion:
         """The version a request goes to: the one its path names, else the model's split's (by its sticky key)."""
         raw = request.path_params.get("version")
-        name = request.path_params["model"]
-        if raw not in (None, ""):
-            return self.host.get(name, parse_version(raw))
-        mv = self.host.get(name)
-        sticky = mv.config.sticky_key
-        if sticky is None:
-            return mv
-        return self.host.get(name, key=sticky_value(request, sticky, parameters))
+        version = None if raw in (None, "") else parse_version(raw)
+        return self.host.lookup(request.path_params["model"], version,
+                                lambda name: sticky_value(request, name, parameters))
 
     async def model_metadata(self, request: Request) -> Response:
         mv = self._lookup(request)
@@ -242,13 +236,12 @@ def _tensor_meta(mv: ModelVersion, spec) -> dict:
 
 
 def sticky_value(request: Request, name: str, parameters: dict | None = None) -> str | None:
-    """A request's sticky key: the header `name`, else its KServe request parameter `name` (bounded: a key is
-    hashed on the event loop)."""
+    """A request's sticky key: the header `name`, else its KServe request parameter `name` (not an object or list)."""
     value = request.headers.get(name)
     if value is None and parameters is not None:
         found = parameters.get(name)
         value = None if found is None or isinstance(found, (dict, list)) else str(found)
-    return None if value is None else value[:traffic.MAX_KEY_CHARS]
+    return value
 
 
 def _header_length(raw: str | None) -> int | None:

@@ -30,7 +30,6 @@ from ladle.api.openai_protocol import ChatCompletionRequest, CompletionRequest, 
 from ladle.api.openai_shadow import shadow_copier
 from ladle.api.sse import DONE, sse
 from ladle.errors import LadleError, NotFound
-from ladle.serving import traffic
 from ladle.serving.host import ModelHost
 from ladle.serving.versions import ModelVersion
 
@@ -224,19 +223,17 @@ class OpenAIAPI:
             served = self._served()
             model = next(iter(served)) if len(served) == 1 else None
         # the version this request goes to (traffic split), or the model's own state: not ready, unloading, ...
-        mv = None if model is None else self.host.llm_version(model, self._sticky(request, req, model))
+        mv = None if model is None else self.host.llm_version(model, lambda key: _sticky(request, req, key))
         if mv is not None:
             return mv
         names = ", ".join(sorted(self._served())) or "none"
         raise NotFound(f"the model '{model}' does not exist; served models: {names}", param="model")
 
-    def _sticky(self, request: Request, req: CompletionRequest | ChatCompletionRequest, model: str) -> str | None:
-        record = self.host.models.get(model)
-        sticky = record.config.sticky_key if record is not None and record.config is not None else None
-        if sticky is None:
-            return None
-        value = req.user if sticky == "user" else request.headers.get(sticky)
-        return None if value is None else value[:traffic.MAX_KEY_CHARS]
+
+def _sticky(request: Request, req: CompletionRequest | ChatCompletionRequest, key: str) -> str | None:
+    """A request's sticky key: the OpenAI `user` field for `sticky_key: user`, else the header of that name."""
+    return req.user if key == "user" else request.headers.get(key)
+
 
 async def _chat_prompts(engine: AsyncEngine, req: ChatCompletionRequest) -> list[list[int]]:
     return [await chat_prompt(engine, req)]

@@ -23,7 +23,6 @@ from starlette.routing import Route
 from ladle.api.body import ClientDisconnected, is_batch, read_body, until_disconnect
 from ladle.api.openai_protocol import parse_body
 from ladle.errors import InvalidInput, NotFound
-from ladle.serving import traffic
 from ladle.serving.host import ModelHost
 from ladle.serving.submit import Outcome, submit
 from ladle.serving.versions import ModelVersion
@@ -66,10 +65,8 @@ class EmbeddingsAPI:
 
     def _encoder(self, request: Request, req: EmbeddingRequest) -> ModelVersion:
         name = req.model
-        mv = self.host.get(name)
-        if (sticky := mv.config.sticky_key) is not None:  # keep a client on one version of the split
-            key = req.user if sticky == "user" else request.headers.get(sticky)
-            mv = self.host.get(name, key=None if key is None else key[: traffic.MAX_KEY_CHARS])
+        # a sticky key keeps a client on one version of the split: `user`, or the header of that name
+        mv = self.host.lookup(name, None, lambda key: req.user if key == "user" else request.headers.get(key))
         if mv.config.backend != "sentence_transformers":
             raise NotFound(f"model '{name}' is not an embedding model (backend {mv.config.backend})", param="model")
         return mv

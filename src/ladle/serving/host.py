@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ladle.config import LLMConfig
@@ -68,6 +68,18 @@ class ModelHost:
         raise Unavailable(f"model '{name}' version {version} is not ready (state {status.state}); "
                           "the repository index says why")
 
+    def lookup(self, name: str, version: int | None = None,
+               key_of: Callable[[str], str | None] | None = None) -> ModelVersion:
+        """What every protocol adapter asks: the version a request goes to. `key_of(sticky_key)` reads the request's
+        sticky key (a header, metadata entry, parameter or field of that name) when the model has one; it is cut to
+        traffic.MAX_KEY_CHARS, since keys are hashed on the event loop."""
+        mv = self.get(name, version)
+        sticky = mv.config.sticky_key
+        if version is not None or sticky is None or key_of is None:
+            return mv
+        key = key_of(sticky)
+        return self.get(name, key=None if key is None else key[: traffic.MAX_KEY_CHARS])
+
     def ready_versions(self, name: str) -> list[int]:
         record = self.models.get(name)
         return sorted(record.ready) if record is not None else []
@@ -82,13 +94,13 @@ class ModelHost:
                     served[name] = newest.engine
         return served
 
-    def llm_version(self, name: str, key: str | None = None) -> ModelVersion | None:
-        """The LLM version a request to `name` goes to (traffic split, sticky `key`); None when `name` is no model
-        that ever loaded a config, or not an LLM. A known model that is not ready raises Unavailable (503)."""
+    def llm_version(self, name: str, key_of: Callable[[str], str | None] | None = None) -> ModelVersion | None:
+        """The LLM version a request to `name` goes to (traffic split, sticky key: see `lookup`); None when `name` is
+        no model that ever loaded a config, or not an LLM. A known model that is not ready raises Unavailable (503)."""
         record = self.models.get(name)
         if record is None or record.config is None:
             return None
-        mv = self.get(name, key=key)
+        mv = self.lookup(name, None, key_of)
         return mv if mv.engine is not None else None
 
     # -- traffic: splits and their runtime overrides -------------------------------------------------

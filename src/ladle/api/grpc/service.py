@@ -27,7 +27,6 @@ from ladle.api.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from ladle.api.kserve import EXTENSIONS, OFFLOAD_BYTES, _schedule_parameters
 from ladle.errors import InvalidInput, LadleError, ModelError
 from ladle.repository.layout import parse_version
-from ladle.serving import traffic
 from ladle.serving.host import ModelHost
 from ladle.serving.submit import Outcome, submit
 from ladle.serving.versions import ModelVersion
@@ -129,13 +128,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def lookup(self, name: str, version: str, parameters: dict | None = None,
                metadata: Any = None) -> ModelVersion:
         """The version a request goes to: the one it names, else the model's split's (by its sticky key)."""
-        if version:
-            return self.host.get(name, parse_version(version))
-        mv = self.host.get(name)
-        sticky = mv.config.sticky_key
-        if sticky is None:
-            return mv
-        return self.host.get(name, key=sticky_value(sticky, parameters, metadata))
+        return self.host.lookup(name, parse_version(version) if version else None,
+                                lambda key: sticky_value(key, parameters, metadata))
 
     @rpc(Access.API)
     async def ModelInfer(self, request: Any, context: Any) -> Any:
@@ -194,9 +188,9 @@ def _response(mv: ModelVersion, request_id: str, chosen: list[tuple[str, Any]]) 
 
 
 def sticky_value(name: str, parameters: dict | None, metadata: Any) -> str | None:
-    """A request's sticky key: the metadata entry `name`, else its request parameter `name` (bounded)."""
+    """A request's sticky key: the metadata entry `name`, else its request parameter `name`."""
     value = next((v for k, v in metadata or () if k == name.lower() and isinstance(v, str)), None)
     if value is None and parameters is not None:
         found = parameters.get(name)
         value = None if found is None else str(found)
-    return None if value is None else value[:traffic.MAX_KEY_CHARS]
+    return value
