@@ -229,3 +229,25 @@ def test_a_sticky_key_picks_the_same_version_over_grpc_and_rest(server, rpc) -> 
     assert by_metadata == by_parameter == by_rest
     assert set(by_metadata.values()) == {"1", "2"}  # 24 keys at 50/50: both versions have some
 
+
+def test_calls_in_flight_are_bounded_by_max_concurrent_requests(tmp_path) -> None:
+    write_probe(tmp_path)
+    port = free_port()
+    with LadleServer([tmp_path, "--grpc-port", str(port), "--max-concurrent-requests", "1"]):
+        slow = grpcclient.InferInput("x", [1, 1], "FP32")
+        slow.set_data_from_numpy(np.array([[-800.0]], dtype=np.float32))  # the probe sleeps 0.8 s
+        fast = grpcclient.InferInput("x", [1, 1], "FP32")
+        fast.set_data_from_numpy(np.array([[1.0]], dtype=np.float32))
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        answers: list = []
+        client.async_infer("probe", [slow], callback=lambda result, error: answers.append((result, error)))
+        time.sleep(0.3)  # the slow call holds the one slot
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("probe", [fast])
+        assert "RESOURCE_EXHAUSTED" in str(refused.value.status())
+        deadline = time.monotonic() + 10
+        while not answers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert answers and answers[0][1] is None  # the call in flight was answered
+        assert client.infer("probe", [fast]).as_numpy("y").tolist() == [[2.0]]  # and the slot is free again
+

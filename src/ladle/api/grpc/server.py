@@ -1,7 +1,8 @@
 """GrpcServer: the grpc.aio server on --grpc-port, started by the app's lifespan once the repository is loaded and
 stopped first at shutdown.
 
-Invariants: requests are bounded like REST's (max_receive_message_length = --max-request-bytes); missing generated
+Invariants: requests are bounded like REST's (max_receive_message_length = --max-request-bytes; calls in flight at
+most --max-concurrent-requests, a budget of its own); missing generated
 stubs are made on the fly when grpc_tools is importable, else start-up fails saying how to generate them; without
 grpcio (a core install, no `grpc` extra) gRPC is off with a warning and REST serves alone.
 """
@@ -48,7 +49,9 @@ class GrpcServer:
         from ladle.api.grpc.service import InferenceService
 
         http = self.config.http
-        self._server = server = grpc.aio.server(options=[
+        # --max-concurrent-requests bounds gRPC's calls in flight too (its own budget of that size): grpc answers
+        # RESOURCE_EXHAUSTED beyond it, before the call reaches ladle
+        self._server = server = grpc.aio.server(maximum_concurrent_rpcs=http.max_concurrent_requests or None, options=[
             ("grpc.max_receive_message_length", http.max_request_bytes),
             ("grpc.max_send_message_length", _MAX_SEND),
             ("grpc.so_reuseport", 0),  # a second ladle on a taken port must fail, not share it
