@@ -13,6 +13,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware.exceptions import ExceptionMiddleware
@@ -22,6 +23,7 @@ from starlette.routing import Route
 
 from ladle.api.admission import AdmissionMiddleware
 from ladle.api.auth import install_access_control
+from ladle.api.console_live import LiveSampler
 from ladle.api.errors import EXCEPTION_HANDLERS
 from ladle.api.grpc.server import GrpcServer
 from ladle.api.jobs import JobsAPI, host_is_llm
@@ -61,6 +63,11 @@ def create_app(config: ServerConfig, host: ModelHost | None = None, with_jobs: b
     # KServe v2 over gRPC (--grpc-port); not on a cluster replica (with_jobs=False): --ray serves no gRPC
     grpc_server = GrpcServer(config, host, metrics.refused) if with_jobs and config.http.grpc_port else None
 
+    live = LiveSampler(metrics.registry)
+
+    async def live_endpoint(request: Request) -> Response:
+        return Response(orjson.dumps(live.view()), media_type="application/json")
+
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -92,6 +99,7 @@ def create_app(config: ServerConfig, host: ModelHost | None = None, with_jobs: b
             await jobs.close()  # lines running now go back to pending: the next start runs them
         if rollouts is not None:
             await rollouts.close()  # running rollouts stay running on disk: the next start resumes them
+        await live.close()
         await host.close()
         offload.close()
 
@@ -104,6 +112,7 @@ def create_app(config: ServerConfig, host: ModelHost | None = None, with_jobs: b
         *(JobsAPI(jobs, host_is_llm(host), config.http.max_request_bytes).routes() if jobs is not None else ()),
         *(RolloutsAPI(rollouts, config.http.max_request_bytes).routes() if rollouts is not None else ()),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/console/api/live", live_endpoint, methods=["GET"]),  # the console's live view (api/console_live.py)
         Route("/health", health, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
