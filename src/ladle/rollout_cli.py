@@ -18,7 +18,15 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ladle.client_commands import DEFAULT_URL, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CommandError
+from ladle.client_commands import (
+    DEFAULT_URL,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    reaching,
+)
 from ladle.serving.rollout_plan import DEFAULT_MIN_REQUESTS, RolloutPlan, format_ms, parse_duration
 
 if TYPE_CHECKING:
@@ -135,14 +143,10 @@ def run_rollout(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         plan = None if args.status or args.abort else build_plan(args)
-        with httpx.Client(base_url=url, headers=headers, timeout=args.timeout) as client:
+        with reaching(url), httpx.Client(base_url=url, headers=headers, timeout=args.timeout) as client:
             return _run(args, client, plan, url)
     except RolloutError as exc:
         return _fail(exc)
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        return _fail(RolloutError(f"cannot reach the server at {url}: {exc}", EXIT_USAGE))
-    except httpx.TransportError as exc:
-        return _fail(RolloutError(f"lost the server at {url}: {type(exc).__name__}: {exc}", EXIT_USAGE))
 
 
 def _run(args: argparse.Namespace, client: httpx.Client, plan: RolloutPlan | None, url: str) -> int:

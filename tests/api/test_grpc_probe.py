@@ -77,14 +77,18 @@ def _examples() -> dict[str, np.ndarray]:
     return out
 
 
-def test_every_datatype_round_trips(rpc) -> None:
-    examples = _examples()
+def _inputs(examples: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
     inputs = []
     for dt, array in examples.items():
         inp = grpcclient.InferInput(f"in_{dt.lower()}", list(array.shape), dt)
         inp.set_data_from_numpy(array)
         inputs.append(inp)
-    result = rpc.infer("echo", inputs, headers=AUTH)
+    return inputs
+
+
+def test_every_datatype_round_trips(rpc) -> None:
+    examples = _examples()
+    result = rpc.infer("echo", _inputs(examples), headers=AUTH)
     for dt, array in examples.items():
         got = result.as_numpy(f"out_{dt.lower()}")
         assert got.dtype == array.dtype and got.tolist() == array.tolist(), dt
@@ -95,12 +99,7 @@ def test_large_bytes_tensor_decodes_off_the_loop(rpc) -> None:
     """Over codec.THREAD_DECODE_BYTES: decoded on a worker thread, same answer."""
     examples = {dt: array[:1] for dt, array in _examples().items()}
     examples["BYTES"] = np.array([f"item {i:06d} ünï".encode() for i in range(10_000)], dtype=np.object_)
-    inputs = []
-    for dt, array in examples.items():
-        inp = grpcclient.InferInput(f"in_{dt.lower()}", list(array.shape), dt)
-        inp.set_data_from_numpy(array)
-        inputs.append(inp)
-    result = rpc.infer("echo", inputs, headers=AUTH)
+    result = rpc.infer("echo", _inputs(examples), headers=AUTH)
     assert result.as_numpy("out_bytes").tolist() == examples["BYTES"].tolist()
 
 

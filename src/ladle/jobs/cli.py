@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from ladle.client_commands import DEFAULT_URL, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CommandError
+from ladle.client_commands import (
+    DEFAULT_URL,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    reaching,
+)
 from ladle.jobs.records import COMPLETED, TERMINAL
 
 if TYPE_CHECKING:
@@ -211,19 +219,15 @@ def _handler(run: Callable[[argparse.Namespace, httpx.Client, Connection], int])
 
     def handle(args: argparse.Namespace) -> int:
         try:
-            import httpx
+            import httpx  # noqa: F401  (only whether it is there: reaching() and make_client() use it)
         except ImportError:
             return _fail(JobsError("needs httpx and tqdm: pip install 'ladle[client]'", EXIT_USAGE))
         conn = resolve_connection(args, os.environ)
         try:
-            with make_client(conn) as client:
+            with reaching(conn.url), make_client(conn) as client:
                 return run(args, client, conn)
         except JobsError as exc:
             return _fail(exc)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            return _fail(JobsError(f"cannot reach the server at {conn.url}: {exc}", EXIT_USAGE))
-        except httpx.TransportError as exc:
-            return _fail(JobsError(f"lost the server at {conn.url}: {type(exc).__name__}: {exc}", EXIT_USAGE))
         except KeyboardInterrupt:
             print("ladle jobs: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
