@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: install serve test lint demo bench clean
+.PHONY: install serve test lint demo bench clean browser
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -19,13 +19,17 @@ GRPC_OUT := src/ladle/api/grpc/generated/grpc_service_pb2_grpc.py
 $(GRPC_OUT): $(STAMP) $(wildcard src/ladle/api/grpc/protos/*.proto)
 	$(PY) -m ladle.api.grpc.build
 
-install: $(STAMP) $(GRPC_OUT) demo
+install: $(STAMP) $(GRPC_OUT) demo browser
+
+# Debian's chromium for the console's browser tests (Playwright drives it; nothing is downloaded by Playwright)
+browser:
+	@bash scripts/install-chromium.sh
 
 demo: $(STAMP)
 	$(PY) examples/build_demo.py
 
 serve: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/ladle serve examples/models --host 127.0.0.1 --port 8000
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ladle serve examples/models --host 127.0.0.1 --port 8000 --allow-admin-without-key
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

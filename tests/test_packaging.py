@@ -81,6 +81,10 @@ def test_core_install_serves_onnx_and_names_the_missing_extras(tmp_path: Path, m
         for key, text in expected.items():
             state, reason = reasons[key]
             assert state == "UNAVAILABLE" and text in reason, (key, state, reason)
+        # the web console is core too: its page and the models view, reasons included
+        assert httpx.get(server.url + "/").status_code == 200
+        models = {m["name"]: m for m in httpx.get(server.url + "/console/api/models").json()["models"]}
+        assert "pip install 'ladle[torch]'" in models["scripted"]["versions"][0]["reason"]
 
 
 def test_llm_model_without_the_llm_extra_stops_startup(tmp_path: Path) -> None:

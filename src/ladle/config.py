@@ -46,6 +46,9 @@ class HTTPConfig:
         8001, "also serve KServe v2 over gRPC (inference.GRPCInferenceService, what tritonclient.grpc speaks) on this "
         "port, same host as --host; 0: off"
     )
+    console: bool = option(
+        True, "serve the web console at / and /console (models, live figures, playgrounds; --no-console: off)"
+    )
     otlp_traces_endpoint: str | None = option(
         None, "send OpenTelemetry traces (one span per request, children for queue, compute, tokenize, first token) "
         "to this OTLP endpoint, e.g. http://localhost:4317 (gRPC) or http://localhost:4318/v1/traces (HTTP); off "

@@ -13,7 +13,6 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 
-import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware.exceptions import ExceptionMiddleware
@@ -23,6 +22,7 @@ from starlette.routing import Route
 
 from ladle.api.admission import AdmissionMiddleware
 from ladle.api.auth import install_access_control
+from ladle.api.console import ConsoleAPI
 from ladle.api.console_live import LiveSampler
 from ladle.api.errors import EXCEPTION_HANDLERS
 from ladle.api.grpc.server import GrpcServer
@@ -63,10 +63,8 @@ def create_app(config: ServerConfig, host: ModelHost | None = None, with_jobs: b
     # KServe v2 over gRPC (--grpc-port); not on a cluster replica (with_jobs=False): --ray serves no gRPC
     grpc_server = GrpcServer(config, host, metrics.refused) if with_jobs and config.http.grpc_port else None
 
-    live = LiveSampler(metrics.registry)
-
-    async def live_endpoint(request: Request) -> Response:
-        return Response(orjson.dumps(live.view()), media_type="application/json")
+    live = LiveSampler(metrics.registry)  # sampling only while the console reads it
+    console = ConsoleAPI(host, rollouts, live, config.security) if config.http.console else None
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -112,7 +110,7 @@ def create_app(config: ServerConfig, host: ModelHost | None = None, with_jobs: b
         *(JobsAPI(jobs, host_is_llm(host), config.http.max_request_bytes).routes() if jobs is not None else ()),
         *(RolloutsAPI(rollouts, config.http.max_request_bytes).routes() if rollouts is not None else ()),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
-        Route("/console/api/live", live_endpoint, methods=["GET"]),  # the console's live view (api/console_live.py)
+        *(console.routes() if console is not None else ()),  # the web console (api/console.py)
         Route("/health", health, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)

@@ -71,8 +71,15 @@ def is_admin_path(path: str, method: str = "GET") -> bool:
     return path.rpartition("/")[2].startswith("reset")
 
 
+def is_console_page(path: str) -> bool:
+    """The web console's page and static files (api/console.py): open, like a login page, so that it can load and
+    ask for a key; the JSON views under /console/api/ are API endpoints."""
+    return path in ("/", "/console", "/console/") or (path.startswith("/console/") and
+                                                      not path.startswith("/console/api/"))
+
+
 def classify(path: str, method: str) -> Access:
-    if path in OPEN_PATHS:
+    if path in OPEN_PATHS or is_console_page(path):
         return Access.OPEN
     if path == "/metrics":
         return Access.METRICS
