@@ -1,4 +1,4 @@
-"""`make bench`: the standard benchmark set, end to end (about 65 minutes on the 2-core dev box).
+"""`make bench`: the standard benchmark set, end to end (about 80 minutes on the 2-core dev box).
 
 Runs the hardware probe, the classic (KServe v2) benchmark and the LLM (OpenAI API) benchmark one after the
 other, never overlapping (each would skew the others), and says where each wrote its tables.
@@ -20,6 +20,8 @@ STEPS = [
     ("rollouts: what splits, sticky keys and shadow copies cost iris", [str(HERE / "classic" / "rollout_paths.py"),
                                                                         "--rounds", "5"]),
     ("LLM: SmolLM-135M-shaped Llama, ladle vs transformers", [str(HERE / "llm" / "run.py")]),
+    ("LLM step profile: where a decode step's time goes", [str(HERE / "llm" / "step_profile.py"),
+                                                           "--dtype", "float32,bfloat16"]),
     ("LLM weight formats: full width vs int8 / int4, and the demo GGUF", [str(HERE / "llm" / "quant.py")]),
     ("LLM speculative decoding: off vs n-gram on the demo GGUF", [str(HERE / "llm" / "speculative.py")]),
     ("overload: 10x capacity for 60 s, classic and LLM", [str(HERE / "overload" / "run.py")]),

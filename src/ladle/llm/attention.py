@@ -9,10 +9,14 @@ Flat batch rows: all single-token (decode) sequences first, rows [0, num_decodes
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from ladle.llm.kernels.paged import PagedDecode
 
 # Up to this many decode sequences SDPA's fused kernel wins (B=1: 41 vs 100 us per layer); beyond, its
 # per-(sequence, head) overhead with only `group` query rows loses to baddbmm + softmax + bmm (B=8: 231 vs 133 us).
@@ -50,6 +54,13 @@ class AttentionMetadata:
     # a lone decode whose blocks are consecutive (common: the pool hands out blocks in order) reads them as a
     # view of the cache instead of gathering a copy: (first block, number of blocks)
     decode_run: tuple[int, int] | None = None
+    # the compiled in-place kernel (kernels/paged.py), when the runner has one: decodes then read K/V through
+    # decode_tables ([num_decodes, max_blocks] int64) and decode_lens ([num_decodes] int64), and the gather
+    # fields above are left unset
+    kernel: PagedDecode | None = None
+    decode_tables: torch.Tensor | None = None
+    decode_lens: torch.Tensor | None = None
+    decode_max_len: int = 0
 
 
 def build_attention_metadata(
@@ -61,19 +72,26 @@ def build_attention_metadata(
     cache_shape: tuple[int, int, int],
     dtype: torch.dtype,
     device: torch.device,
+    kernel: PagedDecode | None = None,
 ) -> AttentionMetadata:
     """Precompute slot mapping, gather indices and masks for a batch ordered decodes-first.
 
     positions/token_seq: per token (position, sequence index); num_tokens: per sequence; block_table: [S, max_blocks]
     int64, padded with block 0 (its contents are finite, and padded keys are masked out); cache_shape: (kv_heads,
-    num_blocks, block_size) of one layer's cache.
+    num_blocks, block_size) of one layer's cache. `kernel`: decodes read the cache in place through it.
     """
     kv_heads, num_cache_blocks, block_size = cache_shape
     heads = np.arange(kv_heads)[:, None] * num_cache_blocks  # row offset of each head's blocks in the flat view
     slots = block_table[token_seq, positions // block_size] * block_size + positions % block_size
     context = positions[np.cumsum(num_tokens) - 1] + 1  # tokens in the cache after this step, per sequence
     dec_ids = dec_bias = decode_run = None
-    if num_decodes:
+    in_place: dict = {}
+    if num_decodes and kernel is not None:
+        max_len = int(context[:num_decodes].max())
+        tables = block_table[:num_decodes, : -(-max_len // block_size)]
+        in_place = {"kernel": kernel, "decode_tables": _to(tables, device), "decode_max_len": max_len,
+                    "decode_lens": _to(context[:num_decodes], device)}
+    elif num_decodes:
         max_blocks = int(-(-context[:num_decodes].max() // block_size))
         dec_ids = _to((heads + block_table[:num_decodes, :max_blocks].reshape(1, -1)).reshape(-1), device)
         allowed = np.arange(max_blocks * block_size)[None, :] < context[:num_decodes, None]
@@ -92,7 +110,8 @@ def build_attention_metadata(
             run = _consecutive(block_table[seq, :num_blocks])
         spans.append(PrefillSpan(row, row + n, start_pos, ids, bias, run))
         row += n
-    return AttentionMetadata(_to(slots, device), num_decodes, dec_ids, dec_bias, tuple(spans), decode_run)
+    return AttentionMetadata(_to(slots, device), num_decodes, dec_ids, dec_bias, tuple(spans), decode_run,
+                             **in_place)
 
 
 def _consecutive(block_ids: np.ndarray) -> tuple[int, int] | None:
@@ -157,6 +176,8 @@ def _decode(
 ) -> torch.Tensor:
     """One query per sequence. Queries are grouped per KV head ([kv_heads * B, group, D]) so GQA needs no
     repeated K/V, and the gathered cache blocks are used as they come ([kv_heads * B, context, D])."""
+    if meta.kernel is not None:  # in place through the block tables (kernels/paged_decode.c)
+        return meta.kernel(q, k_cache, v_cache, meta.decode_tables, meta.decode_lens, meta.decode_max_len, scale)
     batch, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[0]
     group = num_heads // kv_heads

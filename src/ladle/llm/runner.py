@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from ladle.llm.attention import AttentionMetadata, build_attention_metadata
+from ladle.llm.kernels.paged import paged_decode
 from ladle.llm.models.linear import can_prepack
 from ladle.llm.models.loader import Checkpoint, load_model, read_json
 from ladle.llm.outputs import ScheduledSeq, SchedulerOutput
@@ -83,6 +85,9 @@ class ModelRunner:
         shape = (m.num_layers, 2, m.num_kv_heads, self.num_blocks, block_size, m.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         m.bind_kv_cache([(layer[0], layer[1]) for layer in self.kv_cache])
+        # decode attention reads the cache in place with a compiled kernel where one builds (LADLE_ATTENTION=gather:
+        # the torch path, which copies each sequence's context per layer; kept for comparison and as the fallback)
+        self.decode_kernel = None if os.environ.get("LADLE_ATTENTION") == "gather" else paged_decode(dtype, self.device)
         logger.info(
             "%s: %d KV blocks of %d tokens (%.1f MB)", self.architecture, self.num_blocks, block_size,
             self.kv_cache.numel() * self.kv_cache.element_size() / 1e6,
@@ -161,7 +166,7 @@ class ModelRunner:
         input_ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in ordered), np.int64, total)
         meta = build_attention_metadata(
             positions, token_seq, num_tokens, block_table, int((num_tokens == 1).sum()),
-            (self.model.num_kv_heads, self.num_blocks, self.block_size), self.dtype, self.device,
+            (self.model.num_kv_heads, self.num_blocks, self.block_size), self.dtype, self.device, self.decode_kernel,
         )
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))  # original index -> position in the ordered batch

@@ -1,6 +1,6 @@
 """Linear layers with fused epilogues (`+ residual`, SwiGLU, GELU), in two variants chosen once at load time:
-plain torch ops (any device/dtype), or oneDNN-prepacked weights for bfloat16 on CPU, which run decode-shaped
-matmuls ~1.5x faster and fuse the epilogue into the GEMM. Both compute the same function of the same weights.
+plain torch ops (any device/dtype), or oneDNN-prepacked weights for float32 and bfloat16 on CPU, which run
+decode-shaped matmuls faster and fuse the epilogue into the GEMM. Both compute the same function of the same weights.
 """
 
 from __future__ import annotations
@@ -87,9 +87,12 @@ class PackedGateUpLinear(nn.Module):
 
 
 def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
-    """oneDNN prepacking pays off for bfloat16 on CPUs with native bf16 support (avx512_bf16 / AMX)."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+    """oneDNN prepacking pays off for float32 on any x86 CPU (the output head and MLP GEMMs ran 1.4-2.4x faster than
+    F.linear's, benchmarks/RESULTS.md, issue 16) and for bfloat16 on CPUs with native bf16 (avx512_bf16 / AMX)."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return False
+    if dtype == torch.float32:
+        return True
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

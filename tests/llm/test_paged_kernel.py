@@ -1,0 +1,107 @@
+"""The compiled paged decode kernel (llm/kernels/): exact against a reference softmax attention over gathered K/V for
+scattered block tables, GQA groups, head sizes, context lengths (1, block boundaries, long), float32 and bfloat16; the
+engine's greedy tokens are the same with the kernel and with the torch (gather) path; a kernel that cannot be built
+leaves the torch path in place."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from ladle.llm.attention import _decode, build_attention_metadata
+from ladle.llm.kernels import build
+from ladle.llm.kernels.paged import paged_decode
+
+CPU = torch.device("cpu")
+
+
+def reference(q, k_cache, v_cache, tables, lens, scale):
+    kv_heads, _, block_size, head_dim = k_cache.shape
+    group = q.shape[1] // kv_heads
+    rows = []
+    for b, length in enumerate(lens.tolist()):
+        blocks = tables[b, : -(-length // block_size)]
+        k = k_cache[:, blocks].reshape(kv_heads, -1, head_dim)[:, :length].float().repeat_interleave(group, 0)
+        v = v_cache[:, blocks].reshape(kv_heads, -1, head_dim)[:, :length].float().repeat_interleave(group, 0)
+        scores = (q[b].float()[:, None, :] @ k.transpose(1, 2)) * scale
+        rows.append((scores.softmax(-1) @ v).reshape(-1))
+    return torch.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    found = {dtype: paged_decode(dtype, CPU) for dtype in (torch.float32, torch.bfloat16)}
+    if any(k is None for k in found.values()):
+        pytest.skip("no C compiler here: the kernel is not built (the torch path serves)")
+    return found
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32), (14, 2, 64), (8, 1, 128)])
+def test_the_kernel_matches_attention_over_gathered_blocks(kernels, dtype, heads, kv_heads, head_dim) -> None:
+    generator = torch.Generator().manual_seed(heads * 100 + head_dim)
+    num_blocks, block_size = 96, 16
+    k_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
+    v_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
+    lens = torch.tensor([1, 15, 16, 17, 200, 33], dtype=torch.int64)
+    max_blocks = int(-(-lens.max() // block_size))
+    # scattered, non-consecutive blocks (as after preemption and prefix-cache reuse), padded with block 0
+    tables = torch.randperm(num_blocks, generator=generator)[: len(lens) * max_blocks].view(len(lens), max_blocks)
+    for b, length in enumerate(lens.tolist()):
+        tables[b, -(-length // block_size):] = 0
+    q = torch.randn(len(lens), heads, head_dim, generator=generator).to(dtype)
+    out = kernels[dtype](q, k_cache, v_cache, tables.contiguous(), lens, int(lens.max()), head_dim**-0.5)
+    assert out.shape == (len(lens), heads * head_dim) and out.dtype == dtype
+    expected = reference(q, k_cache, v_cache, tables, lens, head_dim**-0.5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_the_kernel_and_the_torch_path_agree_in_the_attention_layer(kernels, batch) -> None:
+    kv_heads, num_blocks, block_size, head_dim, heads = 3, 64, 16, 64, 9
+    generator = torch.Generator().manual_seed(batch)
+    k_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator)
+    v_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator)
+    context = np.array([40, 3, 77, 16, 100][:batch])
+    table = np.zeros((batch, 7), np.int64)
+    for b in range(batch):
+        table[b, : -(-context[b] // block_size)] = np.arange(b * 7, b * 7 + -(-context[b] // block_size))[::-1]
+    q = torch.randn(batch, heads, head_dim, generator=generator)
+    args = (context - 1, np.arange(batch), np.ones(batch, np.int64), table, batch, (kv_heads, num_blocks, block_size),
+            torch.float32, CPU)
+    gathered = _decode(q, k_cache, v_cache, build_attention_metadata(*args), 0.125)
+    in_place = _decode(q, k_cache, v_cache, build_attention_metadata(*args, kernels[torch.float32]), 0.125)
+    torch.testing.assert_close(in_place, gathered, atol=1e-5, rtol=1e-5)
+
+
+def test_a_kernel_that_does_not_build_leaves_the_torch_path(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("LADLE_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "FLAGS", (*build.FLAGS, "-fno-such-flag-for-ladle"))
+    build.load.cache_clear()
+    try:
+        assert build.load("paged_decode") is None
+    finally:
+        build.load.cache_clear()
+    assert "did not build" in caplog.text and not list(tmp_path.rglob("*.so"))  # no half-written library left
+
+
+def test_the_build_is_cached_by_source_flags_and_cpu(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LADLE_CACHE", str(tmp_path))
+    build.load.cache_clear()
+    calls = []
+    real = subprocess.run
+    monkeypatch.setattr(build.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or real(cmd, **kw))
+    try:
+        if build.load("paged_decode") is None:
+            pytest.skip("no C compiler here")
+        built = [c for c in calls if "-o" in c]
+        build.load.cache_clear()
+        assert build.load("paged_decode") is not None
+        assert len([c for c in calls if "-o" in c]) == len(built) == 1  # the second load reused the library
+    finally:
+        build.load.cache_clear()
+    assert len(list((tmp_path / "kernels").glob("paged_decode-*.so"))) == 1
