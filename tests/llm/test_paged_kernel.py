@@ -33,7 +33,7 @@ def reference(q, k_cache, v_cache, tables, lens, scale):
 
 @pytest.fixture(scope="module")
 def kernels():
-    found = {dtype: paged_decode(dtype, CPU) for dtype in (torch.float32, torch.bfloat16)}
+    found = {dtype: paged_decode(dtype, CPU, 8, 1, 128) for dtype in (torch.float32, torch.bfloat16)}
     if any(k is None for k in found.values()):
         pytest.skip("no C compiler here: the kernel is not built (the torch path serves)")
     return found
@@ -76,6 +76,14 @@ def test_the_kernel_and_the_torch_path_agree_in_the_attention_layer(kernels, bat
     gathered = _decode(q, k_cache, v_cache, build_attention_metadata(*args), 0.125)
     in_place = _decode(q, k_cache, v_cache, build_attention_metadata(*args, kernels[torch.float32]), 0.125)
     torch.testing.assert_close(in_place, gathered, atol=1e-5, rtol=1e-5)
+
+
+def test_shapes_beyond_the_kernels_buffers_keep_the_torch_path() -> None:
+    assert paged_decode(torch.float32, CPU, 130, 2, 64) is None  # 65 query heads per KV head
+    assert paged_decode(torch.float32, CPU, 8, 8, 512) is None  # head_dim 512
+    assert paged_decode(torch.float32, CPU, 9, 2, 64) is None  # heads not a multiple of KV heads
+    assert paged_decode(torch.float32, CPU, 0, 2, 64) is None  # unknown head count
+    assert paged_decode(torch.float16, CPU, 8, 2, 64) is None
 
 
 def test_a_kernel_that_does_not_build_leaves_the_torch_path(tmp_path, monkeypatch, caplog) -> None:

@@ -87,7 +87,9 @@ class ModelRunner:
         m.bind_kv_cache([(layer[0], layer[1]) for layer in self.kv_cache])
         # decode attention reads the cache in place with a compiled kernel where one builds (LADLE_ATTENTION=gather:
         # the torch path, which copies each sequence's context per layer; kept for comparison and as the fallback)
-        self.decode_kernel = None if os.environ.get("LADLE_ATTENTION") == "gather" else paged_decode(dtype, self.device)
+        heads = int(self.config.get("num_attention_heads") or self.config.get("n_head") or 0)  # 0: unknown, no kernel
+        self.decode_kernel = None if os.environ.get("LADLE_ATTENTION") == "gather" else paged_decode(
+            dtype, self.device, heads, m.num_kv_heads, m.head_dim)
         logger.info(
             "%s: %d KV blocks of %d tokens (%.1f MB)", self.architecture, self.num_blocks, block_size,
             self.kv_cache.numel() * self.kv_cache.element_size() / 1e6,

@@ -18,6 +18,7 @@ _I = ctypes.c_int
 _L = ctypes.c_int64
 _ARGS = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _L, _I, _I, ctypes.c_float, _I, _P, _L]
 SUPPORTED = (torch.float32, torch.bfloat16)
+MAX_GROUP, MAX_HEAD_DIM = 64, 256  # paged_decode.c's stack buffers
 
 
 class PagedDecode:
@@ -49,9 +50,12 @@ class PagedDecode:
         return out.view(batch, heads * head_dim).to(q.dtype)
 
 
-def paged_decode(dtype: torch.dtype, device: torch.device) -> PagedDecode | None:
-    """The kernel for this cache, or None where it does not apply (not CPU, another dtype, no compiler)."""
-    if device.type != "cpu" or dtype not in SUPPORTED:
+def paged_decode(dtype: torch.dtype, device: torch.device, heads: int, kv_heads: int, head_dim: int
+                 ) -> PagedDecode | None:
+    """The kernel for this cache, or None where it does not apply (not CPU, another dtype, a shape beyond its
+    buffers, no compiler)."""
+    shape_ok = heads > 0 and kv_heads > 0 and heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP
+    if device.type != "cpu" or dtype not in SUPPORTED or not shape_ok or head_dim > MAX_HEAD_DIM:
         return None
     library = load("paged_decode")
     return PagedDecode(library) if library is not None else None
