@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from tests.repos import DEMO, build_demo_module
 from tests.server import LadleServer
+
+# LLM engines (in-process and in test servers) run eagerly unless a test asks for torch.compile: a background compile
+# per engine would load the 2-core box under every timing-sensitive test. Compiled engines have their own tests.
+os.environ.setdefault("LADLE_ENFORCE_EAGER", "1")
 
 
 @pytest.fixture(scope="session")

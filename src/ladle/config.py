@@ -108,6 +108,10 @@ class LLMConfig:
     enable_prefix_caching: bool = option(True, "reuse the KV cache of shared prompt prefixes across requests")
     enable_chunked_prefill: bool = option(True, "split long prompts over several steps so decodes keep flowing")
     num_threads: int | None = option(None, "torch CPU threads for the engine (default: torch's choice)")
+    enforce_eager: bool | None = option(
+        None, "run the decoder eagerly, without torch.compile (default: compile, in the background after start-up: "
+        "the model serves eagerly until its compiled graphs are ready; LADLE_ENFORCE_EAGER=1 changes the default)"
+    )
     # -- speculative decoding (issue 10); None = not set here: a repository LLM then takes the server's flag --
     speculative_method: str | None = option(
         None, "speculative decoding: ngram (prompt lookup: propose what followed the context's last n-gram earlier "
@@ -277,4 +281,4 @@ class ServerConfig:
 
 # LLMConfig fields a repository LLM takes from the server's flags when its own config leaves them unset (None)
 SPECULATIVE_FIELDS = ("speculative_method", "speculative_model", "num_speculative_tokens", "ngram_min", "ngram_max")
-INHERITED_FIELDS = (*SPECULATIVE_FIELDS, "batch_share")
+INHERITED_FIELDS = (*SPECULATIVE_FIELDS, "batch_share", "enforce_eager")

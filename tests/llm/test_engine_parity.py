@@ -47,18 +47,24 @@ async def run_engine(engine, batch: list[list[int]]) -> list[list]:
         await engine.close()
 
 
-# every architecture with the compiled in-place kernel; the torch (gather) fallback with a GQA and an MHA model (the
-# attention code is the same for all: this keeps the suite's time)
-@pytest.mark.parametrize(("arch", "attention"), [*((a, "paged") for a in ARCHITECTURES),
-                                                 ("llama", "gather"), ("gpt2", "gather")])
+# every architecture eager and torch.compiled, with the compiled in-place kernel; the torch (gather) fallback with a
+# GQA and an MHA model (the attention code is the same for all: this keeps the suite's time)
+@pytest.mark.parametrize(("arch", "attention", "compiled"), [
+    *((a, "paged", False) for a in ARCHITECTURES), *((a, "paged", True) for a in ARCHITECTURES),
+    ("llama", "gather", False), ("gpt2", "gather", False)])
 def test_greedy_and_logprobs_match_transformers_under_preemption(tmp_path, monkeypatch, arch: str,
-                                                                  attention: str) -> None:
+                                                                  attention: str, compiled: bool) -> None:
     monkeypatch.setenv("LADLE_ATTENTION", attention)
     model_dir = save_tiny_checkpoint(tmp_path / arch, arch)
-    # 8 blocks of 16 tokens hold one 128-token sequence; eight concurrent requests need ~30: preemption is forced
-    config = LLMConfig(model=str(model_dir), dtype="float32", num_kv_blocks=8, block_size=16, max_model_len=128,
-                       max_num_batched_tokens=128)
+    # 8 blocks of 16 tokens (one more under compile: its probe block) hold one 128-token sequence; eight concurrent
+    # requests need ~30: preemption is forced
+    config = LLMConfig(model=str(model_dir), dtype="float32", num_kv_blocks=8 + compiled, block_size=16,
+                       max_model_len=128, max_num_batched_tokens=128, enforce_eager=not compiled)
     engine = build_engine(config, arch, model_dir, None)
+    runner = engine.core.runner
+    if compiled:  # every step on the compiled graphs: wait for the background compile before the first request
+        runner.compile_thread.join()
+        assert runner.compile_state == "compiled" and runner.model.compiled is not None
     batch = prompts()
     results = asyncio.run(run_engine(engine, batch))
     assert engine.core.scheduler.num_preemptions_total > 0, "the small pool must have forced preemption"

@@ -7,6 +7,7 @@ Invariant: everything a bad configuration can get wrong fails here, at start-up,
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -104,10 +105,10 @@ def build_core(
         num_blocks=config.num_kv_blocks,
         kv_cache_memory=None if config.num_kv_blocks else parse_bytes(config.kv_cache_memory),
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-        quantization=scheme, checkpoint=checkpoint,
+        quantization=scheme, checkpoint=checkpoint, compile=not enforce_eager(config),
     )
     max_model_len = min(config.max_model_len or runner.max_model_len, runner.max_model_len)
-    pool = BlockPool(runner.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
+    pool = BlockPool(runner.usable_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
     background_max_seqs, background_max_tokens = background_caps(config)
     scheduler = Scheduler(
         KVCacheManager(pool, max_model_len), max_num_seqs=config.max_num_seqs,
@@ -118,9 +119,18 @@ def build_core(
     )
     structured = StructuredOutputs(tokenizer.hf, runner.vocab_size) if tokenizer is not None else None
     spec = spec_config(config)
-    if spec is not None:
-        return build_spec_core(config, spec, runner, scheduler, structured, tokenizer)
-    return EngineCore(runner, scheduler, structured)
+    core = EngineCore(runner, scheduler, structured) if spec is None else build_spec_core(
+        config, spec, runner, scheduler, structured, tokenizer)
+    runner.compile_decoder(background=True)  # after the speculation policy's start-up timing, which it would skew
+    return core
+
+
+def enforce_eager(config: LLMConfig) -> bool:
+    """--enforce-eager / --no-enforce-eager, else LADLE_ENFORCE_EAGER (1/true: the test suite's default), else
+    compile."""
+    if config.enforce_eager is not None:
+        return config.enforce_eager
+    return os.environ.get("LADLE_ENFORCE_EAGER", "").lower() in ("1", "true", "yes")
 
 
 DEFAULT_BATCH_SHARE = 1 / 32  # measured: benchmarks/RESULTS.md, "Batch path"

@@ -9,7 +9,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from ladle.llm.attention import AttentionMetadata, build_attention_metadata
+from ladle.llm.compiled import inductor_cache_dir, step_metadata
 from ladle.llm.kernels.paged import paged_decode
 from ladle.llm.models.linear import can_prepack
 from ladle.llm.models.loader import Checkpoint, load_model, read_json
@@ -53,12 +56,14 @@ class ModelRunner:
         max_num_batched_tokens: int = 8192,
         *,
         prepack: bool = True,
+        compile: bool = False,
         quantization: QuantScheme | None = None,
         checkpoint: Checkpoint | None = None,
     ) -> None:
         """`model_dir`: a checkpoint directory or GGUF file (`checkpoint`, when already opened). `prepack`: use
         oneDNN-prepacked weights where that is faster (bfloat16 on a bf16-capable CPU). `quantization`: the linear
-        layers' weight format (None: full width); the output head is then int8 (llama.cpp too keeps the head wide)."""
+        layers' weight format (None: full width); the output head is then int8 (llama.cpp too keeps the head wide).
+        `compile`: prepare for torch.compile (compiled.py): compile_decoder() then compiles."""
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         self.dtype, self.block_size = dtype, block_size
@@ -94,6 +99,12 @@ class ModelRunner:
             "%s: %d KV blocks of %d tokens (%.1f MB)", self.architecture, self.num_blocks, block_size,
             self.kv_cache.numel() * self.kv_cache.element_size() / 1e6,
         )
+        # torch.compile (compiled.py): the last block is kept out of the pool for the compile's probe steps, which
+        # may run while requests decode
+        self.compile_enabled = compile and self.num_blocks > 1
+        self.usable_blocks = self.num_blocks - 1 if self.compile_enabled else self.num_blocks
+        self.compile_state = "compiling" if self.compile_enabled else "off"
+        self.compile_thread: threading.Thread | None = None
 
     def _quantized_head(self, scheme: QuantScheme) -> torch.nn.Module:
         """int8 even under int4: the head decides every token, and llama.cpp's Q4 files keep it at 6-8 bits too.
@@ -103,6 +114,43 @@ class ModelRunner:
 
         head = QuantScheme(scheme.int8_method, scheme.group_size) if scheme.method == "int4" else scheme
         return quantize_weight(self.model.lm_head_weight(), head)
+
+    def compile_decoder(self, background: bool = True) -> threading.Thread | None:
+        """Compile the decoder (when built with compile=True) and switch the model to it once both graphs exist (one
+        token, and any other count: prefill shapes reuse the second). In the background the model keeps serving
+        eagerly meanwhile; a failed compile is logged and leaves it eager."""
+        if not self.compile_enabled:
+            return None
+        if not background:
+            self._compile()
+            return None
+        self.compile_thread = threading.Thread(target=self._compile, name="ladle-compile", daemon=True)
+        self.compile_thread.start()
+        return self.compile_thread
+
+    def _compile(self) -> None:
+        started = time.perf_counter()
+        logger.info("compiling the decoder with torch.compile (inductor, cache %s) ...", inductor_cache_dir())
+        try:
+            forward = self.model.compiled_forward()
+            with torch.inference_mode():
+                for tokens in (1, 2):
+                    self._probe(forward, tokens)
+        except Exception as exc:  # any failure of the compiler leaves the eager model serving
+            self.compile_state = "failed"
+            logger.warning("torch.compile failed, the decoder stays eager: %s: %s", type(exc).__name__, exc)
+            return
+        self.model.compiled = forward
+        self.compile_state = "compiled"
+        logger.info("decoder compiled in %.1fs; steps now run the compiled graphs", time.perf_counter() - started)
+
+    def _probe(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tokens: int) -> None:
+        """A step of one sequence feeding `tokens` tokens, in the reserved block (what it writes there is never
+        read)."""
+        probe = ScheduledSeq("compile-probe", [1] * tokens, 0, [self.num_blocks - 1], True)
+        step = self.prepare_inputs(SchedulerOutput([probe], tokens))
+        with step_metadata(step.meta):
+            forward(step.input_ids, step.positions)
 
     @property
     def bytes_per_block(self) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ladle.llm.attention import AttentionMetadata, paged_attention
+from ladle.llm import compiled
 from ladle.llm.models.layers import CausalLM, WeightTarget, cfg_get, require
 from ladle.llm.models.linear import Linear
 
@@ -63,11 +63,12 @@ class GPT2Block(nn.Module):
         self.gelu_approximate = a.gelu_approximate
         self.scale = self.head_dim**-0.5 if a.scale_attn else 1.0
         self.k_cache = self.v_cache = torch.empty(0)
+        self.handle = compiled.register(self)  # how a compiled decoder's attention op finds this block's cache
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0]
         qkv = self.c_attn(self.ln_1(x)).view(tokens, 3, self.heads, self.head_dim)
-        attn = paged_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], self.k_cache, self.v_cache, meta, self.scale)
+        attn = compiled.attention(self, qkv[:, 0], qkv[:, 1], qkv[:, 2])
         x = self.attn_proj.add(attn, x)
         return self.mlp_proj.add(self.c_fc.gelu(self.ln_2(x), self.gelu_approximate), x)
 
@@ -83,10 +84,10 @@ class GPT2LMHeadModel(CausalLM):
         self.h = nn.ModuleList(GPT2Block(a) for _ in range(a.layers))
         self.ln_f = nn.LayerNorm(a.hidden, eps=a.eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.wte(input_ids) + self.wpe(positions)
         for block in self.h:
-            x = block(x, meta)
+            x = block(x)
         return self.ln_f(x)
 
     def lm_head_weight(self) -> torch.Tensor:

@@ -7,6 +7,7 @@ positions once per step; layers only multiply.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ladle.llm.attention import AttentionMetadata
+from ladle.llm.compiled import compile_forward, step_metadata
 from ladle.llm.models.linear import PackedLinear, prepack_linears
 
 
@@ -48,14 +50,26 @@ class CausalLM(nn.Module):
     vocab_size: int
     max_model_len: int
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        raise NotImplementedError
-
     def __init__(self) -> None:
         super().__init__()
         # The output head when it is not a plain matmul with lm_head_weight(): oneDNN-prepacked (prepack()) or
         # quantized (set_head()). An instance attribute: a class attribute would shadow the submodule.
         self.head: nn.Module | None = None
+        self.compiled: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # set by compile()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Final hidden states [T, hidden] of a flat batch; `meta` describes its sequences to attention."""
+        with step_metadata(meta):
+            return (self.compiled or self.hidden_states)(input_ids, positions)
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The decoder itself (what compile() compiles); attention reads the step's metadata from step_metadata."""
+        raise NotImplementedError
+
+    def compiled_forward(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """hidden_states under torch.compile (compiled.py): it compiles at its first calls; install it as
+        `self.compiled` once warm."""
+        return compile_forward(self.hidden_states)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] for the given final hidden rows (matmul in the model dtype, as vLLM does)."""

@@ -50,11 +50,13 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
 
 
 class PackedLinear(nn.Module):
-    """oneDNN-prepacked copy of a Linear (CPU, bfloat16). The packed weight is an opaque tensor, not a Parameter."""
+    """oneDNN-prepacked copy of a Linear (CPU, float32 or bfloat16). The packed weight is an opaque tensor, not a
+    Parameter; a compiled decoder calls the same oneDNN ops (compiled.py lets inductor call them as they are)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.packed = _packed(weight)
+        # buffers, not plain attributes, so that a compiled graph takes them as inputs (compiled.py)
+        self.register_buffer("packed", _packed(weight), persistent=False)
         self.bias = None if bias is None else bias.detach()
 
     @classmethod
@@ -78,7 +80,8 @@ class PackedGateUpLinear(nn.Module):
         super().__init__()
         gate, up = linear.weight.detach().chunk(2)
         bias = (None, None) if linear.bias is None else linear.bias.detach().chunk(2)
-        self.gate, self.up = _packed(gate), _packed(up)
+        self.register_buffer("gate", _packed(gate), persistent=False)
+        self.register_buffer("up", _packed(up), persistent=False)
         self.gate_bias, self.up_bias = bias
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:

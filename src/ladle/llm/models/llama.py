@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ladle.llm.attention import AttentionMetadata, paged_attention
+from ladle.llm import compiled
 from ladle.llm.models.layers import (
     CausalLM,
     RMSNorm,
@@ -99,6 +99,7 @@ class LlamaAttention(nn.Module):
         self.eps = a.eps
         self.scale = a.head_dim**-0.5
         self.k_cache = self.v_cache = torch.empty(0)
+        self.handle = compiled.register(self)  # how a compiled decoder's attention op finds this layer's cache
 
     def prepare(self) -> None:
         if self.q_norm is not None and self.k_norm is not None:
@@ -106,9 +107,7 @@ class LlamaAttention(nn.Module):
             k_w = self.k_norm.weight.detach().expand(self.kv_heads, -1)
             self.qk_norm_weight = torch.cat((q_w, k_w))
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """residual + o_proj(attention(x))."""
         tokens, (cos, sin) = x.shape[0], rope
         qkv = self.qkv_proj(x)
@@ -119,7 +118,7 @@ class LlamaAttention(nn.Module):
         qk = apply_rope(qk, cos, sin)
         v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.kv_heads, self.head_dim)
         q, k = qk[:, : self.heads], qk[:, self.heads :]
-        out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        out = compiled.attention(self, q, k, v)
         return self.o_proj.add(out, residual)
 
 
@@ -143,11 +142,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden, a.eps)
         self.mlp = LlamaMLP(a)
 
-    def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x is the residual stream; each sublayer's output projection adds into it (fused where packed)."""
-        x = self.self_attn(self.input_layernorm(x), x, rope, meta)
+        x = self.self_attn(self.input_layernorm(x), x, rope)
         return self.mlp(self.post_attention_layernorm(x), x)
 
 
@@ -173,12 +170,12 @@ class LlamaForCausalLM(CausalLM):
         for layer in self.layers:
             layer.self_attn.prepare()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         assert self.rotary is not None, "call prepare() after loading weights"
         rope = self.rotary.lookup(positions)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, rope, meta)
+            x = layer(x, rope)
         return self.norm(x)
 
     def lm_head_weight(self) -> torch.Tensor:

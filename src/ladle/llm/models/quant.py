@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ladle.errors import LadleError
+from ladle.llm.compiled import opaque_method, register
 from ladle.llm.models.linear import GateUpLinear, Linear
 from ladle.llm.models.qtensor import Q4_0, Q4_1, Q4_K, GGMLBlocks
 
@@ -413,6 +414,10 @@ class QuantizedLinear(nn.Module):
         self.bias = bias  # a Parameter the loader fills like any other; None registers "no bias"
         self._sink: WeightSink | None = WeightSink(name, (out_features, in_features), self.method, self.group_size)
         self._kernel: _Kernel | None = None
+        self.handle = register(self)  # a compiled decoder calls it through `ladle::linear` (compiled.py)
+
+    def out_width(self, method: str) -> int:
+        return self.out_features // 2 if method == "swiglu" else self.out_features
 
     @classmethod
     def of(cls, linear: Linear, scheme: QuantScheme, name: str) -> QuantizedLinear:
@@ -451,12 +456,15 @@ class QuantizedLinear(nn.Module):
         y = self._kernel(x.reshape(-1, self.in_features))
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    @opaque_method
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x)
 
+    @opaque_method
     def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         return self._matmul(x).add_(other)
 
+    @opaque_method
     def gelu(self, x: torch.Tensor, approximate: str) -> torch.Tensor:
         return F.gelu(self._matmul(x), approximate=approximate)
 
@@ -468,6 +476,7 @@ class QuantizedLinear(nn.Module):
 class QuantizedGateUpLinear(QuantizedLinear):
     """GateUpLinear's swiglu over [gate; up] stacked rows."""
 
+    @opaque_method
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self._matmul(x)
         half = gate_up.shape[-1] // 2

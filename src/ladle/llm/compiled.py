@@ -1,0 +1,198 @@
+"""The decoder compiled with torch.compile (inductor): everything between the GEMMs and attention — RMSNorm and the
+residual stream, rotary embedding, activations, reshapes — fused into a few generated kernels per layer, and the
+model's Python between ops gone from the step.
+
+How: oneDNN-prepacked GEMMs are called as they are (inductor's lowering of them is turned into a plain call);
+quantized GEMMs (their packed weights are opaque objects) and paged attention (its metadata differs from step to
+step in structure, not only in size) enter the graph as two custom ops, `ladle::linear` and `ladle::attention`, that
+name their module by a process-wide handle. The step's attention metadata is not a
+graph input: the runner sets it around the forward (`step_metadata`) and the attention op reads it. So one graph
+serves every step — decodes, prefill chunks, mixed — with the token count as its only dynamic size (dynamo
+specialises T == 1, the batch-1 decode, into a second graph of its own: the two "buckets").
+
+Compiled artifacts go to inductor's FX graph cache under $LADLE_CACHE/inductor, so a warm start skips code generation.
+
+Invariant: eager and compiled forwards run the same module methods on the same weights; nothing here changes what a
+layer computes, only how the elementwise work between the opaque calls is scheduled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ladle.llm.attention import paged_attention
+
+if TYPE_CHECKING:
+    from ladle.llm.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+_modules: dict[int, weakref.ref] = {}
+_next_handle = iter(range(1, 1 << 62))
+_lock = threading.Lock()
+_metadata: ContextVar[AttentionMetadata] = ContextVar("ladle_step_metadata")
+# torch writes its default into the environment at the first cache lookup (which loading a model can trigger), so
+# whether the user chose a directory is read here, at import
+_user_inductor_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+_configured = False
+
+
+def register(module: torch.nn.Module) -> int:
+    """The number a compiled graph names `module` by: a constant in the graph, looked up when the op runs (a weak
+    reference: an unloaded model's weights are freed)."""
+    with _lock:
+        handle = next(_next_handle)
+        _modules[handle] = weakref.ref(module, lambda _ref, h=handle: _modules.pop(h, None))
+    return handle
+
+
+def _module(handle: int) -> Any:
+    module = _modules.get(handle)
+    target = module() if module is not None else None
+    if target is None:
+        raise RuntimeError(f"compiled model refers to module {handle}, which no longer exists")
+    return target
+
+
+@contextlib.contextmanager
+def step_metadata(meta: AttentionMetadata) -> Iterator[None]:
+    """The attention metadata of the step running inside this block (what `ladle::attention` reads)."""
+    token = _metadata.set(meta)
+    try:
+        yield
+    finally:
+        _metadata.reset(token)
+
+
+# --- the opaque ops ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ladle::linear", mutates_args=())
+def _linear_op(
+    x: torch.Tensor, other: torch.Tensor | None, handle: int, width: int, method: str, arg: str
+) -> torch.Tensor:
+    return _call(_module(handle), method, x, other, arg)
+
+
+@_linear_op.register_fake
+def _(x: torch.Tensor, other: torch.Tensor | None, handle: int, width: int, method: str, arg: str
+      ) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], width))
+
+
+@torch.library.custom_op("ladle::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int) -> torch.Tensor:
+    layer = _module(handle)
+    return paged_attention(q, k, v, layer.k_cache, layer.v_cache, _metadata.get(), layer.scale)
+
+
+@_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int) -> torch.Tensor:
+    return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
+
+
+def _call(module: Any, method: str, x: torch.Tensor, other: torch.Tensor | None, arg: str) -> torch.Tensor:
+    if method == "add":
+        return module.add(x, other)
+    if method == "gelu":
+        return module.gelu(x, arg)
+    return getattr(module, method)(x)
+
+
+def linear(module: Any, method: str, x: torch.Tensor, other: torch.Tensor | None = None, arg: str = "") -> torch.Tensor:
+    """`module.<method>(x[, other | arg])`, as one opaque op when traced. Linear modules route their methods
+    through this only while compiling (`opaque_method`); eager calls never pay for the dispatcher."""
+    return _linear_op(x, other, module.handle, module.out_width(method), method, arg)
+
+
+def attention(layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Paged attention of `layer` (which has k_cache, v_cache, scale and a handle) with the step's metadata."""
+    if torch.compiler.is_compiling():
+        return _attention_op(q, k, v, layer.handle)
+    return paged_attention(q, k, v, layer.k_cache, layer.v_cache, _metadata.get(), layer.scale)
+
+
+def opaque_method(method: Callable) -> Callable:
+    """Decorate a linear module's forward/add/gelu/swiglu: traced, the call becomes `ladle::linear` (the module must
+    set `self.handle = register(self)` and answer `out_width(method)`)."""
+    name = "forward" if method.__name__ == "forward" else method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            other = args[0] if name == "add" else None
+            arg = args[0] if name == "gelu" else ""
+            return linear(self, name, x, other, arg)
+        return method(self, x, *args)
+
+    return wrapper
+
+
+# --- compiling a model -------------------------------------------------------------------------------------------
+
+
+def inductor_cache_dir() -> Path:
+    """TORCHINDUCTOR_CACHE_DIR when the user set it, else $LADLE_CACHE/inductor (~/.cache/ladle/inductor)."""
+    if _user_inductor_dir:
+        return Path(_user_inductor_dir)
+    base = os.environ.get("LADLE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ladle"
+    return Path(base) / "inductor"
+
+
+def _configure_inductor() -> None:
+    """Once per process (two engines may start compiling at once)."""
+    global _configured
+    with _lock:
+        if not _configured:
+            _configure_inductor_once()
+            _configured = True
+
+
+def _configure_inductor_once() -> None:
+    """Persistent caches (the FX graph and AOT autograd caches key on the graph, torch version and CPU), set
+    before the first compile; an explicit TORCHINDUCTOR_CACHE_DIR wins."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _user_inductor_dir or str(inductor_cache_dir())
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    # eps and scales are constants of the model: traced as symbols (dynamic=True's default) the trace restarts once
+    # to specialise them, doubling the compile
+    torch._dynamo.config.specialize_float = True
+    _call_onednn_linears_as_they_are()
+    # Many models (and the draft model of speculative decoding) in one process each own a graph.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+
+def _call_onednn_linears_as_they_are() -> None:
+    """Prepacked linears (models/linear.py) call oneDNN's fused linear ops on weights packed at load. Inductor's own
+    lowering of those ops expects weights it packed itself (freezing) and refuses ours; as plain fallback calls they
+    cost one dispatch each from the generated code (a custom op around them cost ~30 us of Python per call)."""
+    from torch._inductor import lowering
+
+    for op in (torch.ops.mkldnn._linear_pointwise.default, torch.ops.mkldnn._linear_pointwise.binary):
+        lowering.lowerings.pop(op, None)
+        lowering.make_fallback(op)
+    # torch registers shapes for the unary variant only (its own passes create the binary one after tracing)
+    torch.library.register_fake("mkldnn::_linear_pointwise.binary")(_linear_binary_shape)
+
+
+def _linear_binary_shape(x: torch.Tensor, other: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         attr: str) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def compile_forward(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`forward(input_ids, positions)` compiled with a dynamic token count."""
+    _configure_inductor()
+    return torch.compile(forward, dynamic=True, fullgraph=True)
