@@ -24,6 +24,7 @@ class Spawned:
     process: subprocess.Popen
     url: str
     ready_s: float  # seconds from spawn to the first 200 from /v2/health/ready
+    compile_s: float | None = None  # an LLM's background compile, seconds after ready (when waited for)
 
 
 def free_port() -> int:

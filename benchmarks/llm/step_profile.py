@@ -4,7 +4,7 @@ with torch.profiler. The random SmolLM-135M-shaped Llama of benchmarks/llm (128-
 context), float32 and, where the CPU has native bf16, bfloat16.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm/step_profile.py [--dtype float32,bfloat16] [--batches 1,8,32]
-        [--steps 20] [--attention auto|gather|paged]
+        [--steps 20] [--attention auto|gather|paged] [--compile]
 
 Writes out/step_profile-<dtype>.json and prints a markdown table (ms per step by family, and the share of each).
 """
@@ -44,12 +44,13 @@ FAMILIES: list[tuple[str, tuple[str, ...]]] = [
     ("GEMM", ("linear", "addmm", "aten::mm", "matmul", "mkldnn", "_weight_int", "quantized", "onednn", "fbgemm",
               "aten::bmm (lm)")),
     ("attention", ("scaled_dot_product", "_flash_attention", "bmm", "baddbmm", "softmax", "index_select",
-                   "index_copy", "ladle::paged")),
+                   "index_copy", "ladle::paged", "ladle::attention")),
     ("norm/rope/act", ("rsqrt", "pow", "mean", "silu", "aten::mul", "aten::add", "aten::neg", "aten::cat",
                        "aten::sub", "aten::div", "rms_norm", "embedding", "aten::copy_", "aten::slice",
                        "aten::view", "aten::transpose", "aten::reshape", "aten::narrow", "aten::empty",
-                       "aten::index_select (emb)")),
+                       "aten::index_select (emb)", "CompiledFxGraph")),  # inductor's fused kernels run inside it
 ]
+COMPILED = False  # --compile: the torch.compile'd decoder (compiled.py) instead of eager
 PHASES = ("schedule", "prepare", "forward", "logits", "sample", "update")
 
 
@@ -62,8 +63,14 @@ def family(name: str) -> str:
 
 def build(dtype: str, threads: int) -> EngineCore:
     config = LLMConfig(model=str(MODEL), dtype=dtype, num_kv_blocks=2048, max_num_seqs=64,
-                       max_num_batched_tokens=4096, num_threads=threads, enable_prefix_caching=False)
-    return build_core(config, MODEL)
+                       max_num_batched_tokens=4096, num_threads=threads, enable_prefix_caching=False,
+                       enforce_eager=not COMPILED)
+    core = build_core(config, MODEL)
+    if core.runner.compile_thread is not None:  # profile the compiled graphs, not the eager steps meanwhile
+        core.runner.compile_thread.join()
+        if core.runner.compile_state != "compiled":
+            sys.exit(f"torch.compile failed ({core.runner.compile_state}): see the log")
+    return core
 
 
 def add(core: EngineCore, tag: str, count: int, rng: random.Random, max_tokens: int = 10_000) -> None:
@@ -199,7 +206,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--attention", default=None, help="LADLE_ATTENTION for this run (auto, gather, paged)")
+    parser.add_argument("--compile", action="store_true", help="profile the torch.compile'd decoder (waits for it)")
     args = parser.parse_args()
+    global COMPILED
+    COMPILED = args.compile
     if args.attention:
         os.environ["LADLE_ATTENTION"] = args.attention
     _attribute_the_kernel()
@@ -216,8 +226,8 @@ def main() -> None:
         cases["prefill 128 + 15 decodes"] = mixed_case(dtype, args.threads, 16, max(4, args.steps // 4))
         OUT.mkdir(exist_ok=True)
         payload = {"dtype": dtype, "threads": args.threads, "machine": host, "cases": cases,
-                   "attention": os.environ.get("LADLE_ATTENTION", "auto")}
-        suffix = f"-{args.attention}" if args.attention else ""
+                   "attention": os.environ.get("LADLE_ATTENTION", "auto"), "compiled": COMPILED}
+        suffix = (f"-{args.attention}" if args.attention else "") + ("-compiled" if COMPILED else "")
         (OUT / f"step_profile-{dtype}{suffix}.json").write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2))
         print(table(dtype, cases))
         for name, r in cases.items():

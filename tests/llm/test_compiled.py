@@ -1,0 +1,133 @@
+"""The torch.compile'd decoder (compiled.py): a server compiles in the background and answers exactly like an eager
+one before, during and after; --enforce-eager keeps it eager; repository LLMs inherit the flag; a failed compile
+leaves the model serving eagerly; the compiled artifacts are cached on disk; quantized linears compile too; the
+compile's probe block stays out of the pool. (Greedy parity with transformers, compiled: test_engine_parity.py.)"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from ladle.config import LLMConfig
+from ladle.llm.factory import build_core
+from ladle.llm.models.layers import CausalLM
+from ladle.llm.models.quant import resolve_scheme
+from ladle.llm.outputs import ScheduledSeq, SchedulerOutput
+from ladle.llm.runner import ModelRunner
+from ladle.serving.builders import llm_config_from_parameters
+from tests.fixtures.checkpoints import save_tiny_checkpoint
+from tests.server import LadleServer
+
+ENGINE = ["--dtype", "float32", "--num-kv-blocks", "64", "--max-model-len", "256", "--served-model-name", "tiny"]
+PROMPTS = ["The quick brown fox", "Numbers: 1 2 3", "print(add(1, 2))", "Once upon a time"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama", "llama")
+
+
+def greedy(server: LadleServer) -> list[str]:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    return [client.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text for p in PROMPTS]
+
+
+def compiled_gauge(server: LadleServer) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    match = re.search(r'^ladle_llm_decoder_compiled\{model="tiny",version="1"\} (\S+)$', text, re.M)
+    assert match, "the compiled gauge is exported"
+    return float(match.group(1))
+
+
+def test_a_server_compiles_in_the_background_and_answers_like_an_eager_one(checkpoint, tmp_path) -> None:
+    # a cold cache of its own: the compile takes seconds, so the first requests run while it is under way
+    # (torch in this test process may have exported its default cache directory: unset it for the server)
+    env = {"LADLE_CACHE": str(tmp_path / "cache"), "TORCHINDUCTOR_CACHE_DIR": ""}
+    with LadleServer(["--model", checkpoint, *ENGINE, "--enforce-eager"]) as eager, \
+            LadleServer(["--model", checkpoint, *ENGINE, "--no-enforce-eager"], env=env) as compiling:
+        expected = greedy(eager)
+        assert greedy(compiling) == expected  # served at once, eagerly or compiled, whichever is ready
+        deadline = time.monotonic() + 240
+        while compiled_gauge(compiling) != 1.0:
+            assert time.monotonic() < deadline, f"the decoder never compiled:\n{compiling.log()}"
+            assert "stays eager" not in compiling.log()
+            time.sleep(0.5)
+        assert greedy(compiling) == expected  # now every step runs the compiled graphs
+        assert compiled_gauge(eager) == 0.0
+        assert "decoder compiled in" in compiling.log()
+        assert "compiling the decoder" not in eager.log()
+    assert any((tmp_path / "cache" / "inductor").rglob("*")), "compiled artifacts are cached under LADLE_CACHE"
+
+
+def test_repository_llms_take_the_server_flag_unless_they_set_their_own(tmp_path) -> None:
+    server = LLMConfig(enforce_eager=True)
+    inherited = llm_config_from_parameters({}, tmp_path, str(tmp_path), server)
+    own = llm_config_from_parameters({"enforce_eager": False}, tmp_path, str(tmp_path), server)
+    assert inherited.enforce_eager is True
+    assert own.enforce_eager is False
+
+
+def test_a_failed_compile_leaves_the_model_serving_eagerly(checkpoint, monkeypatch) -> None:
+    def broken(self):
+        def forward(input_ids, positions):
+            raise RuntimeError("inductor exploded")
+        return forward
+
+    monkeypatch.setattr(CausalLM, "compiled_forward", broken)
+    runner = ModelRunner(checkpoint, dtype=torch.float32, num_blocks=8, max_num_seqs=4, max_num_batched_tokens=64,
+                         compile=True)
+    runner.compile_decoder(background=True).join()
+    assert runner.compile_state == "failed"
+    assert runner.model.compiled is None
+    step = SchedulerOutput([ScheduledSeq("a", [5, 6, 7], 0, [0], True)], 3)
+    assert runner.execute(step).shape == (1, runner.vocab_size)
+
+
+def run_steps(runner: ModelRunner, compiled: bool) -> list[torch.Tensor]:
+    """A prefill and three decodes of one sequence, eagerly or on the compiled graphs; logits of each step."""
+    saved = runner.model.compiled
+    runner.model.compiled = saved if compiled else None
+    tokens, logits = list(range(5, 22)), []
+    try:
+        step = ScheduledSeq("a", tokens, 0, [0, 1], True)
+        for _ in range(4):
+            out = runner.execute(SchedulerOutput([step], len(step.token_ids)))
+            logits.append(out)
+            tokens.append(int(out[-1].argmax()))
+            step = ScheduledSeq("a", tokens[-1:], len(tokens) - 1, [0, 1], True)
+    finally:
+        runner.model.compiled = saved
+    return logits
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_compiled_steps_compute_what_eager_steps_compute(checkpoint, quantization: str | None) -> None:
+    scheme = None if quantization is None else resolve_scheme(quantization, torch.float32, torch.device("cpu"), 32)
+    runner = ModelRunner(checkpoint, dtype=torch.float32, num_blocks=8, max_num_seqs=4, max_num_batched_tokens=64,
+                         compile=True, quantization=scheme)
+    runner.compile_decoder(background=False)
+    assert runner.compile_state == "compiled"
+    eager, compiled = run_steps(runner, False), run_steps(runner, True)
+    for a, b in zip(eager, compiled, strict=True):
+        assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_the_probe_block_is_an_extra_block_no_pool_hands_out(checkpoint) -> None:
+    core = build_core(LLMConfig(model=str(checkpoint), dtype="float32", num_kv_blocks=8, max_model_len=128,
+                                enforce_eager=False),
+                      checkpoint)
+    core.runner.compile_thread.join()
+    assert core.runner.compile_state == "compiled"
+    assert core.scheduler.kv.pool.num_blocks == core.runner.num_blocks == 8
+    assert core.runner.kv_cache.shape[3] == core.runner.cache_blocks == 9
+    eager = build_core(LLMConfig(model=str(checkpoint), dtype="float32", num_kv_blocks=8, max_model_len=128,
+                                 enforce_eager=True),
+                       checkpoint)
+    assert eager.runner.compile_state == "off" and eager.runner.kv_cache.shape[3] == 8
