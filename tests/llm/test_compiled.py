@@ -5,13 +5,16 @@ compile's probe block stays out of the pool. (Greedy parity with transformers, c
 
 from __future__ import annotations
 
+import gc
 import re
 import time
+import weakref
 
 import httpx
 import openai
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from ladle.config import LLMConfig
 from ladle.llm.factory import build_core
@@ -92,7 +95,8 @@ def test_a_failed_compile_leaves_the_model_serving_eagerly(checkpoint, monkeypat
 def run_steps(runner: ModelRunner, compiled: bool) -> list[torch.Tensor]:
     """A prefill and three decodes of one sequence, eagerly or on the compiled graphs; logits of each step."""
     saved = runner.model.compiled
-    runner.model.compiled = saved if compiled else None
+    if not compiled:
+        runner.model.compiled = None
     tokens, logits = list(range(5, 22)), []
     try:
         step = ScheduledSeq("a", tokens, 0, [0, 1], True)
@@ -102,7 +106,8 @@ def run_steps(runner: ModelRunner, compiled: bool) -> list[torch.Tensor]:
             tokens.append(int(out[-1].argmax()))
             step = ScheduledSeq("a", tokens[-1:], len(tokens) - 1, [0, 1], True)
     finally:
-        runner.model.compiled = saved
+        if not compiled:
+            runner.model.compiled = saved
     return logits
 
 
@@ -131,3 +136,38 @@ def test_the_probe_block_is_an_extra_block_no_pool_hands_out(checkpoint) -> None
                                  enforce_eager=True),
                        checkpoint)
     assert eager.runner.compile_state == "off" and eager.runner.kv_cache.shape[3] == 8
+
+
+def test_a_compiled_step_that_fails_is_rerun_eagerly_and_the_model_stays_eager(checkpoint) -> None:
+    runner = ModelRunner(checkpoint, dtype=torch.float32, num_blocks=8, max_num_seqs=4, max_num_batched_tokens=64,
+                         compile=True)
+    expected = run_steps(runner, compiled=False)
+
+    def broken(input_ids, positions):
+        raise RuntimeError("a graph went wrong")
+
+    runner.model.compiled, runner.compile_state = broken, "compiled"
+    got = run_steps(runner, compiled=True)
+    assert runner.model.compiled is None and runner.compile_state == "failed"
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_model_of_the_same_shapes_reuses_the_graphs_and_an_unloaded_one_is_freed(checkpoint) -> None:
+    """A reload or a second version compiles nothing new (handles are graph inputs, not constants); the graphs hold
+    no reference to an unloaded model's weights."""
+    first = ModelRunner(checkpoint, dtype=torch.float32, num_blocks=8, max_num_seqs=4, max_num_batched_tokens=64,
+                        compile=True)
+    first.compile_decoder(background=False)
+    graphs = counters["stats"]["unique_graphs"]
+    model = weakref.ref(first.model)
+    del first
+    gc.collect()
+    assert model() is None
+    second = ModelRunner(checkpoint, dtype=torch.float32, num_blocks=8, max_num_seqs=4, max_num_batched_tokens=64,
+                         compile=True)
+    started = time.perf_counter()
+    second.compile_decoder(background=False)
+    assert second.compile_state == "compiled"
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert time.perf_counter() - started < 5.0, "the graphs were reused, not traced again"

@@ -46,22 +46,27 @@ _metadata: ContextVar[AttentionMetadata] = ContextVar("ladle_step_metadata")
 # whether the user chose a directory is read here, at import
 _user_inductor_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 _configured = False
+RECOMPILE_LIMIT = 64
 
 
-def register(module: torch.nn.Module) -> int:
-    """The number a compiled graph names `module` by: a constant in the graph, looked up when the op runs (a weak
-    reference: an unloaded model's weights are freed)."""
+def register(module: torch.nn.Module) -> torch.Tensor:
+    """The handle a compiled graph names `module` by (a weak reference: an unloaded model's weights are freed). A
+    0-dim tensor, not an int: tensors are graph inputs, so another model of the same shapes (a reload, a second
+    version) runs the same graphs, and the graph on disk does not depend on load order; an int would be a constant,
+    each model a recompile and a new cache entry."""
     with _lock:
         handle = next(_next_handle)
         _modules[handle] = weakref.ref(module, lambda _ref, h=handle: _modules.pop(h, None))
-    return handle
+    # on the CPU whatever the default device: models are built under torch.device("meta") before loading, and a
+    # meta handle would send the op to its shape function at run time
+    return torch.tensor(handle, dtype=torch.int64, device="cpu")
 
 
-def _module(handle: int) -> Any:
-    module = _modules.get(handle)
+def _module(handle: torch.Tensor) -> Any:
+    module = _modules.get(int(handle))
     target = module() if module is not None else None
     if target is None:
-        raise RuntimeError(f"compiled model refers to module {handle}, which no longer exists")
+        raise RuntimeError(f"compiled model refers to module {int(handle)}, which no longer exists")
     return target
 
 
@@ -80,25 +85,25 @@ def step_metadata(meta: AttentionMetadata) -> Iterator[None]:
 
 @torch.library.custom_op("ladle::linear", mutates_args=())
 def _linear_op(
-    x: torch.Tensor, other: torch.Tensor | None, handle: int, width: int, method: str, arg: str
+    x: torch.Tensor, other: torch.Tensor | None, handle: torch.Tensor, width: int, method: str, arg: str
 ) -> torch.Tensor:
     return _call(_module(handle), method, x, other, arg)
 
 
 @_linear_op.register_fake
-def _(x: torch.Tensor, other: torch.Tensor | None, handle: int, width: int, method: str, arg: str
+def _(x: torch.Tensor, other: torch.Tensor | None, handle: torch.Tensor, width: int, method: str, arg: str
       ) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], width))
 
 
 @torch.library.custom_op("ladle::attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int) -> torch.Tensor:
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
     layer = _module(handle)
     return paged_attention(q, k, v, layer.k_cache, layer.v_cache, _metadata.get(), layer.scale)
 
 
 @_attention_op.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int) -> torch.Tensor:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
     return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
 
 
@@ -170,8 +175,6 @@ def _configure_inductor_once() -> None:
     # to specialise them, doubling the compile
     torch._dynamo.config.specialize_float = True
     _call_onednn_linears_as_they_are()
-    # Many models (and the draft model of speculative decoding) in one process each own a graph.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
 
 def _call_onednn_linears_as_they_are() -> None:
@@ -195,4 +198,5 @@ def _linear_binary_shape(x: torch.Tensor, other: torch.Tensor, weight: torch.Ten
 def compile_forward(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """`forward(input_ids, positions)` compiled with a dynamic token count."""
     _configure_inductor()
-    return torch.compile(forward, dynamic=True, fullgraph=True)
+    # models of other shapes or dtypes in one process (a repository's LLMs) each add two graphs to the decoder's code
+    return torch.compile(forward, dynamic=True, fullgraph=True, recompile_limit=RECOMPILE_LIMIT)

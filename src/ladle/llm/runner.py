@@ -176,8 +176,17 @@ class ModelRunner:
         if sched.empty:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
         step = self.prepare_inputs(sched)
-        hidden = self.model(step.input_ids, step.positions, step.meta)
+        hidden = self._forward(step)
         return self.model.compute_logits(hidden.index_select(0, step.logits_indices))
+
+    def _forward(self, step: StepInputs) -> torch.Tensor:
+        if self.model.compiled is not None:
+            try:
+                return self.model(step.input_ids, step.positions, step.meta)
+            except Exception:  # the step is rerun eagerly: K/V it wrote go to the same slots again
+                self.model.compiled, self.compile_state = None, "failed"
+                logger.exception("a compiled step failed; the decoder runs eagerly from now on")
+        return self.model(step.input_ids, step.positions, step.meta)
 
     def time_step(self, num_seqs: int, tokens_per_seq: int, context: int = 256, repeat: int = 2) -> float | None:
         """Best-of-`repeat` seconds of a step feeding num_seqs sequences tokens_per_seq tokens each after `context`
