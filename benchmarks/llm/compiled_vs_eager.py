@@ -1,0 +1,109 @@
+"""ladle's torch.compile'd decoder against its eager one, through the server: two `ladle serve` of the random
+SmolLM-135M-shaped checkpoint (vs_vllm.py's settings) run at once, one compiled (measured once its background compile
+finished) and one with --enforce-eager; every cell (dtype x concurrency) is measured on each in turn, for several
+rounds, keeping each server's better round. This box drifts by 10-20% within minutes, so sequential runs of one server
+and then the other cannot tell a 1.1x apart from noise; alternating cells can.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm/compiled_vs_eager.py [--dtype float32 --dtype bfloat16]
+        [--concurrency 1,8,32] [--rounds 2]
+
+Writes out/compiled_vs_eager.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+import quant  # noqa: E402
+import run as llm  # noqa: E402
+import vs_vllm  # noqa: E402
+
+ENGINES = ("ladle", "ladle-eager")
+
+
+def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    rows: list[dict] = []
+    servers: list[dict] = []
+    for dtype in args.dtypes:
+        with contextlib.ExitStack() as stack:
+            spawned = {}
+            for engine in ENGINES:
+                log = llm.OUT / f"compiled_vs_eager-server-{engine}-{dtype}.log"
+                print(f"starting {engine} ({dtype}); log: {log.relative_to(llm.ROOT)} ...", flush=True)
+                spawned[engine] = stack.enter_context(vs_vllm.server(engine, dtype, args.vllm_venv, log))
+                servers.append({"engine": engine, "dtype": dtype, "ready_s": spawned[engine].ready_s,
+                                "compile_s": spawned[engine].compile_s})
+            for round_ in range(args.rounds):
+                for concurrency in args.concurrencies:
+                    for engine in ENGINES:
+                        row = vs_vllm.measure_one(spawned[engine], engine, dtype, concurrency,
+                                                  max(4, 2 * concurrency), min(concurrency, 8))
+                        rows.append({**row, "round": round_})
+    return rows, servers
+
+
+def best(rows: list[dict]) -> dict[tuple[str, str, int], dict]:
+    out: dict[tuple[str, str, int], dict] = {}
+    for r in rows:
+        key = (r["engine"], r["dtype"], r["concurrency"])
+        if key not in out or r["output_tok_s"] > out[key]["output_tok_s"]:
+            out[key] = r
+    return out
+
+
+def markdown(rows: list[dict], servers: list[dict], doc: dict[str, Any]) -> str:
+    top = best(rows)
+    lines = ["| dtype | c | compiled tok/s | eager tok/s | compiled / eager | compiled TPOT ms | eager TPOT ms "
+             "| every round: compiled / eager tok/s | other load |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for (engine, dtype, c), r in top.items():
+        if engine != "ladle":
+            continue
+        e = top[("ladle-eager", dtype, c)]
+        rounds = " ; ".join(
+            f"{a['output_tok_s']:.1f} / {b['output_tok_s']:.1f}"
+            for a, b in zip(*([x for x in rows if x["engine"] == name and x["dtype"] == dtype
+                               and x["concurrency"] == c] for name in ENGINES), strict=True))
+        lines.append(f"| {dtype} | {c} | {r['output_tok_s']:.1f} | {e['output_tok_s']:.1f} | "
+                     f"{r['output_tok_s'] / e['output_tok_s']:.2f}x | {r['mean_tpot_ms']:.1f} | "
+                     f"{e['mean_tpot_ms']:.1f} | {rounds} | {llm._load(r)} / {llm._load(e)} |")
+    lines += ["", "| server | dtype | ready after s | compiled after ready s |", "|---|---|---:|---:|"]
+    lines += [f"| {s['engine']} | {s['dtype']} | {s['ready_s']:.1f} | {vs_vllm._num(s['compile_s'], '.1f')} |"
+              for s in servers]
+    lines += ["", f"{quant.describe_machine(doc['machine'])}. Best of {doc['rounds']} rounds per cell; 128 in / 128 "
+              "out, ignore_eos, `ladle bench serve`; both servers up at once, cells alternating."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtype", action="append", choices=("float32", "bfloat16"))
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    args.dtypes = args.dtype or ["float32"]
+    args.concurrencies = [int(c) for c in args.concurrency.split(",")]
+    args.vllm_venv = Path(os.devnull)  # vs_vllm.server only needs it for vLLM
+    llm.OUT.mkdir(parents=True, exist_ok=True)
+    llm.ensure_checkpoint()
+    doc: dict[str, Any] = {"machine": quant.machine(), "rounds": args.rounds}
+    print(quant.describe_machine(doc["machine"]), flush=True)
+    rows, servers = measure(args)
+    doc |= {"rows": rows, "servers": servers, "ladle_command": vs_vllm.ladle_command("DTYPE")}
+    (llm.OUT / "compiled_vs_eager.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    table = markdown(rows, servers, doc)
+    (llm.OUT / "compiled_vs_eager.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
