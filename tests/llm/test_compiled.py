@@ -171,3 +171,17 @@ def test_a_model_of_the_same_shapes_reuses_the_graphs_and_an_unloaded_one_is_fre
     assert second.compile_state == "compiled"
     assert counters["stats"]["unique_graphs"] == graphs
     assert time.perf_counter() - started < 5.0, "the graphs were reused, not traced again"
+
+
+def test_a_step_that_fails_eagerly_too_raises_and_keeps_the_compiled_graphs(checkpoint) -> None:
+    runner = ModelRunner(checkpoint, dtype=torch.float32, num_blocks=8, max_num_seqs=4, max_num_batched_tokens=64,
+                         compile=True)
+
+    def broken(input_ids, positions):
+        raise RuntimeError("a graph went wrong")
+
+    runner.model.compiled, runner.compile_state = broken, "compiled"
+    bad = ScheduledSeq("a", [runner.vocab_size + 5], 0, [0], True)  # an id past the vocabulary fails either way
+    with pytest.raises(IndexError):
+        runner.execute(SchedulerOutput([bad], 1))
+    assert runner.model.compiled is broken and runner.compile_state == "compiled"

@@ -180,13 +180,25 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, step.logits_indices))
 
     def _forward(self, step: StepInputs) -> torch.Tensor:
-        if self.model.compiled is not None:
-            try:
-                return self.model(step.input_ids, step.positions, step.meta)
-            except Exception:  # the step is rerun eagerly: K/V it wrote go to the same slots again
-                self.model.compiled, self.compile_state = None, "failed"
-                logger.exception("a compiled step failed; the decoder runs eagerly from now on")
-        return self.model(step.input_ids, step.positions, step.meta)
+        compiled = self.model.compiled
+        if compiled is None:
+            return self.model(step.input_ids, step.positions, step.meta)
+        try:
+            return self.model(step.input_ids, step.positions, step.meta)
+        except Exception as exc:
+            failure = exc
+        # rerun eagerly (K/V go to the same slots again); if that fails too, the step itself is at fault: it raises and
+        # the compiled graphs stay
+        self.model.compiled = None
+        try:
+            hidden = self.model(step.input_ids, step.positions, step.meta)
+        except Exception:
+            self.model.compiled = compiled
+            raise
+        self.compile_state = "failed"
+        logger.error("a compiled step failed (%s: %s) where the eager one succeeds; the decoder runs eagerly from now "
+                     "on", type(failure).__name__, failure)
+        return hidden
 
     def time_step(self, num_seqs: int, tokens_per_seq: int, context: int = 256, repeat: int = 2) -> float | None:
         """Best-of-`repeat` seconds of a step feeding num_seqs sequences tokens_per_seq tokens each after `context`
