@@ -55,7 +55,8 @@ class CausalLM(nn.Module):
         # The output head when it is not a plain matmul with lm_head_weight(): oneDNN-prepacked (prepack()) or
         # quantized (set_head()). An instance attribute: a class attribute would shadow the submodule.
         self.head: nn.Module | None = None
-        self.compiled: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # set by compile()
+        # hidden_states compiled, installed by the runner once its graphs are built (compiled_forward)
+        self.compiled: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states [T, hidden] of a flat batch; `meta` describes its sequences to attention."""
@@ -63,7 +64,7 @@ class CausalLM(nn.Module):
             return (self.compiled or self.hidden_states)(input_ids, positions)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The decoder itself (what compile() compiles); attention reads the step's metadata from step_metadata."""
+        """The decoder itself (what compiled_forward compiles); attention reads the step's metadata (step_metadata)."""
         raise NotImplementedError
 
     def compiled_forward(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
