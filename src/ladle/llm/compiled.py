@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ladle.llm.attention import paged_attention
+from ladle.llm.kernels.build import cache_root
 
 if TYPE_CHECKING:
     from ladle.llm.attention import AttentionMetadata
@@ -131,7 +132,7 @@ def attention(layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
 def opaque_method(method: Callable) -> Callable:
     """Decorate a linear module's forward/add/gelu/swiglu: traced, the call becomes `ladle::linear` (the module must
     set `self.handle = register(self)` and answer `out_width(method)`)."""
-    name = "forward" if method.__name__ == "forward" else method.__name__
+    name = method.__name__
 
     @functools.wraps(method)
     def wrapper(self: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
@@ -149,10 +150,7 @@ def opaque_method(method: Callable) -> Callable:
 
 def inductor_cache_dir() -> Path:
     """TORCHINDUCTOR_CACHE_DIR when the user set it, else $LADLE_CACHE/inductor (~/.cache/ladle/inductor)."""
-    if _user_inductor_dir:
-        return Path(_user_inductor_dir)
-    base = os.environ.get("LADLE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ladle"
-    return Path(base) / "inductor"
+    return Path(_user_inductor_dir) if _user_inductor_dir else cache_root() / "inductor"
 
 
 def _configure_inductor() -> None:

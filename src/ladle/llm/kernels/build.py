@@ -26,10 +26,15 @@ FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", 
 BUILD_TIMEOUT_S = 120
 
 
-def cache_dir() -> Path:
-    """LADLE_CACHE, else $XDG_CACHE_HOME/ladle (~/.cache/ladle): the kernels live in its kernels/ folder."""
+def cache_root() -> Path:
+    """LADLE_CACHE, else $XDG_CACHE_HOME/ladle (~/.cache/ladle): compiled kernels and inductor's cache live here."""
     base = os.environ.get("LADLE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ladle"
-    return Path(base) / "kernels"
+    return Path(base)
+
+
+def cache_dir() -> Path:
+    """Where the kernels are cached: cache_root()/kernels."""
+    return cache_root() / "kernels"
 
 
 def _cpu_flags() -> str:
