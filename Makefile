@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: install serve test lint demo bench clean browser
+.PHONY: install serve test lint demo bench clean browser kernels
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -19,7 +19,11 @@ GRPC_OUT := src/ladle/api/grpc/generated/grpc_service_pb2_grpc.py
 $(GRPC_OUT): $(STAMP) $(wildcard src/ladle/api/grpc/protos/*.proto)
 	$(PY) -m ladle.api.grpc.build
 
-install: $(STAMP) $(GRPC_OUT) demo browser
+install: $(STAMP) $(GRPC_OUT) demo browser kernels
+
+# the LLM kernels and torch operators, compiled for this CPU and cached (~15 s once; then instant)
+kernels: $(STAMP)
+	@$(PY) -m ladle.llm.kernels
 
 # Debian's chromium for the console's browser tests (Playwright drives it; nothing is downloaded by Playwright)
 browser:

@@ -4,7 +4,7 @@ with torch.profiler. The random SmolLM-135M-shaped Llama of benchmarks/llm (128-
 context), float32 and, where the CPU has native bf16, bfloat16.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm/step_profile.py [--dtype float32,bfloat16] [--batches 1,8,32]
-        [--steps 20] [--attention auto|gather|paged] [--compile]
+        [--steps 20] [--attention operator|kernel|gather] [--gemm tiled|onednn] [--compile]
 
 Writes out/step_profile-<dtype>.json and prints a markdown table (ms per step by family, and the share of each).
 """
@@ -205,9 +205,12 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--attention", default=None, help="LADLE_ATTENTION for this run (auto, gather, paged)")
+    parser.add_argument("--attention", default=None, help="LADLE_ATTENTION for this run (operator, kernel, gather)")
+    parser.add_argument("--gemm", default=None, help="LADLE_GEMM for this run (tiled, onednn)")
     parser.add_argument("--compile", action="store_true", help="profile the torch.compile'd decoder (waits for it)")
     args = parser.parse_args()
+    if args.gemm:
+        os.environ["LADLE_GEMM"] = args.gemm
     global COMPILED
     COMPILED = args.compile
     if args.attention:
@@ -226,8 +229,10 @@ def main() -> None:
         cases["prefill 128 + 15 decodes"] = mixed_case(dtype, args.threads, 16, max(4, args.steps // 4))
         OUT.mkdir(exist_ok=True)
         payload = {"dtype": dtype, "threads": args.threads, "machine": host, "cases": cases,
-                   "attention": os.environ.get("LADLE_ATTENTION", "auto"), "compiled": COMPILED}
-        suffix = (f"-{args.attention}" if args.attention else "") + ("-compiled" if COMPILED else "")
+                   "attention": os.environ.get("LADLE_ATTENTION", "operator"), "compiled": COMPILED,
+                   "gemm": os.environ.get("LADLE_GEMM", "tiled")}
+        suffix = (f"-{args.attention}" if args.attention else "") + (f"-{args.gemm}" if args.gemm else "")
+        suffix += "-compiled" if COMPILED else ""
         (OUT / f"step_profile-{dtype}{suffix}.json").write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2))
         print(table(dtype, cases))
         for name, r in cases.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import re
+import shutil
 import time
 import weakref
 
@@ -18,6 +19,7 @@ from torch._dynamo.utils import counters
 
 from ladle.config import LLMConfig
 from ladle.llm.factory import build_core
+from ladle.llm.kernels.build import cache_dir
 from ladle.llm.models.layers import CausalLM
 from ladle.llm.models.quant import resolve_scheme
 from ladle.llm.outputs import ScheduledSeq, SchedulerOutput
@@ -52,6 +54,8 @@ def test_a_server_compiles_in_the_background_and_answers_like_an_eager_one(check
     # a cold cache of its own: the compile takes seconds, so the first requests run while it is under way
     # (torch in this test process may have exported its default cache directory: unset it for the server)
     env = {"LADLE_CACHE": str(tmp_path / "cache"), "TORCHINDUCTOR_CACHE_DIR": ""}
+    if cache_dir().exists():  # the kernels this host already built: their ~15 s build is not what this test is about
+        shutil.copytree(cache_dir(), tmp_path / "cache" / "kernels")
     with LadleServer(["--model", checkpoint, *ENGINE, "--enforce-eager"]) as eager, \
             LadleServer(["--model", checkpoint, *ENGINE, "--no-enforce-eager"], env=env) as compiling:
         expected = greedy(eager)

@@ -12,9 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from ladle.config import LLMConfig
 from ladle.llm.factory import build_engine
+from ladle.llm.kernels.ops import gemm_available
 from ladle.llm.sampling_params import SamplingParams
 from tests.fixtures.checkpoints import ARCHITECTURES, save_tiny_checkpoint
 
+CPU = torch.device("cpu")
 MAX_TOKENS = 24
 PROMPT_LENGTHS = (3, 9, 17, 30, 33, 48, 64, 70)
 
@@ -47,14 +49,18 @@ async def run_engine(engine, batch: list[list[int]]) -> list[list]:
         await engine.close()
 
 
-# every architecture eager and torch.compiled, with the compiled in-place kernel; the torch (gather) fallback with a
-# GQA and an MHA model (the attention code is the same for all: this keeps the suite's time)
+# every architecture eager and torch.compiled through the C++ attention operator (kernels/ops.cpp); the fallbacks
+# (the C kernel through ctypes for decodes, and the torch path alone) with a GQA and an MHA model (the attention code is
+# the same for all: this keeps the suite's time)
 @pytest.mark.parametrize(("arch", "attention", "compiled"), [
-    *((a, "paged", False) for a in ARCHITECTURES), *((a, "paged", True) for a in ARCHITECTURES),
-    ("llama", "gather", False), ("gpt2", "gather", False)])
+    *((a, "operator", False) for a in ARCHITECTURES), *((a, "operator", True) for a in ARCHITECTURES),
+    ("llama", "kernel", False), ("gpt2", "kernel", False), ("llama", "gather", False), ("gpt2", "gather", False),
+    ("qwen2", "onednn", False)])
 def test_greedy_and_logprobs_match_transformers_under_preemption(tmp_path, monkeypatch, arch: str,
                                                                   attention: str, compiled: bool) -> None:
-    monkeypatch.setenv("LADLE_ATTENTION", attention)
+    """attention "onednn": the operator, with oneDNN's GEMMs instead of ladle's (hosts without AVX-512)."""
+    monkeypatch.setenv("LADLE_ATTENTION", "operator" if attention == "onednn" else attention)
+    monkeypatch.setenv("LADLE_GEMM", "onednn" if attention == "onednn" else "tiled")
     model_dir = save_tiny_checkpoint(tmp_path / arch, arch)
     # 8 blocks of 16 tokens hold one 128-token sequence; eight concurrent requests need ~30: preemption is forced
     config = LLMConfig(model=str(model_dir), dtype="float32", num_kv_blocks=8, block_size=16,
@@ -67,9 +73,14 @@ def test_greedy_and_logprobs_match_transformers_under_preemption(tmp_path, monke
     batch = prompts()
     results = asyncio.run(run_engine(engine, batch))
     assert engine.core.scheduler.num_preemptions_total > 0, "the small pool must have forced preemption"
-    if attention == "paged" and engine.core.runner.decode_kernel is None:
-        pytest.skip("no C compiler here: the kernel is not built")
-    assert (engine.core.runner.decode_kernel is None) == (attention == "gather")
+    missing = runner.decode_kernel is None if attention == "kernel" else runner.attention_op is None
+    if attention != "gather" and missing:
+        pytest.skip("no C/C++ compiler here: the kernel or the operator is not built")
+    assert (runner.decode_kernel is None) == (attention == "gather")
+    assert (runner.attention_op is None) == (attention in ("kernel", "gather"))
+    gemms = {type(m).__name__ for m in runner.model.modules()} & {"TiledLinear", "PackedLinear"}
+    assert gemms == ({"PackedLinear"} if attention == "onednn" or not gemm_available(torch.float32, CPU)
+                     else {"TiledLinear"})
     assert engine.core.scheduler.kv.usage == 0.0
     for prompt, result in zip(batch, results, strict=True):
         expected_tokens, expected_logprobs = hf_reference(model_dir, prompt)

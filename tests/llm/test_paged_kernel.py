@@ -6,6 +6,7 @@ leaves the torch path in place."""
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -106,10 +107,26 @@ def test_the_build_is_cached_by_source_flags_and_cpu(tmp_path, monkeypatch) -> N
     try:
         if build.load("paged_decode") is None:
             pytest.skip("no C compiler here")
-        built = [c for c in calls if "-o" in c]
+        built = [c for c in calls if "-c" in c]
         build.load.cache_clear()
         assert build.load("paged_decode") is not None
-        assert len([c for c in calls if "-o" in c]) == len(built) == 1  # the second load reused the library
+        assert len([c for c in calls if "-c" in c]) == len(built) == 1  # the second load reused the library
     finally:
         build.load.cache_clear()
     assert len(list((tmp_path / "kernels").glob("paged_decode-*.so"))) == 1
+
+
+def test_loading_the_kernels_keeps_subnormal_floats() -> None:
+    """Built with -ffast-math but linked without it: a library linked with it carries crtfastmath.o, which sets
+    flush-to-zero for the whole process when it loads (every float op of the server would lose subnormals). In a
+    process of its own: this one may have loaded them already."""
+    probe = ("import numpy as np, torch\n"
+             "from ladle.llm.kernels.build import load, load_torch_ops\n"
+             "print(load('paged_decode') is not None and load_torch_ops('ops'))\n"
+             "print(np.float32(1e-40) != 0, torch.tensor(1e-40).item() != 0)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    built, subnormals = done.stdout.strip().splitlines()[-2:]
+    if built != "True":
+        pytest.skip("the kernels are not built here")
+    assert subnormals == "True True"

@@ -61,6 +61,8 @@ class AttentionMetadata:
     decode_tables: torch.Tensor | None = None
     decode_lens: torch.Tensor | None = None
     decode_max_len: int = 0
+    # the whole step as one int64 tensor for the C++ operator (kernels/ops.cpp): a graph input of the compiled decoder
+    packed: torch.Tensor | None = None
 
 
 def build_attention_metadata(
@@ -98,6 +100,7 @@ def build_attention_metadata(
         per_head = np.broadcast_to(allowed[None], (kv_heads, *allowed.shape)).reshape(-1, 1, allowed.shape[1])
         dec_bias = _bias(per_head, dtype, device)
         decode_run = _consecutive(block_table[0, :max_blocks]) if num_decodes == 1 else None
+    packed = _to(pack_step(num_tokens, context, block_table, slots, num_decodes), device)
     spans, row = [], int(num_tokens[:num_decodes].sum())
     for seq in range(num_decodes, len(num_tokens)):
         n, start_pos = int(num_tokens[seq]), int(positions[row])
@@ -111,7 +114,17 @@ def build_attention_metadata(
         spans.append(PrefillSpan(row, row + n, start_pos, ids, bias, run))
         row += n
     return AttentionMetadata(_to(slots, device), num_decodes, dec_ids, dec_bias, tuple(spans), decode_run,
-                             **in_place)
+                             **in_place, packed=packed)
+
+
+def pack_step(num_tokens: np.ndarray, context: np.ndarray, block_table: np.ndarray, slots: np.ndarray,
+              num_decodes: int) -> np.ndarray:
+    """The step as kernels/ops.cpp reads it: [seqs, decodes, max_blocks, max_decode_len, tokens, query_start[seqs + 1],
+    context[seqs], block_table[seqs * max_blocks], slots[tokens]] (int64; context = cached tokens after the step)."""
+    seqs, max_blocks = block_table.shape
+    max_decode_len = int(context[:num_decodes].max()) if num_decodes else 0
+    header = np.array([seqs, num_decodes, max_blocks, max_decode_len, len(slots), 0], np.int64)
+    return np.concatenate([header, np.cumsum(num_tokens), context, block_table.reshape(-1), slots]).astype(np.int64)
 
 
 def _consecutive(block_ids: np.ndarray) -> tuple[int, int] | None:

@@ -2,13 +2,14 @@
 residual stream, rotary embedding, activations, reshapes — fused into a few generated kernels per layer, and the
 model's Python between ops gone from the step.
 
-How: oneDNN-prepacked GEMMs are called as they are (inductor's lowering of them is turned into a plain call);
-quantized GEMMs (their packed weights are opaque objects) and paged attention (its metadata differs from step to
-step in structure, not only in size) enter the graph as two custom ops, `ladle::linear` and `ladle::attention`, that
-name their module by a process-wide handle. The step's attention metadata is not a
-graph input: the runner sets it around the forward (`step_metadata`) and the attention op reads it. So one graph
-serves every step — decodes, prefill chunks, mixed — with the token count as its only dynamic size (dynamo
-specialises T == 1, the batch-1 decode, into a second graph of its own: the two "buckets").
+How: ladle's C++ operators (kernels/ops.cpp: the tiled GEMM and paged attention, which reads the step from its
+packed metadata tensor, a graph input) and oneDNN-prepacked GEMMs (inductor's lowering of them is turned into a plain
+call) are called as they are. Quantized GEMMs (their packed weights are opaque objects) enter the graph as the Python
+custom op `ladle::linear`, naming their module by a process-wide handle; so does torch's attention path
+(`ladle::attention`) where the C++ operators are missing, reading the step's metadata from a context variable the
+runner sets around the forward (`step_metadata`). Either way one graph serves every step — decodes, prefill chunks,
+mixed — with the token count as its only dynamic size (dynamo specialises T == 1, the batch-1 decode, into a second
+graph of its own: the two "buckets").
 
 Compiled artifacts go to inductor's FX graph cache under $LADLE_CACHE/inductor, so a warm start skips code generation.
 
@@ -122,8 +123,12 @@ def linear(module: Any, method: str, x: torch.Tensor, other: torch.Tensor | None
     return _linear_op(x, other, module.handle, module.out_width(method), method, arg)
 
 
-def attention(layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Paged attention of `layer` (which has k_cache, v_cache, scale and a handle) with the step's metadata."""
+def attention(layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Paged attention of `layer` (which has k_cache, v_cache, scale, paged_op and a handle) over the step: through
+    the C++ operator when the layer has it (it reads `step`, the packed metadata: one dispatch, compiled or not),
+    else torch's path (attention.py) with the metadata of step_metadata, behind a Python custom op when traced."""
+    if layer.paged_op is not None:
+        return layer.paged_op(q, k, v, layer.k_cache, layer.v_cache, step, layer.scale)
     if torch.compiler.is_compiling():
         return _attention_op(q, k, v, layer.handle)
     return paged_attention(q, k, v, layer.k_cache, layer.v_cache, _metadata.get(), layer.scale)

@@ -21,7 +21,7 @@ import torch
 
 from ladle.llm.attention import AttentionMetadata, build_attention_metadata
 from ladle.llm.compiled import inductor_cache_dir, step_metadata
-from ladle.llm.kernels.paged import paged_decode
+from ladle.llm.kernels.paged import paged_attention_op, paged_decode
 from ladle.llm.models.linear import can_prepack
 from ladle.llm.models.loader import Checkpoint, load_model, read_json
 from ladle.llm.outputs import ScheduledSeq, SchedulerOutput
@@ -95,12 +95,16 @@ class ModelRunner:
         # One allocation for all layers, zeroed so that masked-out (padding) keys are finite: 0 * NaN poisons P @ V.
         shape = (m.num_layers, 2, m.num_kv_heads, self.cache_blocks, block_size, m.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        m.bind_kv_cache([(layer[0], layer[1]) for layer in self.kv_cache])
-        # decode attention reads the cache in place with a compiled kernel where one builds (LADLE_ATTENTION=gather:
-        # the torch path, which copies each sequence's context per layer; kept for comparison and as the fallback)
+        # Attention reads the cache in place: through the C++ operator (kernels/ops.cpp: one dispatch per layer) where
+        # it builds, else the C kernel for decodes (ctypes) and torch for the rest. LADLE_ATTENTION=kernel keeps the
+        # latter, =gather the torch path alone (it copies each sequence's context per layer): for comparison.
         heads = int(self.config.get("num_attention_heads") or self.config.get("n_head") or 0)  # 0: unknown, no kernel
-        self.decode_kernel = None if os.environ.get("LADLE_ATTENTION") == "gather" else paged_decode(
-            dtype, self.device, heads, m.num_kv_heads, m.head_dim)
+        mode = os.environ.get("LADLE_ATTENTION", "operator")
+        self.decode_kernel = None if mode == "gather" else paged_decode(dtype, self.device, heads, m.num_kv_heads,
+                                                                        m.head_dim)
+        self.attention_op = None if mode != "operator" else paged_attention_op(dtype, self.device, heads,
+                                                                                m.num_kv_heads, m.head_dim)
+        m.bind_kv_cache([(layer[0], layer[1]) for layer in self.kv_cache], self.attention_op)
         logger.info(
             "%s: %d KV blocks of %d tokens (%.1f MB)", self.architecture, self.num_blocks, block_size,
             self.kv_cache.numel() * self.kv_cache.element_size() / 1e6,
@@ -144,13 +148,13 @@ class ModelRunner:
         self.compile_state = "compiled"
         logger.info("decoder compiled in %.1fs; steps now run the compiled graphs", time.perf_counter() - started)
 
-    def _probe(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tokens: int) -> None:
+    def _probe(self, forward: Callable[..., torch.Tensor], tokens: int) -> None:
         """A step of one sequence feeding `tokens` tokens, in the reserved block (what it writes there is never
         read)."""
         probe = ScheduledSeq("compile-probe", [1] * tokens, 0, [self.num_blocks], True)
         step = self.prepare_inputs(SchedulerOutput([probe], tokens))
         with step_metadata(step.meta):
-            forward(step.input_ids, step.positions)
+            forward(step.input_ids, step.positions, step.meta.packed)
 
     @property
     def bytes_per_block(self) -> int:

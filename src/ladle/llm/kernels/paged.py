@@ -1,5 +1,8 @@
 """Paged decode attention in place (kernels/paged_decode.c): each decoding sequence's keys and values are read through
-its block table where they lie in the cache; nothing is gathered into a contiguous copy.
+its block table where they lie in the cache; nothing is gathered into a contiguous copy. Two ways in: the C++ operator
+`ladle::paged_attention` (kernels/ops.cpp: a whole layer's attention, K/V write and prefill spans included, one
+dispatch) where torch's headers and a C++ compiler are at hand, else the C kernel alone through ctypes (decodes only;
+attention.py does the rest in torch).
 
 Invariant: called only with the layout attention.py keeps (per layer [kv_heads, num_blocks, block_size, head_dim],
 contiguous, float32 or bfloat16, on the CPU); any other case is the caller's torch path.
@@ -8,10 +11,12 @@ contiguous, float32 or bfloat16, on the CPU); any other case is the caller's tor
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 
 from ladle.llm.kernels.build import load
+from ladle.llm.kernels.ops import operators
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int
@@ -59,3 +64,12 @@ def paged_decode(dtype: torch.dtype, device: torch.device, heads: int, kv_heads:
         return None
     library = load("paged_decode")
     return PagedDecode(library) if library is not None else None
+
+
+def paged_attention_op(dtype: torch.dtype, device: torch.device, heads: int, kv_heads: int, head_dim: int
+                       ) -> Callable[..., torch.Tensor] | None:
+    """`ladle::paged_attention(q, k, v, k_cache, v_cache, meta.packed, scale) -> out` for this cache, or None where
+    it does not apply (the same limits as the C kernel, or the operators did not build)."""
+    if paged_decode(dtype, device, heads, kv_heads, head_dim) is None or not operators():
+        return None
+    return torch.ops.ladle.paged_attention.default

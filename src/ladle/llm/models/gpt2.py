@@ -5,6 +5,7 @@ Checkpoint Conv1D weights are stored [in, out]; they are transposed once at load
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,12 +64,13 @@ class GPT2Block(nn.Module):
         self.gelu_approximate = a.gelu_approximate
         self.scale = self.head_dim**-0.5 if a.scale_attn else 1.0
         self.k_cache = self.v_cache = torch.empty(0)
-        self.handle = compiled.register(self)  # how a compiled decoder's attention op finds this block's cache
+        self.paged_op: Callable[..., torch.Tensor] | None = None  # kernels/ops.cpp's attention, when bound
+        self.handle = compiled.register(self)  # how a compiled decoder's Python attention op finds this block's cache
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0]
         qkv = self.c_attn(self.ln_1(x)).view(tokens, 3, self.heads, self.head_dim)
-        attn = compiled.attention(self, qkv[:, 0], qkv[:, 1], qkv[:, 2])
+        attn = compiled.attention(self, qkv[:, 0], qkv[:, 1], qkv[:, 2], step)
         x = self.attn_proj.add(attn, x)
         return self.mlp_proj.add(self.c_fc.gelu(self.ln_2(x), self.gelu_approximate), x)
 
@@ -84,18 +86,19 @@ class GPT2LMHeadModel(CausalLM):
         self.h = nn.ModuleList(GPT2Block(a) for _ in range(a.layers))
         self.ln_f = nn.LayerNorm(a.hidden, eps=a.eps)
 
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         x = self.wte(input_ids) + self.wpe(positions)
         for block in self.h:
-            x = block(x)
+            x = block(x, step)
         return self.ln_f(x)
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.wte.weight  # GPT-2 always ties the output projection to the token embedding
 
-    def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]],
+                      op: Callable[..., torch.Tensor] | None = None) -> None:
         for block, (k_cache, v_cache) in zip(self.h, caches, strict=True):
-            block.k_cache, block.v_cache = k_cache, v_cache
+            block.k_cache, block.v_cache, block.paged_op = k_cache, v_cache, op
 
     def canonical_name(self, name: str) -> str:
         # The original OpenAI checkpoints name tensors without the "transformer." prefix.

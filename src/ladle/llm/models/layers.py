@@ -17,7 +17,7 @@ from torch import nn
 
 from ladle.llm.attention import AttentionMetadata
 from ladle.llm.compiled import compile_forward, step_metadata
-from ladle.llm.models.linear import PackedLinear, prepack_linears
+from ladle.llm.models.linear import packed_linear, prepack_linears
 
 
 class UnsupportedModelError(ValueError):
@@ -56,18 +56,19 @@ class CausalLM(nn.Module):
         # quantized (set_head()). An instance attribute: a class attribute would shadow the submodule.
         self.head: nn.Module | None = None
         # hidden_states compiled, installed by the runner once its graphs are built (compiled_forward)
-        self.compiled: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.compiled: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states [T, hidden] of a flat batch; `meta` describes its sequences to attention."""
         with step_metadata(meta):
-            return (self.compiled or self.hidden_states)(input_ids, positions)
+            return (self.compiled or self.hidden_states)(input_ids, positions, meta.packed)
 
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The decoder itself (what compiled_forward compiles); attention reads the step's metadata (step_metadata)."""
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """The decoder itself (what compiled_forward compiles). Attention reads the step from `step` (the packed
+        metadata, for the C++ operator) or from step_metadata (the torch path)."""
         raise NotImplementedError
 
-    def compiled_forward(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def compiled_forward(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         """hidden_states under torch.compile (compiled.py): it compiles at its first calls; install it as
         `self.compiled` once warm."""
         return compile_forward(self.hidden_states)
@@ -83,7 +84,7 @@ class CausalLM(nn.Module):
         A tied head keeps the embedding table for lookups and adds a packed copy."""
         prepack_linears(self)
         if self.head is None:
-            self.head = PackedLinear(self.lm_head_weight())
+            self.head = packed_linear(self.lm_head_weight())
 
     def set_head(self, head: nn.Module) -> None:
         """Compute logits with `head` (a quantized copy of the head weight). An untied lm_head's full-width
@@ -108,8 +109,10 @@ class CausalLM(nn.Module):
         """Checkpoint tensors that are derived buffers, not weights (skipped silently)."""
         return ()
 
-    def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Give each attention layer its (k_cache, v_cache) views."""
+    def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]],
+                      op: Callable[..., torch.Tensor] | None = None) -> None:
+        """Give each attention layer its (k_cache, v_cache) views, and the C++ attention operator when there is one
+        (kernels/paged.py: paged_attention_op)."""
         raise NotImplementedError
 
     def prepare(self) -> None:

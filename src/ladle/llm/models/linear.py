@@ -1,15 +1,20 @@
-"""Linear layers with fused epilogues (`+ residual`, SwiGLU, GELU), in two variants chosen once at load time:
-plain torch ops (any device/dtype), or oneDNN-prepacked weights for float32 and bfloat16 on CPU, which run
-decode-shaped matmuls faster and fuse the epilogue into the GEMM. Both compute the same function of the same weights.
+"""Linear layers with fused epilogues (`+ residual`, SwiGLU, GELU), in three variants chosen once at load time:
+plain torch ops (any device/dtype); weights packed in tiles for ladle's own GEMM (kernels/gemm.c through
+`ladle::tiled_linear`: float32 on AVX-512, bfloat16 on AVX-512-BF16), which streams a decode step's weights near the
+memory bandwidth; or oneDNN-prepacked weights (float32 and bfloat16 on other x86 CPUs). The packed variants fuse the
+epilogue into the GEMM. All compute the same function of the same weights.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ladle.llm.kernels.ops import TILE, gemm_available
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +78,57 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], approximate)
 
 
+def _tiles(weight: torch.Tensor, swiglu: bool) -> torch.Tensor:
+    """[N, K] in gemm.c's layout: tiles of 64 output columns, each one contiguous stream ([tiles, K, 64]; bfloat16
+    [tiles, K/2, 64, 2], the k-pairs vdpbf16ps multiplies). SwiGLU: 32 gate then the same 32 up columns per tile."""
+    rows = _tile_rows(weight.detach(), swiglu)
+    tiles, k = rows.shape[0] // TILE, rows.shape[1]
+    if rows.dtype == torch.bfloat16:
+        return rows.view(tiles, TILE, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return rows.view(tiles, TILE, k).permute(0, 2, 1).contiguous()
+
+
+def _tile_rows(rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
+    """Rows (weight rows, or bias entries) in packed column order, padded with zeros to whole tiles."""
+    if swiglu:
+        gate, up = rows.chunk(2)
+        half = TILE // 2
+        pad = (0, 0) * (rows.dim() - 1) + (0, -gate.shape[0] % half)
+        gate, up = F.pad(gate, pad), F.pad(up, pad)
+        tiles = gate.shape[0] // half
+        rows = torch.stack((gate.view(tiles, half, *gate.shape[1:]), up.view(tiles, half, *up.shape[1:])), 1)
+        return rows.reshape(tiles * TILE, *gate.shape[1:])
+    return F.pad(rows, (0, 0) * (rows.dim() - 1) + (0, -rows.shape[0] % TILE))
+
+
+class TiledLinear(nn.Module):
+    """A Linear (or GateUpLinear: `swiglu`) on ladle's tiled GEMM (kernels/gemm.c): the weight packed once at load,
+    every call one `ladle::tiled_linear` dispatch with its epilogue fused (+ bias, + residual, SwiGLU)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, swiglu: bool = False) -> None:
+        super().__init__()
+        # a buffer, so that a compiled graph takes it as an input (compiled.py)
+        self.register_buffer("tiles", _tiles(weight, swiglu), persistent=False)
+        self.bias = None if bias is None else _tile_rows(bias.detach().float(), swiglu).contiguous()
+        self.n_out = weight.shape[0] // 2 if swiglu else weight.shape[0]
+
+    @classmethod
+    def of(cls, linear: Linear) -> TiledLinear:
+        return cls(linear.weight, linear.bias, swiglu=isinstance(linear, GateUpLinear))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ladle.tiled_linear(x, self.tiles, self.bias, None, self.n_out, 0)
+
+    def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ladle.tiled_linear(x, self.tiles, self.bias, other, self.n_out, 1)
+
+    def gelu(self, x: torch.Tensor, approximate: str) -> torch.Tensor:
+        return F.gelu(self(x), approximate=approximate)
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ladle.tiled_linear(x, self.tiles, self.bias, None, self.n_out, 2)
+
+
 class PackedGateUpLinear(nn.Module):
     """SwiGLU as two GEMMs with fused epilogues: silu on the gate, then `* gate` on the up projection."""
 
@@ -90,8 +146,11 @@ class PackedGateUpLinear(nn.Module):
 
 
 def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
-    """oneDNN prepacking pays off for float32 on any x86 CPU (the output head and MLP GEMMs ran 1.4-2.4x faster than
-    F.linear's, benchmarks/RESULTS.md, issue 16) and for bfloat16 on CPUs with native bf16 (avx512_bf16 / AMX)."""
+    """Packing pays off on x86 CPUs: ladle's tiled GEMM where it runs (benchmarks/RESULTS.md, issue 16); else
+    oneDNN's, for float32 on any x86 CPU (the output head and MLP GEMMs ran 1.4-2.4x faster than F.linear's) and for
+    bfloat16 on CPUs with native bf16 (avx512_bf16 / AMX)."""
+    if gemm_available(dtype, device):
+        return True
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return False
     if dtype == torch.float32:
@@ -102,17 +161,35 @@ def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
         return False
 
 
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+    """The fastest packed form of y = x W^T (+ b) here: ladle's tiled GEMM where it runs, else oneDNN's."""
+    if tiled(weight):
+        return TiledLinear(weight, bias)
+    return PackedLinear(weight, bias)
+
+
+def tiled(weight: torch.Tensor) -> bool:
+    """Whether ladle's GEMM takes this weight (its dtype runs here; bfloat16 multiplies k in pairs).
+    LADLE_GEMM=onednn keeps oneDNN's (for comparison, and to test that path on hosts that would not take it)."""
+    even = weight.dtype != torch.bfloat16 or weight.shape[-1] % 2 == 0
+    return even and os.environ.get("LADLE_GEMM") != "onednn" and gemm_available(weight.dtype, weight.device)
+
+
 def prepack_linears(model: nn.Module) -> int:
     """Swap every Linear in `model` for its packed twin (dropping the plain weight). Returns how many."""
-    swapped = 0
+    swapped, kinds = 0, set()
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, GateUpLinear):
-                setattr(module, name, PackedGateUpLinear(child))
-            elif isinstance(child, Linear):
-                setattr(module, name, PackedLinear.of(child))
-            else:
+            if not isinstance(child, Linear):
                 continue
+            if tiled(child.weight):
+                packed: nn.Module = TiledLinear.of(child)
+            elif isinstance(child, GateUpLinear):
+                packed = PackedGateUpLinear(child)
+            else:
+                packed = PackedLinear.of(child)
+            setattr(module, name, packed)
+            kinds.add("ladle's tiled GEMM" if isinstance(packed, TiledLinear) else "oneDNN")
             swapped += 1
-    logger.info("prepacked %d linear layers for oneDNN", swapped)
+    logger.info("prepacked %d linear layers for %s", swapped, " and ".join(sorted(kinds)) or "nothing")
     return swapped

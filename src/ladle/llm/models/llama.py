@@ -5,6 +5,7 @@ checkpoint layout maps HF's separate tensors onto row slices of the fused weight
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,7 +100,8 @@ class LlamaAttention(nn.Module):
         self.eps = a.eps
         self.scale = a.head_dim**-0.5
         self.k_cache = self.v_cache = torch.empty(0)
-        self.handle = compiled.register(self)  # how a compiled decoder's attention op finds this layer's cache
+        self.paged_op: Callable[..., torch.Tensor] | None = None  # kernels/ops.cpp's attention, when bound
+        self.handle = compiled.register(self)  # how a compiled decoder's Python attention op finds this layer's cache
 
     def prepare(self) -> None:
         if self.q_norm is not None and self.k_norm is not None:
@@ -107,8 +109,9 @@ class LlamaAttention(nn.Module):
             k_w = self.k_norm.weight.detach().expand(self.kv_heads, -1)
             self.qk_norm_weight = torch.cat((q_w, k_w))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """residual + o_proj(attention(x))."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                step: torch.Tensor) -> torch.Tensor:
+        """residual + o_proj(attention(x)); `step`: the step's packed attention metadata."""
         tokens, (cos, sin) = x.shape[0], rope
         qkv = self.qkv_proj(x)
         # q and k are adjacent in the fused output: normalise and rotate them as one [T, heads + kv_heads, D] tensor.
@@ -118,7 +121,7 @@ class LlamaAttention(nn.Module):
         qk = apply_rope(qk, cos, sin)
         v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.kv_heads, self.head_dim)
         q, k = qk[:, : self.heads], qk[:, self.heads :]
-        out = compiled.attention(self, q, k, v)
+        out = compiled.attention(self, q, k, v, step)
         return self.o_proj.add(out, residual)
 
 
@@ -142,9 +145,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden, a.eps)
         self.mlp = LlamaMLP(a)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: torch.Tensor) -> torch.Tensor:
         """x is the residual stream; each sublayer's output projection adds into it (fused where packed)."""
-        x = self.self_attn(self.input_layernorm(x), x, rope)
+        x = self.self_attn(self.input_layernorm(x), x, rope, step)
         return self.mlp(self.post_attention_layernorm(x), x)
 
 
@@ -170,20 +173,22 @@ class LlamaForCausalLM(CausalLM):
         for layer in self.layers:
             layer.self_attn.prepare()
 
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         assert self.rotary is not None, "call prepare() after loading weights"
         rope = self.rotary.lookup(positions)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, rope)
+            x = layer(x, rope, step)
         return self.norm(x)
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head
 
-    def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]],
+                      op: Callable[..., torch.Tensor] | None = None) -> None:
         for layer, (k_cache, v_cache) in zip(self.layers, caches, strict=True):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = k_cache, v_cache
+            attn = layer.self_attn
+            attn.k_cache, attn.v_cache, attn.paged_op = k_cache, v_cache, op
 
     def ignored_checkpoint_suffixes(self) -> tuple[str, ...]:
         return ("rotary_emb.inv_freq", "lm_head.weight")  # lm_head.weight: only reached when tied

@@ -1,0 +1,217 @@
+/* ladle's torch operators (C++, registered with torch's dispatcher): what a step calls once per layer costs one
+ * dispatch (~3 us), not a Python call. Built at first use by kernels/build.py against the installed torch's headers
+ * and cached like the C kernels.
+ *
+ * ladle::paged_attention(q, k, v, k_cache, v_cache, meta, scale) -> out
+ *   A whole step's attention for one layer: the new tokens' keys/values written to their cache slots, every
+ *   one-token (decode) sequence attended in place through its block table (paged_decode.c's kernel), every
+ *   multi-token span (prefill chunk, draft verification) through SDPA over its own k/v or its cached context.
+ *   q [T, heads, D], k/v [T, kv_heads, D] (last dim contiguous); caches [kv_heads, num_blocks, block_size, D]
+ *   contiguous; out [T, heads * D] in q's dtype. `meta` is the step's int64 description (attention.py,
+ *   pack_step), shared by every layer:
+ *     [seqs, decodes, max_blocks, max_decode_len, tokens,
+ *      query_start[seqs + 1], context[seqs], tables[seqs * max_blocks], slots[tokens]]
+ *   Sequences [0, decodes) are the one-token ones (rows [0, decodes)); context = tokens in the cache after the step.
+ *   The op writes the caches without declaring it in its schema: nothing else in a graph reads them, and declared
+ *   mutation would make inductor functionalize (copy) a whole cache per layer.
+ *
+ * ladle::tiled_linear(x, weight, bias, other, n_out, kind) -> out
+ *   x [..., K] @ W^T through gemm.c, W packed in 64-column tiles (models/linear.py: TiledLinear), bias float32 in
+ *   packed column order; kind 0: plain, 1: + other ([..., n_out]), 2: SwiGLU (silu(gate) * up). out [..., n_out].
+ * ladle::gemm_available(bool bf16) -> bool: whether this build's gemm.c runs that dtype (AVX-512 / AVX-512-BF16).
+ */
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <optional>
+#include <vector>
+#include <cmath>
+
+extern "C" {
+#include "gemm.c"
+#include "paged_decode.c"
+}
+
+namespace {
+
+struct StepMeta {
+    int64_t seqs, decodes, max_blocks, max_decode_len, tokens;
+    const int64_t *query_start, *context, *tables, *slots;
+};
+
+StepMeta parse(const at::Tensor& meta) {
+    TORCH_CHECK(meta.scalar_type() == at::kLong && meta.is_contiguous() && meta.numel() >= 5,
+                "paged_attention: meta must be a contiguous int64 tensor");
+    const int64_t* p = meta.data_ptr<int64_t>();
+    StepMeta m{p[0], p[1], p[2], p[3], p[4], nullptr, nullptr, nullptr, nullptr};
+    TORCH_CHECK(m.seqs >= 0 && m.decodes >= 0 && m.decodes <= m.seqs && m.max_blocks >= 0 && m.tokens >= 0,
+                "paged_attention: malformed meta header");
+    TORCH_CHECK(meta.numel() == 5 + (m.seqs + 1) + m.seqs + m.seqs * m.max_blocks + m.tokens,
+                "paged_attention: meta length does not match its header");
+    m.query_start = p + 5;
+    m.context = m.query_start + m.seqs + 1;
+    m.tables = m.context + m.seqs;
+    m.slots = m.tables + m.seqs * m.max_blocks;
+    return m;
+}
+
+/* cache[h, slot] = rows[t, h] for every new token t (slot = block * block_size + offset). */
+void write_kv(const at::Tensor& rows, const at::Tensor& cache, const StepMeta& m) {
+    TORCH_CHECK(rows.dim() == 3 && rows.stride(2) == 1 && rows.scalar_type() == cache.scalar_type(),
+                "paged_attention: new k/v must be [T, kv_heads, D] in the cache's dtype, last dim contiguous");
+    const int64_t kv_heads = cache.size(0), per_head = cache.size(1) * cache.size(2), dim = cache.size(3);
+    const size_t elem = cache.element_size(), row_bytes = dim * elem;
+    char* dst = static_cast<char*>(cache.data_ptr());
+    const char* src = static_cast<const char*>(rows.data_ptr());
+    for (int64_t t = 0; t < m.tokens; t++) {
+        const int64_t slot = m.slots[t];
+        TORCH_CHECK(slot >= 0 && slot < per_head, "paged_attention: slot ", slot, " outside the cache");
+        for (int64_t h = 0; h < kv_heads; h++) {
+            std::memcpy(dst + (h * per_head + slot) * row_bytes, src + (t * rows.stride(0) + h * rows.stride(1)) * elem,
+                        row_bytes);
+        }
+    }
+}
+
+at::Tensor decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const StepMeta& m,
+                  double scale) {
+    const int64_t batch = m.decodes, heads = q.size(1), dim = q.size(2), kv_heads = k_cache.size(0);
+    at::Tensor q32 = q.narrow(0, 0, batch).to(at::kFloat).contiguous();
+    at::Tensor out = at::empty_like(q32);
+    const int threads = at::get_num_threads();
+    at::Tensor scratch = at::empty({threads * (heads / kv_heads) * m.max_decode_len}, q32.options());
+    const bool bf16 = k_cache.scalar_type() == at::kBFloat16;
+    const int failed = bf16 ? paged_decode_bf16(q32.data_ptr<float>(), static_cast<const uint16_t*>(k_cache.data_ptr()),
+                                                static_cast<const uint16_t*>(v_cache.data_ptr()), m.tables, m.context,
+                                                out.data_ptr<float>(), batch, heads, kv_heads, dim, k_cache.size(1),
+                                                k_cache.size(2), m.max_blocks, scale, threads,
+                                                scratch.data_ptr<float>(), m.max_decode_len)
+                            : paged_decode_f32(q32.data_ptr<float>(), k_cache.data_ptr<float>(),
+                                               v_cache.data_ptr<float>(), m.tables, m.context, out.data_ptr<float>(),
+                                               batch, heads, kv_heads, dim, k_cache.size(1), k_cache.size(2),
+                                               m.max_blocks, scale, threads, scratch.data_ptr<float>(),
+                                               m.max_decode_len);
+    TORCH_CHECK(!failed, "paged_attention: unsupported shape (heads ", heads, ", kv heads ", kv_heads, ", head_dim ",
+                dim, ")");
+    return out.view({batch, heads * dim}).to(q.scalar_type());
+}
+
+/* A span's cached context as [1, kv_heads, tokens, D]: a view when its blocks are consecutive (the pool hands them
+ * out in order), else a gather of its blocks. */
+at::Tensor context_of(const at::Tensor& cache, const int64_t* table, int64_t tokens) {
+    const int64_t block_size = cache.size(2), blocks = (tokens + block_size - 1) / block_size;
+    bool consecutive = true;
+    for (int64_t i = 1; i < blocks && consecutive; i++) consecutive = table[i] == table[0] + i;
+    at::Tensor gathered;
+    if (consecutive) {
+        gathered = cache.narrow(1, table[0], blocks);
+    } else {
+        at::Tensor ids = at::from_blob(const_cast<int64_t*>(table), {blocks}, at::TensorOptions().dtype(at::kLong));
+        gathered = cache.index_select(1, ids);
+    }
+    return gathered.reshape({cache.size(0), blocks * block_size, cache.size(3)}).narrow(1, 0, tokens).unsqueeze(0);
+}
+
+/* Rows [start, start + n) of one multi-token sequence whose context holds `context` tokens after this step. */
+at::Tensor prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                   const at::Tensor& v_cache, const StepMeta& m, int64_t seq, double scale) {
+    const int64_t start = m.query_start[seq], n = m.query_start[seq + 1] - start, context = m.context[seq];
+    const int64_t start_pos = context - n;
+    const bool gqa = q.size(1) != k.size(1);
+    at::Tensor q_seq = q.narrow(0, start, n).transpose(0, 1).unsqueeze(0);  // 4-D: SDPA's fused CPU kernel
+    at::Tensor out;
+    if (start_pos == 0) {  // its own k/v are the whole context: top-left causal
+        at::Tensor k_seq = k.narrow(0, start, n).transpose(0, 1).unsqueeze(0);
+        at::Tensor v_seq = v.narrow(0, start, n).transpose(0, 1).unsqueeze(0);
+        out = at::scaled_dot_product_attention(q_seq, k_seq, v_seq, {}, 0.0, true, scale, gqa);
+    } else {  // a later chunk or a prefix-cache hit: read the context back, causal mask offset by start_pos
+        const int64_t* table = m.tables + seq * m.max_blocks;
+        at::Tensor k_seq = context_of(k_cache, table, context), v_seq = context_of(v_cache, table, context);
+        // query i sits at position start_pos + i and sees keys [0, start_pos + i]
+        at::Tensor bias = at::empty({n, context}, at::TensorOptions().dtype(at::kFloat));
+        float* row = bias.data_ptr<float>();
+        for (int64_t i = 0; i < n; i++, row += context) {
+            for (int64_t j = 0; j < context; j++) row[j] = j <= start_pos + i ? 0.0f : -INFINITY;
+        }
+        bias = bias.to(q.scalar_type());
+        out = at::scaled_dot_product_attention(q_seq, k_seq, v_seq, bias, 0.0, false, scale, gqa);
+    }
+    return out[0].transpose(0, 1).reshape({n, -1});
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& meta, double scale) {
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 && q.dim() == 3,
+                "paged_attention: caches must be contiguous [kv_heads, num_blocks, block_size, D], q [T, heads, D]");
+    TORCH_CHECK(k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16,
+                "paged_attention: float32 or bfloat16 caches only");
+    const StepMeta m = parse(meta);
+    TORCH_CHECK(q.size(0) == m.tokens && k.size(0) == m.tokens, "paged_attention: meta describes ", m.tokens,
+                " tokens, q has ", q.size(0));
+    write_kv(k, k_cache, m);
+    write_kv(v, v_cache, m);
+    if (m.decodes == m.seqs) return decode(q, k_cache, v_cache, m, scale);
+    if (m.decodes == 0 && m.seqs == 1) return prefill(q, k, v, k_cache, v_cache, m, 0, scale);
+    at::Tensor out = at::empty({m.tokens, q.size(1) * q.size(2)}, q.options());
+    if (m.decodes) out.narrow(0, 0, m.decodes).copy_(decode(q, k_cache, v_cache, m, scale));
+    for (int64_t seq = m.decodes; seq < m.seqs; seq++) {
+        const int64_t start = m.query_start[seq], n = m.query_start[seq + 1] - start;
+        out.narrow(0, start, n).copy_(prefill(q, k, v, k_cache, v_cache, m, seq, scale));
+    }
+    return out;
+}
+
+at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& other, int64_t n_out, int64_t kind) {
+    const int64_t k = x.size(-1), tiles = weight.size(0);
+    TORCH_CHECK(weight.is_contiguous() && weight.numel() == tiles * TILE * k && weight.scalar_type() == x.scalar_type(),
+                "tiled_linear: the weight is not a packed [tiles, ", k, ", ", TILE, "] tensor of x's dtype");
+    TORCH_CHECK(kind >= EPI_NONE && kind <= EPI_SWIGLU && n_out <= tiles * (kind == EPI_SWIGLU ? TILE / 2 : TILE),
+                "tiled_linear: bad kind or n_out");
+    at::Tensor rows = x.reshape({-1, k});
+    if (rows.stride(1) != 1) rows = rows.contiguous();
+    const int64_t m = rows.size(0);
+    at::Tensor out = at::empty({m, n_out}, x.options());
+    const float* bias_ptr = nullptr;
+    if (bias) {
+        TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == tiles * TILE,
+                    "tiled_linear: bias must be float32 [tiles * 64]");
+        bias_ptr = bias->data_ptr<float>();
+    }
+    at::Tensor extra;
+    if (kind == EPI_ADD) {
+        TORCH_CHECK(other && other->scalar_type() == x.scalar_type(), "tiled_linear: kind 1 adds `other` of x's dtype");
+        extra = other->reshape({m, n_out});
+        if (extra.stride(1) != 1) extra = extra.contiguous();
+    }
+    const int failed = gemm(rows.data_ptr(), rows.stride(0), weight.data_ptr(), bias_ptr,
+                            extra.defined() ? extra.data_ptr() : nullptr, extra.defined() ? extra.stride(0) : 0,
+                            out.data_ptr(), n_out, m, k, tiles, n_out, static_cast<int>(kind),
+                            x.scalar_type() == at::kBFloat16, at::get_num_threads());
+    TORCH_CHECK(!failed, "tiled_linear: this build cannot run ", x.scalar_type());
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = n_out;
+    return out.view(shape);
+}
+
+bool available(bool bf16) { return gemm_available(bf16); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ladle, lib) {
+    lib.def("tiled_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? other, int n_out, int kind) -> Tensor");
+    lib.def("gemm_available(bool bf16) -> bool", &available);
+    lib.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor k_cache, Tensor v_cache, Tensor meta, float scale) "
+            "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ladle, CPU, lib) {
+    lib.impl("paged_attention", &paged_attention);
+    lib.impl("tiled_linear", &tiled_linear);
+}

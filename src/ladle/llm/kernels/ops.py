@@ -1,0 +1,41 @@
+"""ladle's torch operators (kernels/ops.cpp), loaded once per process with the shape functions torch.compile needs
+to trace through them: `ladle::paged_attention` (a layer's whole attention) and `ladle::tiled_linear` (the tiled GEMM of
+gemm.c). Without a C++ compiler or torch's headers they are absent and callers keep their torch paths.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ladle.llm.kernels.build import load_torch_ops
+
+TILE = 64  # output columns per packed weight tile (gemm.c)
+
+
+def _attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     meta: torch.Tensor, scale: float) -> torch.Tensor:
+    return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
+
+
+def _linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, other: torch.Tensor | None,
+                  n_out: int, kind: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], n_out))
+
+
+@functools.cache
+def operators() -> bool:
+    """Whether the operators are loaded (built first if needed)."""
+    if not load_torch_ops("ops"):
+        return False
+    torch.library.register_fake("ladle::paged_attention")(_attention_shape)
+    torch.library.register_fake("ladle::tiled_linear")(_linear_shape)
+    return True
+
+
+def gemm_available(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `ladle::tiled_linear` runs this dtype here (it needs AVX-512, and AVX-512-BF16 for bfloat16)."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not operators():
+        return False
+    return bool(torch.ops.ladle.gemm_available(dtype == torch.bfloat16))

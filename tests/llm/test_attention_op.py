@@ -1,0 +1,105 @@
+"""The C++ attention operator (kernels/ops.cpp, `ladle::paged_attention`): a mixed step — decodes, a prompt from
+position 0, later chunks over consecutive and scattered blocks, GQA and MHA, float32 and bfloat16 — gives the torch
+path's output and leaves the same K/V in the cache; a malformed step description is refused with an error, not a
+crash; a traced call sees its shape function."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ladle.llm.attention import build_attention_metadata, paged_attention
+from ladle.llm.kernels.paged import paged_attention_op
+
+CPU = torch.device("cpu")
+BLOCK = 16
+
+
+def mixed_step(num_blocks: int, generator: torch.Generator):
+    """(positions, token_seq, num_tokens, block_table, num_decodes): three decodes, then a prompt from 0, a chunk at
+    position 33 over consecutive blocks and a 5-token span at position 50 over scattered blocks."""
+    spans = [(39, 1), (2, 1), (76, 1), (0, 20), (33, 10), (50, 5)]  # (start position, tokens)
+    order = [b for b in torch.randperm(num_blocks, generator=generator).tolist() if not 20 <= b < 24]
+    table = np.zeros((len(spans), 6), np.int64)
+    for seq, (start, n) in enumerate(spans):
+        blocks = -(-(start + n) // BLOCK)
+        table[seq, :blocks] = np.arange(20, 20 + blocks) if seq == 4 else [order.pop() for _ in range(blocks)]
+    positions = np.concatenate([np.arange(start, start + n) for start, n in spans])
+    token_seq = np.repeat(np.arange(len(spans)), [n for _, n in spans])
+    num_tokens = np.array([n for _, n in spans], np.int64)
+    return positions, token_seq, num_tokens, table, 3
+
+
+@pytest.fixture(scope="module")
+def op():
+    found = paged_attention_op(torch.float32, CPU, 8, 2, 64)
+    if found is None:
+        pytest.skip("no C++ compiler or torch headers here: the operator is not built (the torch path serves)")
+    return found
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32)])
+def test_a_mixed_step_matches_the_torch_path(op, dtype, heads, kv_heads, head_dim) -> None:
+    generator = torch.Generator().manual_seed(heads + head_dim)
+    num_blocks = 48
+    positions, token_seq, num_tokens, table, decodes = mixed_step(num_blocks, generator)
+    meta = build_attention_metadata(positions, token_seq, num_tokens, table, decodes, (kv_heads, num_blocks, BLOCK),
+                                    dtype, CPU)
+    tokens = len(positions)
+    caches = [torch.randn(kv_heads, num_blocks, BLOCK, head_dim, generator=generator).to(dtype) for _ in range(2)]
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=generator).to(dtype)
+    q, k, v = qkv[:, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]  # strided, like the models
+    expected_caches = [c.clone() for c in caches]
+    expected = paged_attention(q, k, v, *expected_caches, meta, head_dim**-0.5)
+    out = op(q, k, v, *caches, meta.packed, head_dim**-0.5)
+    assert out.shape == (tokens, heads * head_dim) and out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    for got, want in zip(caches, expected_caches, strict=True):
+        assert torch.equal(got, want)  # every new token's K/V at its slot, nothing else touched
+
+
+def test_only_decodes_and_only_one_prompt(op) -> None:
+    generator = torch.Generator().manual_seed(3)
+    positions, token_seq, num_tokens, table, _ = mixed_step(48, generator)
+    for rows in ([0, 1, 2], [3]):  # the op's two short cuts: all decodes, a single prompt
+        seqs = np.array(rows)
+        keep = np.isin(token_seq, seqs)
+        remap = {s: i for i, s in enumerate(rows)}
+        meta = build_attention_metadata(positions[keep], np.vectorize(remap.get)(token_seq[keep]), num_tokens[seqs],
+                                        table[seqs], int((num_tokens[seqs] == 1).sum()), (2, 48, BLOCK),
+                                        torch.float32, CPU)
+        caches = [torch.randn(2, 48, BLOCK, 64, generator=generator) for _ in range(2)]
+        q, k, v = (torch.randn(int(keep.sum()), h, 64, generator=generator) for h in (8, 2, 2))
+        expected = paged_attention(q, k, v, *[c.clone() for c in caches], meta, 0.125)
+        torch.testing.assert_close(op(q, k, v, *caches, meta.packed, 0.125), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_malformed_step_is_an_error_not_a_crash(op) -> None:
+    positions, token_seq, num_tokens, table, decodes = mixed_step(48, torch.Generator().manual_seed(4))
+    meta = build_attention_metadata(positions, token_seq, num_tokens, table, decodes, (2, 48, BLOCK), torch.float32,
+                                    CPU)
+    caches = [torch.zeros(2, 48, BLOCK, 64) for _ in range(2)]
+    q, k, v = (torch.randn(len(positions), h, 64) for h in (8, 2, 2))
+    with pytest.raises(RuntimeError, match="meta length"):
+        op(q, k, v, *caches, meta.packed[:-1], 0.125)
+    with pytest.raises(RuntimeError, match="tokens"):
+        op(q[:-1], k[:-1], v[:-1], *caches, meta.packed, 0.125)
+    bad = meta.packed.clone()
+    bad[-1] = 48 * BLOCK  # the last token's slot, one past the cache
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        op(q, k, v, *caches, bad, 0.125)
+    with pytest.raises(RuntimeError, match="contiguous int64"):
+        op(q, k, v, *caches, meta.packed.int(), 0.125)
+
+
+def test_tracing_uses_its_shape_function(op) -> None:
+    positions, token_seq, num_tokens, table, decodes = mixed_step(48, torch.Generator().manual_seed(5))
+    meta = build_attention_metadata(positions, token_seq, num_tokens, table, decodes, (2, 48, BLOCK), torch.float32,
+                                    CPU)
+    caches = [torch.zeros(2, 48, BLOCK, 64) for _ in range(2)]
+    q, k, v = (torch.randn(len(positions), h, 64) for h in (8, 2, 2))
+    compiled = torch.compile(lambda *a: op(*a, 0.125) * 2, fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(q, k, v, *caches, meta.packed), op(q, k, v, *caches, meta.packed, 0.125) * 2)

@@ -1,0 +1,99 @@
+"""ladle's tiled GEMM (kernels/gemm.c through `ladle::tiled_linear`, models/linear.py: TiledLinear) against torch's
+linear algebra: every epilogue (plain, + bias, + residual, SwiGLU, GELU), widths that are not whole tiles, batches
+from 0 rows to past the kernel's row blocking, float32 and bfloat16; traced by torch.compile; and the choice at load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ladle.llm.kernels.ops import gemm_available
+from ladle.llm.models.linear import GateUpLinear, Linear, PackedLinear, TiledLinear, packed_linear
+
+CPU = torch.device("cpu")
+TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
+
+
+def needs(dtype: torch.dtype) -> None:
+    if not gemm_available(dtype, CPU):
+        pytest.skip(f"ladle's GEMM does not run {dtype} here (no AVX-512 / AVX-512-BF16, or no C++ compiler)")
+
+
+def linear(n: int, k: int, dtype: torch.dtype, bias: bool, cls: type[Linear] = Linear) -> Linear:
+    layer = cls(k, n, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n, k) * k**-0.5)
+        if bias:
+            layer.bias.copy_(torch.randn(n))
+    return layer.to(dtype)
+
+
+def reference(x: torch.Tensor, layer: Linear) -> torch.Tensor:
+    b = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 33])
+@pytest.mark.parametrize(("n", "k", "bias"), [(200, 96, False), (64, 576, True), (1000, 130, True)])
+def test_plain_and_residual_epilogues_match_torch(dtype, rows, n, k, bias) -> None:
+    needs(dtype)
+    torch.manual_seed(rows * 7 + n)
+    layer = linear(n, k, dtype, bias)
+    tiled = TiledLinear.of(layer)
+    x, other = torch.randn(rows, k).to(dtype), torch.randn(rows, n).to(dtype)
+    want = reference(x, layer)
+    torch.testing.assert_close(tiled(x).float(), want, **TOLERANCE[dtype])
+    torch.testing.assert_close(tiled.add(x, other).float(), want + other.float(), **TOLERANCE[dtype])
+    assert tiled(x).dtype == dtype and tiled(x).shape == (rows, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("inter", "bias"), [(1536, False), (72, True)])
+def test_swiglu_matches_silu_gate_times_up(dtype, inter, bias) -> None:
+    needs(dtype)
+    torch.manual_seed(inter)
+    layer = linear(2 * inter, 128, dtype, bias, GateUpLinear)
+    x = torch.randn(2, 3, 128).to(dtype)  # any leading shape
+    gate, up = reference(x, layer).chunk(2, dim=-1)
+    got = TiledLinear.of(layer).swiglu(x)
+    assert got.shape == (2, 3, inter)
+    torch.testing.assert_close(got.float(), F.silu(gate) * up, **TOLERANCE[dtype])
+
+
+def test_gelu_and_a_strided_input() -> None:
+    needs(torch.float32)
+    layer = linear(96, 64, torch.float32, True)
+    x = torch.randn(5, 128)[:, ::2]  # rows not contiguous in their last dim
+    got = TiledLinear.of(layer).gelu(x, "tanh")
+    torch.testing.assert_close(got, F.gelu(reference(x, layer), approximate="tanh"), atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_calls_match_eager() -> None:
+    needs(torch.float32)
+    torch.manual_seed(0)
+    tiled = TiledLinear.of(linear(300, 64, torch.float32, True))
+    compiled = torch.compile(lambda x, r: tiled.add(torch.relu(x), r) * 2, fullgraph=True, dynamic=True)
+    for rows in (1, 7):
+        x, r = torch.randn(rows, 64), torch.randn(rows, 300)
+        torch.testing.assert_close(compiled(x, r), tiled.add(torch.relu(x), r) * 2)
+
+
+def test_malformed_calls_raise() -> None:
+    needs(torch.float32)
+    tiled = TiledLinear.of(linear(100, 64, torch.float32, False))
+    with pytest.raises(RuntimeError, match="packed"):
+        torch.ops.ladle.tiled_linear(torch.randn(2, 32), tiled.tiles, None, None, 100, 0)  # wrong K
+    with pytest.raises(RuntimeError, match="kind"):
+        torch.ops.ladle.tiled_linear(torch.randn(2, 64), tiled.tiles, None, None, 100, 7)
+    with pytest.raises(RuntimeError, match="other"):
+        torch.ops.ladle.tiled_linear(torch.randn(2, 64), tiled.tiles, None, None, 100, 1)
+
+
+def test_the_fastest_packing_is_chosen_at_load() -> None:
+    weight = torch.randn(64, 32)
+    chosen = packed_linear(weight)
+    assert isinstance(chosen, TiledLinear if gemm_available(torch.float32, CPU) else PackedLinear)
+    odd = packed_linear(torch.randn(64, 33).to(torch.bfloat16))  # bfloat16 pairs k: an odd K stays on oneDNN
+    assert isinstance(odd, PackedLinear)
