@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ladle.llm.attention import build_attention_metadata, paged_attention
+from ladle.llm.attention import AttentionMetadata, build_attention_metadata, paged_attention
 from ladle.llm.kernels.paged import paged_attention_op
 
 CPU = torch.device("cpu")
@@ -45,15 +45,15 @@ def test_a_mixed_step_matches_the_torch_path(op, dtype, heads, kv_heads, head_di
     generator = torch.Generator().manual_seed(heads + head_dim)
     num_blocks = 48
     positions, token_seq, num_tokens, table, decodes = mixed_step(num_blocks, generator)
-    meta = build_attention_metadata(positions, token_seq, num_tokens, table, decodes, (kv_heads, num_blocks, BLOCK),
-                                    dtype, CPU)
+    args = (positions, token_seq, num_tokens, table, decodes, (kv_heads, num_blocks, BLOCK), dtype, CPU)
+    meta, step = build_attention_metadata(*args), build_attention_metadata(*args, operator=True).packed
     tokens = len(positions)
     caches = [torch.randn(kv_heads, num_blocks, BLOCK, head_dim, generator=generator).to(dtype) for _ in range(2)]
     qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=generator).to(dtype)
     q, k, v = qkv[:, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]  # strided, like the models
     expected_caches = [c.clone() for c in caches]
     expected = paged_attention(q, k, v, *expected_caches, meta, head_dim**-0.5)
-    out = op(q, k, v, *caches, meta.packed, head_dim**-0.5)
+    out = op(q, k, v, *caches, step, head_dim**-0.5)
     assert out.shape == (tokens, heads * head_dim) and out.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
@@ -68,38 +68,46 @@ def test_only_decodes_and_only_one_prompt(op) -> None:
         seqs = np.array(rows)
         keep = np.isin(token_seq, seqs)
         remap = {s: i for i, s in enumerate(rows)}
-        meta = build_attention_metadata(positions[keep], np.vectorize(remap.get)(token_seq[keep]), num_tokens[seqs],
-                                        table[seqs], int((num_tokens[seqs] == 1).sum()), (2, 48, BLOCK),
-                                        torch.float32, CPU)
+        args = (positions[keep], np.vectorize(remap.get)(token_seq[keep]), num_tokens[seqs], table[seqs],
+                int((num_tokens[seqs] == 1).sum()), (2, 48, BLOCK), torch.float32, CPU)
         caches = [torch.randn(2, 48, BLOCK, 64, generator=generator) for _ in range(2)]
         q, k, v = (torch.randn(int(keep.sum()), h, 64, generator=generator) for h in (8, 2, 2))
-        expected = paged_attention(q, k, v, *[c.clone() for c in caches], meta, 0.125)
-        torch.testing.assert_close(op(q, k, v, *caches, meta.packed, 0.125), expected, atol=1e-5, rtol=1e-5)
+        expected = paged_attention(q, k, v, *[c.clone() for c in caches], build_attention_metadata(*args), 0.125)
+        step = build_attention_metadata(*args, operator=True).packed
+        torch.testing.assert_close(op(q, k, v, *caches, step, 0.125), expected, atol=1e-5, rtol=1e-5)
+
+
+def small_step(seed: int) -> tuple[torch.Tensor, list[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """The mixed step for the operator, 8 query / 2 KV heads of 64: (packed step, [k_cache, v_cache], (q, k, v))."""
+    positions, token_seq, num_tokens, table, decodes = mixed_step(48, torch.Generator().manual_seed(seed))
+    meta = build_attention_metadata(positions, token_seq, num_tokens, table, decodes, (2, 48, BLOCK), torch.float32,
+                                    CPU, operator=True)
+    caches = [torch.zeros(2, 48, BLOCK, 64) for _ in range(2)]
+    return meta.packed, caches, tuple(torch.randn(len(positions), h, 64) for h in (8, 2, 2))
 
 
 def test_a_malformed_step_is_an_error_not_a_crash(op) -> None:
-    positions, token_seq, num_tokens, table, decodes = mixed_step(48, torch.Generator().manual_seed(4))
-    meta = build_attention_metadata(positions, token_seq, num_tokens, table, decodes, (2, 48, BLOCK), torch.float32,
-                                    CPU)
-    caches = [torch.zeros(2, 48, BLOCK, 64) for _ in range(2)]
-    q, k, v = (torch.randn(len(positions), h, 64) for h in (8, 2, 2))
+    step, caches, (q, k, v) = small_step(4)
     with pytest.raises(RuntimeError, match="meta length"):
-        op(q, k, v, *caches, meta.packed[:-1], 0.125)
+        op(q, k, v, *caches, step[:-1], 0.125)
     with pytest.raises(RuntimeError, match="tokens"):
-        op(q[:-1], k[:-1], v[:-1], *caches, meta.packed, 0.125)
-    bad = meta.packed.clone()
+        op(q[:-1], k[:-1], v[:-1], *caches, step, 0.125)
+    bad = step.clone()
     bad[-1] = 48 * BLOCK  # the last token's slot, one past the cache
     with pytest.raises(RuntimeError, match="outside the cache"):
         op(q, k, v, *caches, bad, 0.125)
     with pytest.raises(RuntimeError, match="contiguous int64"):
-        op(q, k, v, *caches, meta.packed.int(), 0.125)
+        op(q, k, v, *caches, step.int(), 0.125)
+
+
+def test_operator_metadata_is_refused_by_the_torch_path() -> None:
+    step, caches, (q, k, v) = small_step(6)
+    meta = AttentionMetadata.for_operator(step, 3)
+    with pytest.raises(RuntimeError, match="C\\+\\+ operator"):
+        paged_attention(q, k, v, *caches, meta, 0.125)
 
 
 def test_tracing_uses_its_shape_function(op) -> None:
-    positions, token_seq, num_tokens, table, decodes = mixed_step(48, torch.Generator().manual_seed(5))
-    meta = build_attention_metadata(positions, token_seq, num_tokens, table, decodes, (2, 48, BLOCK), torch.float32,
-                                    CPU)
-    caches = [torch.zeros(2, 48, BLOCK, 64) for _ in range(2)]
-    q, k, v = (torch.randn(len(positions), h, 64) for h in (8, 2, 2))
+    step, caches, (q, k, v) = small_step(5)
     compiled = torch.compile(lambda *a: op(*a, 0.125) * 2, fullgraph=True, dynamic=True)
-    torch.testing.assert_close(compiled(q, k, v, *caches, meta.packed), op(q, k, v, *caches, meta.packed, 0.125) * 2)
+    torch.testing.assert_close(compiled(q, k, v, *caches, step), op(q, k, v, *caches, step, 0.125) * 2)

@@ -61,8 +61,14 @@ class AttentionMetadata:
     decode_tables: torch.Tensor | None = None
     decode_lens: torch.Tensor | None = None
     decode_max_len: int = 0
-    # the whole step as one int64 tensor for the C++ operator (kernels/ops.cpp): a graph input of the compiled decoder
+    # the whole step as one int64 tensor for the C++ operator (kernels/ops.cpp): a graph input of the compiled decoder.
+    # Set only in metadata built for the operator (for_operator), whose torch-path fields above are left empty.
     packed: torch.Tensor | None = None
+
+    @classmethod
+    def for_operator(cls, packed: torch.Tensor, num_decodes: int) -> AttentionMetadata:
+        """What kernels/ops.cpp reads, and nothing else: the torch path refuses this metadata."""
+        return cls(packed.new_empty(0), num_decodes, None, None, (), packed=packed)
 
 
 def build_attention_metadata(
@@ -75,17 +81,22 @@ def build_attention_metadata(
     dtype: torch.dtype,
     device: torch.device,
     kernel: PagedDecode | None = None,
+    operator: bool = False,
 ) -> AttentionMetadata:
     """Precompute slot mapping, gather indices and masks for a batch ordered decodes-first.
 
     positions/token_seq: per token (position, sequence index); num_tokens: per sequence; block_table: [S, max_blocks]
     int64, padded with block 0 (its contents are finite, and padded keys are masked out); cache_shape: (kv_heads,
-    num_blocks, block_size) of one layer's cache. `kernel`: decodes read the cache in place through it.
+    num_blocks, block_size) of one layer's cache. `kernel`: decodes read the cache in place through it. `operator`:
+    only the packed step the C++ operator reads (kernels/ops.cpp), none of the torch path's tensors.
     """
     kv_heads, num_cache_blocks, block_size = cache_shape
-    heads = np.arange(kv_heads)[:, None] * num_cache_blocks  # row offset of each head's blocks in the flat view
     slots = block_table[token_seq, positions // block_size] * block_size + positions % block_size
     context = positions[np.cumsum(num_tokens) - 1] + 1  # tokens in the cache after this step, per sequence
+    if operator:
+        return AttentionMetadata.for_operator(_to(pack_step(num_tokens, context, block_table, slots, num_decodes),
+                                                  device), num_decodes)
+    heads = np.arange(kv_heads)[:, None] * num_cache_blocks  # row offset of each head's blocks in the flat view
     dec_ids = dec_bias = decode_run = None
     in_place: dict = {}
     if num_decodes and kernel is not None:
@@ -100,7 +111,6 @@ def build_attention_metadata(
         per_head = np.broadcast_to(allowed[None], (kv_heads, *allowed.shape)).reshape(-1, 1, allowed.shape[1])
         dec_bias = _bias(per_head, dtype, device)
         decode_run = _consecutive(block_table[0, :max_blocks]) if num_decodes == 1 else None
-    packed = _to(pack_step(num_tokens, context, block_table, slots, num_decodes), device)
     spans, row = [], int(num_tokens[:num_decodes].sum())
     for seq in range(num_decodes, len(num_tokens)):
         n, start_pos = int(num_tokens[seq]), int(positions[row])
@@ -114,7 +124,7 @@ def build_attention_metadata(
         spans.append(PrefillSpan(row, row + n, start_pos, ids, bias, run))
         row += n
     return AttentionMetadata(_to(slots, device), num_decodes, dec_ids, dec_bias, tuple(spans), decode_run,
-                             **in_place, packed=packed)
+                             **in_place)
 
 
 def pack_step(num_tokens: np.ndarray, context: np.ndarray, block_table: np.ndarray, slots: np.ndarray,
@@ -162,6 +172,8 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of q [T, heads, head_dim] over each sequence's cached context plus the new k/v
     ([T, kv_heads, head_dim], written to the cache first). Returns [T, heads * head_dim]."""
+    if meta.packed is not None:
+        raise RuntimeError("attention metadata built for the C++ operator reached the torch path")
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     num_tokens, num_heads, head_dim = q.shape
     if not meta.prefills:

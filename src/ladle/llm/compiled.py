@@ -123,7 +123,8 @@ def linear(module: Any, method: str, x: torch.Tensor, other: torch.Tensor | None
     return _linear_op(x, other, module.handle, module.out_width(method), method, arg)
 
 
-def attention(layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+def attention(layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: torch.Tensor | None
+              ) -> torch.Tensor:
     """Paged attention of `layer` (which has k_cache, v_cache, scale, paged_op and a handle) over the step: through
     the C++ operator when the layer has it (it reads `step`, the packed metadata: one dispatch, compiled or not),
     else torch's path (attention.py) with the metadata of step_metadata, behind a Python custom op when traced."""

@@ -242,6 +242,7 @@ class ModelRunner:
         meta = build_attention_metadata(
             positions, token_seq, num_tokens, block_table, int((num_tokens == 1).sum()),
             (self.model.num_kv_heads, self.cache_blocks, self.block_size), self.dtype, self.device, self.decode_kernel,
+            operator=self.attention_op is not None,
         )
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))  # original index -> position in the ordered batch

@@ -67,7 +67,7 @@ class GPT2Block(nn.Module):
         self.paged_op: Callable[..., torch.Tensor] | None = None  # kernels/ops.cpp's attention, when bound
         self.handle = compiled.register(self)  # how a compiled decoder's Python attention op finds this block's cache
 
-    def forward(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: torch.Tensor | None) -> torch.Tensor:
         tokens = x.shape[0]
         qkv = self.c_attn(self.ln_1(x)).view(tokens, 3, self.heads, self.head_dim)
         attn = compiled.attention(self, qkv[:, 0], qkv[:, 1], qkv[:, 2], step)
@@ -86,7 +86,8 @@ class GPT2LMHeadModel(CausalLM):
         self.h = nn.ModuleList(GPT2Block(a) for _ in range(a.layers))
         self.ln_f = nn.LayerNorm(a.hidden, eps=a.eps)
 
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, step: torch.Tensor | None
+                      ) -> torch.Tensor:
         x = self.wte(input_ids) + self.wpe(positions)
         for block in self.h:
             x = block(x, step)

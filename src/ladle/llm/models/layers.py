@@ -56,19 +56,20 @@ class CausalLM(nn.Module):
         # quantized (set_head()). An instance attribute: a class attribute would shadow the submodule.
         self.head: nn.Module | None = None
         # hidden_states compiled, installed by the runner once its graphs are built (compiled_forward)
-        self.compiled: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.compiled: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states [T, hidden] of a flat batch; `meta` describes its sequences to attention."""
         with step_metadata(meta):
             return (self.compiled or self.hidden_states)(input_ids, positions, meta.packed)
 
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, step: torch.Tensor | None
+                      ) -> torch.Tensor:
         """The decoder itself (what compiled_forward compiles). Attention reads the step from `step` (the packed
-        metadata, for the C++ operator) or from step_metadata (the torch path)."""
+        metadata, for the C++ operator; None without it) or from step_metadata (the torch path)."""
         raise NotImplementedError
 
-    def compiled_forward(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    def compiled_forward(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
         """hidden_states under torch.compile (compiled.py): it compiles at its first calls; install it as
         `self.compiled` once warm."""
         return compile_forward(self.hidden_states)

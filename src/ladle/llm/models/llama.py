@@ -110,7 +110,7 @@ class LlamaAttention(nn.Module):
             self.qk_norm_weight = torch.cat((q_w, k_w))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                step: torch.Tensor) -> torch.Tensor:
+                step: torch.Tensor | None) -> torch.Tensor:
         """residual + o_proj(attention(x)); `step`: the step's packed attention metadata."""
         tokens, (cos, sin) = x.shape[0], rope
         qkv = self.qkv_proj(x)
@@ -145,7 +145,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden, a.eps)
         self.mlp = LlamaMLP(a)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: torch.Tensor | None
+                ) -> torch.Tensor:
         """x is the residual stream; each sublayer's output projection adds into it (fused where packed)."""
         x = self.self_attn(self.input_layernorm(x), x, rope, step)
         return self.mlp(self.post_attention_layernorm(x), x)
@@ -173,7 +174,8 @@ class LlamaForCausalLM(CausalLM):
         for layer in self.layers:
             layer.self_attn.prepare()
 
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, step: torch.Tensor | None
+                      ) -> torch.Tensor:
         assert self.rotary is not None, "call prepare() after loading weights"
         rope = self.rotary.lookup(positions)
         x = self.embed_tokens(input_ids)
