@@ -98,6 +98,17 @@ def test_a_malformed_step_is_an_error_not_a_crash(op) -> None:
         op(q, k, v, *caches, bad, 0.125)
     with pytest.raises(RuntimeError, match="contiguous int64"):
         op(q, k, v, *caches, step.int(), 0.125)
+    with pytest.raises(RuntimeError, match="heads or head size"):
+        op(q, k[:, :1], v[:, :1], *caches, step, 0.125)
+    header = 5 + 7 + 6  # header, query_start[7], context[6]: then the block table of 6 x 6
+    bad = step.clone()
+    bad[header] = 48  # the first sequence's first block, one past the cache
+    with pytest.raises(RuntimeError, match="block 48 outside the cache"):
+        op(q, k, v, *caches, bad, 0.125)
+    bad = step.clone()
+    bad[5 + 7] = 10_000  # the first sequence's context, past its block table
+    with pytest.raises(RuntimeError, match="context of 10000"):
+        op(q, k, v, *caches, bad, 0.125)
 
 
 def test_operator_metadata_is_refused_by_the_torch_path() -> None:

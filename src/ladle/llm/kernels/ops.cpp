@@ -61,6 +61,21 @@ StepMeta parse(const at::Tensor& meta) {
     return m;
 }
 
+/* Every sequence's rows, context and used blocks inside the tensors and the cache: the kernels index with them. */
+void check(const StepMeta& m, int64_t num_blocks, int64_t block_size) {
+    TORCH_CHECK(m.query_start[0] == 0 && m.query_start[m.seqs] == m.tokens, "paged_attention: rows do not add up");
+    for (int64_t s = 0; s < m.seqs; s++) {
+        const int64_t n = m.query_start[s + 1] - m.query_start[s], context = m.context[s];
+        TORCH_CHECK(n >= 1 && (s >= m.decodes || n == 1) && context >= n &&
+                        context <= m.max_blocks * block_size && (s >= m.decodes || context <= m.max_decode_len),
+                    "paged_attention: sequence ", s, " has ", n, " rows and a context of ", context);
+        for (int64_t b = 0; b < (context + block_size - 1) / block_size; b++) {
+            const int64_t block = m.tables[s * m.max_blocks + b];
+            TORCH_CHECK(block >= 0 && block < num_blocks, "paged_attention: block ", block, " outside the cache");
+        }
+    }
+}
+
 /* cache[h, slot] = rows[t, h] for every new token t (slot = block * block_size + offset). */
 void write_kv(const at::Tensor& rows, const at::Tensor& cache, const StepMeta& m) {
     TORCH_CHECK(rows.dim() == 3 && rows.stride(2) == 1 && rows.scalar_type() == cache.scalar_type(),
@@ -152,8 +167,12 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     TORCH_CHECK(k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16,
                 "paged_attention: float32 or bfloat16 caches only");
     const StepMeta m = parse(meta);
-    TORCH_CHECK(q.size(0) == m.tokens && k.size(0) == m.tokens, "paged_attention: meta describes ", m.tokens,
-                " tokens, q has ", q.size(0));
+    check(m, k_cache.size(1), k_cache.size(2));
+    TORCH_CHECK(q.size(0) == m.tokens && k.size(0) == m.tokens && v.size(0) == m.tokens, "paged_attention: meta "
+                "describes ", m.tokens, " tokens, q has ", q.size(0));
+    TORCH_CHECK(k.sizes() == v.sizes() && k.size(1) == k_cache.size(0) && k.size(2) == k_cache.size(3) &&
+                    q.size(2) == k_cache.size(3) && v_cache.sizes() == k_cache.sizes() && q.size(1) % k.size(1) == 0,
+                "paged_attention: q/k/v and the caches disagree in heads or head size");
     write_kv(k, k_cache, m);
     write_kv(v, v_cache, m);
     if (m.decodes == m.seqs) return decode(q, k_cache, v_cache, m, scale);
