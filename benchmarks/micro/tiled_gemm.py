@@ -48,7 +48,7 @@ def build(kind: str, n: int, k: int, dtype: torch.dtype, tiled: bool) -> Call:
     if tiled:
         module = TiledLinear.of(layer)
     else:
-        module = PackedGateUpLinear(layer) if kind == "swiglu" else PackedLinear.of(layer)
+        module = PackedGateUpLinear(layer.weight) if kind == "swiglu" else PackedLinear.of(layer)
     if kind == "swiglu":
         return lambda xs: module.swiglu(xs[k])
     if kind == "add":

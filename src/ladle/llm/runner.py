@@ -100,10 +100,9 @@ class ModelRunner:
         # latter, =gather the torch path alone (it copies each sequence's context per layer): for comparison.
         heads = int(self.config.get("num_attention_heads") or self.config.get("n_head") or 0)  # 0: unknown, no kernel
         mode = os.environ.get("LADLE_ATTENTION", "operator")
-        self.decode_kernel = None if mode == "gather" else paged_decode(dtype, self.device, heads, m.num_kv_heads,
-                                                                        m.head_dim)
-        self.attention_op = None if mode != "operator" else paged_attention_op(dtype, self.device, heads,
-                                                                                m.num_kv_heads, m.head_dim)
+        shape = (dtype, self.device, heads, m.num_kv_heads, m.head_dim)
+        self.attention_op = paged_attention_op(*shape) if mode == "operator" else None
+        self.decode_kernel = paged_decode(*shape) if self.attention_op is None and mode != "gather" else None
         m.bind_kv_cache([(layer[0], layer[1]) for layer in self.kv_cache], self.attention_op)
         logger.info(
             "%s: %d KV blocks of %d tokens (%.1f MB)", self.architecture, self.num_blocks, block_size,

@@ -132,10 +132,11 @@ class TiledLinear(nn.Module):
 class PackedGateUpLinear(nn.Module):
     """SwiGLU as two GEMMs with fused epilogues: silu on the gate, then `* gate` on the up projection."""
 
-    def __init__(self, linear: GateUpLinear) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """`weight`: gate and up stacked [2 * inter, in] (GateUpLinear's)."""
         super().__init__()
-        gate, up = linear.weight.detach().chunk(2)
-        bias = (None, None) if linear.bias is None else linear.bias.detach().chunk(2)
+        gate, up = weight.detach().chunk(2)
+        bias = (None, None) if bias is None else bias.detach().chunk(2)
         self.register_buffer("gate", _packed(gate), persistent=False)
         self.register_buffer("up", _packed(up), persistent=False)
         self.gate_bias, self.up_bias = bias
@@ -161,11 +162,12 @@ def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
         return False
 
 
-def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
-    """The fastest packed form of y = x W^T (+ b) here: ladle's tiled GEMM where it runs, else oneDNN's."""
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, swiglu: bool = False) -> nn.Module:
+    """The fastest packed form of y = x W^T (+ b) here (`swiglu`: of a GateUpLinear's stacked weight): ladle's tiled
+    GEMM where it takes the weight, else oneDNN's prepacked GEMMs."""
     if tiled(weight):
-        return TiledLinear(weight, bias)
-    return PackedLinear(weight, bias)
+        return TiledLinear(weight, bias, swiglu)
+    return PackedGateUpLinear(weight, bias) if swiglu else PackedLinear(weight, bias)
 
 
 def tiled(weight: torch.Tensor) -> bool:
@@ -182,12 +184,7 @@ def prepack_linears(model: nn.Module) -> int:
         for name, child in list(module.named_children()):
             if not isinstance(child, Linear):
                 continue
-            if tiled(child.weight):
-                packed: nn.Module = TiledLinear.of(child)
-            elif isinstance(child, GateUpLinear):
-                packed = PackedGateUpLinear(child)
-            else:
-                packed = PackedLinear.of(child)
+            packed = packed_linear(child.weight, child.bias, isinstance(child, GateUpLinear))
             setattr(module, name, packed)
             kinds.add("ladle's tiled GEMM" if isinstance(packed, TiledLinear) else "oneDNN")
             swapped += 1
