@@ -23,7 +23,8 @@ from tests.repos import write_model, write_probe
 from tests.server import LadleServer, free_port
 
 # Loaded into the server process only (PYTHONPATH), like tests/llm/test_engine_recovery.py's runner fault:
-# prompt token 7 makes an engine step raise, prompt token 8 crashes the engine loop itself, and
+# a prompt starting with token 7 makes an engine step raise (its first token only: a generated 7 from this random
+# model must not), prompt token 8 crashes the engine loop itself, and
 # LADLE_TEST_STEP_SLEEP slows every step so a stream lasts long enough to be caught mid-flight.
 FAULTS = '''
 import os, time
@@ -33,7 +34,7 @@ _execute, _add = runner.ModelRunner.execute, engine.EngineCore.add_request
 _sleep = float(os.environ.get("LADLE_TEST_STEP_SLEEP", "0"))
 
 def execute(self, sched):
-    if any(7 in seq.token_ids for seq in sched.seqs):
+    if any(seq.start_pos == 0 and seq.token_ids[0] == 7 for seq in sched.seqs):
         raise RuntimeError("injected step fault in /secret/internal/path.py")
     time.sleep(_sleep)
     return _execute(self, sched)

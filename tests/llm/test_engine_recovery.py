@@ -16,7 +16,7 @@ from ladle.metrics import LLMMetricFamilies
 from ladle.windows import RequestWindow
 from tests.fixtures.checkpoints import save_tiny_checkpoint
 
-POISON = 7  # a batch holding this prompt token makes the runner raise
+POISON = 7  # a batch holding a prompt that starts with this token makes the runner raise (not a generated 7)
 PROMPT = list(range(20, 45))
 
 
@@ -30,7 +30,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_continues(tmp_path) -> 
     real_execute = runner.execute
 
     def execute(sched):
-        if any(POISON in seq.token_ids for seq in sched.seqs):
+        if any(seq.start_pos == 0 and seq.token_ids[0] == POISON for seq in sched.seqs):
             raise RuntimeError("injected fault")
         return real_execute(sched)
 
