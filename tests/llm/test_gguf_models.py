@@ -124,6 +124,10 @@ def test_q8_0_gguf_read_full_width_equals_its_dequantized_weights(root: Path, va
 # in bf16), 0.019-0.033 / 0.94-0.99 (int8-dynamic), 0.15-0.27 / 0.53-0.77 (int4 from float weights: 16 levels per
 # group of 32 random-normal weights, near-tied random logits). Real-model agreement: tests/llm/test_demo_model.py.
 SCHEME_BOUNDS = {"int8-weight-only": (0.035, 0.88), "int8-dynamic": (0.05, 0.9), "int4": (0.35, 0.45)}
+# Without VNNI, int8-dynamic's activations are 7-bit (fbgemm's int16 pair sums would saturate; quant.py): measured
+# 0.029-0.053 / 0.90-0.96 on an AVX2-only EPYC.
+if not quant.has_vnni():
+    SCHEME_BOUNDS["int8-dynamic"] = (0.065, 0.85)
 
 
 @pytest.mark.parametrize("variant", ["llama", "mistral", "qwen2", "qwen3", "gpt2"])

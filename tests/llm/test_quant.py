@@ -91,7 +91,7 @@ def test_dynamic_int8_quantizes_activations_per_token() -> None:
 
 
 def test_dynamic_int8_without_vnni_uses_reduced_range(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(quant, "_has_vnni", lambda: False)  # as on AVX2-only hosts: 7-bit activations
+    monkeypatch.setattr(quant, "has_vnni", lambda: False)  # as on AVX2-only hosts: 7-bit activations
     layer = staged("int8-dynamic", weights(96, 64), bias=True)
     ref_w = layer.weight.dequantize()
     layer.finalize()

@@ -95,8 +95,8 @@ def load_torch_ops(name: str) -> bool:
                        str(HERE / f"{name}.cpp")]
     link_command = [compiler, *LINK_FLAGS, *(f"-L{path}" for path in cpp_extension.library_paths()), "-lc10",
                     "-ltorch_cpu"]
-    # the C kernels it includes are part of its source
-    sources = [HERE / f"{name}.cpp", *sorted(HERE.glob("*.c"))]
+    # the C kernels (and their headers) it includes are part of its source
+    sources = [HERE / f"{name}.cpp", *sorted(HERE.glob("*.c")), *sorted(HERE.glob("*.h"))]
     target = _built(name, compile_command, link_command, sources, extra=(torch.__version__.encode(),))
     if target is None:
         return False

@@ -18,7 +18,8 @@
  * ladle::tiled_linear(x, weight, bias, other, n_out, kind) -> out
  *   x [..., K] @ W^T through gemm.c, W packed in 64-column tiles (models/linear.py: TiledLinear), bias float32 in
  *   packed column order; kind 0: plain, 1: + other ([..., n_out]), 2: SwiGLU (silu(gate) * up). out [..., n_out].
- * ladle::gemm_available(bool bf16) -> bool: whether this build's gemm.c runs that dtype (AVX-512 / AVX-512-BF16).
+ * ladle::gemm_available(bool bf16) -> bool: whether this build's gemm.c runs that dtype (AVX-512 / AVX-512-BF16 /
+ *   AVX2 + FMA).
  */
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -35,7 +35,7 @@ def operators() -> bool:
 
 
 def gemm_available(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether `ladle::tiled_linear` runs this dtype here (it needs AVX-512, and AVX-512-BF16 for bfloat16)."""
+    """Whether `ladle::tiled_linear` runs this dtype here (AVX-512 (bfloat16: AVX-512-BF16) or AVX2 + FMA)."""
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not operators():
         return False
     return bool(torch.ops.ladle.gemm_available(dtype == torch.bfloat16))

@@ -1,8 +1,9 @@
 """Linear layers with fused epilogues (`+ residual`, SwiGLU, GELU), in three variants chosen once at load time:
 plain torch ops (any device/dtype); weights packed in tiles for ladle's own GEMM (kernels/gemm.c through
-`ladle::tiled_linear`: float32 on AVX-512, bfloat16 on AVX-512-BF16), which streams a decode step's weights near the
-memory bandwidth; or oneDNN-prepacked weights (float32 and bfloat16 on other x86 CPUs). The packed variants fuse the
-epilogue into the GEMM. All compute the same function of the same weights.
+`ladle::tiled_linear`: float32 and bfloat16 on AVX-512 (bfloat16: AVX-512-BF16) or on AVX2 + FMA), which streams a
+decode step's weights near the memory bandwidth; or oneDNN-prepacked weights (float32, and bfloat16 on CPUs with native
+bf16, where ladle's GEMM does not run). The packed variants fuse the epilogue into the GEMM. All compute the same
+function of the same weights.
 """
 
 from __future__ import annotations
@@ -147,11 +148,13 @@ class PackedGateUpLinear(nn.Module):
 
 
 def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
-    """Packing pays off on x86 CPUs: ladle's tiled GEMM where it runs (benchmarks/RESULTS.md, issue 16); else
-    oneDNN's, for float32 on any x86 CPU (the output head and MLP GEMMs ran 1.4-2.4x faster than F.linear's) and for
-    bfloat16 on CPUs with native bf16 (avx512_bf16 / AMX)."""
-    if gemm_available(dtype, device):
-        return True
+    """Packing pays off on x86 CPUs: ladle's tiled GEMM where it runs (AVX-512 or AVX2; benchmarks/RESULTS.md,
+    issue 16); else oneDNN's (float32 on any x86 CPU: the output head and MLP GEMMs ran 1.4-2.4x faster than
+    F.linear's; bfloat16 on CPUs with native bf16)."""
+    return gemm_available(dtype, device) or _onednn_packs(dtype, device)
+
+
+def _onednn_packs(dtype: torch.dtype, device: torch.device) -> bool:
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return False
     if dtype == torch.float32:
@@ -162,11 +165,14 @@ def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
         return False
 
 
-def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, swiglu: bool = False) -> nn.Module:
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, swiglu: bool = False) -> nn.Module | None:
     """The fastest packed form of y = x W^T (+ b) here (`swiglu`: of a GateUpLinear's stacked weight): ladle's tiled
-    GEMM where it takes the weight, else oneDNN's prepacked GEMMs."""
+    GEMM where it takes the weight, else oneDNN's prepacked GEMMs where they run; None where neither does (a
+    bfloat16 weight of odd K on a CPU without native bf16), and the layer stays as it is."""
     if tiled(weight):
         return TiledLinear(weight, bias, swiglu)
+    if not _onednn_packs(weight.dtype, weight.device):
+        return None
     return PackedGateUpLinear(weight, bias) if swiglu else PackedLinear(weight, bias)
 
 
@@ -185,6 +191,8 @@ def prepack_linears(model: nn.Module) -> int:
             if not isinstance(child, Linear):
                 continue
             packed = packed_linear(child.weight, child.bias, isinstance(child, GateUpLinear))
+            if packed is None:
+                continue
             setattr(module, name, packed)
             kinds.add("ladle's tiled GEMM" if isinstance(packed, TiledLinear) else "oneDNN")
             swapped += 1

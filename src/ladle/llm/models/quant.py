@@ -296,7 +296,8 @@ def _quantized_tensors_ok() -> Iterator[None]:
 
 
 @functools.cache
-def _has_vnni() -> bool:
+def has_vnni() -> bool:
+    """Whether the CPU has an int8 dot product (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -340,7 +341,7 @@ class _Int8Dynamic(_Kernel):
             qw = torch._make_per_channel_quantized_tensor(q.contiguous(), scale.double(), zero_points, 0)
             self.packed = torch.ops.quantized.linear_prepack(qw, None)
         # Without VNNI, fbgemm's u8 x s8 pairs are summed in int16 and can saturate: 7-bit activations avoid it.
-        self.reduce_range = not _has_vnni()
+        self.reduce_range = not has_vnni()
         self.nbytes = q.numel() + 8 * out_features + (0 if bias is None else 4 * out_features)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
