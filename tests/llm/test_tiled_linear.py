@@ -36,9 +36,11 @@ def reference(x: torch.Tensor, layer: Linear) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 6, 33])  # each row blocking of gemm_avx512.h/gemm_avx2.h
-@pytest.mark.parametrize(("n", "k", "bias"), [(200, 96, False), (64, 576, True), (1000, 130, True)])
+@pytest.mark.parametrize(("n", "k", "bias"), [(200, 96, False), (64, 576, True), (1000, 130, True), (40, 131, False)])
 def test_plain_and_residual_epilogues_match_torch(dtype, rows, n, k, bias) -> None:
     needs(dtype)
+    if dtype == torch.bfloat16 and k % 2:
+        pytest.skip("bfloat16 multiplies k in pairs: an odd K is never packed (packed_linear)")
     torch.manual_seed(rows * 7 + n)
     layer = linear(n, k, dtype, bias)
     tiled = TiledLinear.of(layer)
@@ -50,7 +52,7 @@ def test_plain_and_residual_epilogues_match_torch(dtype, rows, n, k, bias) -> No
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("inter", "bias"), [(1536, False), (72, True)])
+@pytest.mark.parametrize(("inter", "bias"), [(1536, False), (76, True)])  # 76: a part tile on AVX-512 and AVX2
 def test_swiglu_matches_silu_gate_times_up(dtype, inter, bias) -> None:
     needs(dtype)
     torch.manual_seed(inter)

@@ -2,23 +2,24 @@
  * (+ other | SwiGLU), float32 or bfloat16 weights, float32 accumulation.
  *
  * Why: a decode step reads every weight once for a handful of rows, so a linear layer costs its weight bytes over the
- * memory bandwidth. The weights are packed at load into tiles of 64 output columns, each tile one contiguous stream
- * (float32: [tiles][K][64]; bfloat16: [tiles][K/2][64][2], the pair layout of vdpbf16ps), and a thread streams its
- * tiles front to back while every row of x (up to MR at a time, broadcast from L1) is multiplied against the same
- * loaded vectors. Larger M loops over MR-row chunks per tile while the tile sits in L2.
- * SwiGLU layers pack 32 gate and 32 up columns per tile, so a tile yields 32 outputs silu(gate) * up directly.
+ * memory bandwidth. The weights are packed at load into tiles of TILE output columns (64 on AVX-512, 16 on AVX2),
+ * each tile one contiguous stream (float32: [tiles][K][TILE]; bfloat16: [tiles][K/2][TILE][2], the pair layout of
+ * vdpbf16ps), and a thread streams its tiles front to back while every row of x (up to MR at a time, broadcast from
+ * L1) is multiplied against the same loaded vectors. Larger M loops over MR-row chunks per tile while the tile sits in
+ * L2. SwiGLU layers pack TILE/2 gate and TILE/2 up columns per tile, so a tile yields TILE/2 outputs
+ * silu(gate) * up directly.
  *
  * The tile kernels and epilogue are per instruction set (-march=native at build time): gemm_avx512.h (float32 on
  * AVX-512, bfloat16 on AVX-512-BF16) or gemm_avx2.h (AVX2 + FMA: float32, and bfloat16 split into float32 in
  * registers); gemm_available() says which dtypes this build runs. Without either, callers keep oneDNN.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-#define TILE 64
 #define MR 6
 
 enum { EPI_NONE = 0, EPI_ADD = 1, EPI_SWIGLU = 2 };
@@ -37,23 +38,50 @@ int gemm_available(int bf16) {
 #endif
 }
 
+/* TILE: output columns per packed tile, the instruction set's (gemm_tile() tells the packing code) */
 #if defined(__AVX512F__)
+#define TILE 64
 #include "gemm_avx512.h"
 #elif defined(__AVX2__) && defined(__FMA__)
+#define TILE 16
 #include "gemm_avx2.h"
+#else
+#define TILE 64
 #endif
+
+int gemm_tile(void) { return TILE; }
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 
+/* bfloat16 x [M, K] (row stride ldx) as a float32 [M, K] copy (NULL when out of memory) */
+static float *widened(const void *x, int64_t ldx, int64_t m_len, int64_t k_len, int threads) {
+    float *wide = (float *)malloc((size_t)(m_len ? m_len : 1) * k_len * sizeof(float));
+    if (!wide) return NULL;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < m_len; m++) {
+        const uint16_t *row = (const uint16_t *)x + m * ldx;
+        for (int64_t k = 0; k < k_len; k++) {
+            uint32_t bits = (uint32_t)row[k] << 16;
+            memcpy(wide + m * k_len + k, &bits, sizeof bits);
+        }
+    }
+    return wide;
+}
+
 /* x [M, K] (row stride ldx), packed weight of `tiles` tiles, bias [tiles * TILE] in packed column order (or NULL),
  * other [M, n_out] (row stride ldo; EPI_ADD), out [M, n_out] (row stride ldout). Returns nonzero when this build
- * cannot run the dtype. */
+ * cannot run the dtype (1) or memory ran out (2). */
 int gemm(const void *x, int64_t ldx, const void *w, const float *bias, const void *other, int64_t ldo, void *out,
          int64_t ldout, int64_t m_len, int64_t k_len, int64_t tiles, int64_t n_out, int kind, int bf16, int threads) {
     if (!gemm_available(bf16) || (bf16 && k_len % 2)) return 1;
     const size_t elem = bf16 ? 2 : 4;
     const int64_t tile_elems = k_len * TILE;
     const int chunk = row_chunk(bf16);
+    float *wide = widen_x(bf16) ? widened(x, ldx, m_len, k_len, threads) : NULL;
+    if (widen_x(bf16) && !wide) return 2;
+    const size_t x_elem = wide ? 4 : elem;
+    const int64_t x_ld = wide ? k_len : ldx;
+    const char *xs = wide ? (const char *)wide : (const char *)x;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         float acc[MR][TILE];
@@ -61,11 +89,12 @@ int gemm(const void *x, int64_t ldx, const void *w, const float *bias, const voi
         const int64_t col0 = kind == EPI_SWIGLU ? t * (TILE / 2) : t * TILE;
         for (int64_t m0 = 0; m0 < m_len; m0 += chunk) {
             const int rows = m_len - m0 < chunk ? (int)(m_len - m0) : chunk;
-            tile_rows((const char *)x + m0 * ldx * elem, ldx, wt, k_len, acc, rows, bf16);
+            tile_rows(xs + m0 * x_ld * x_elem, x_ld, wt, k_len, acc, rows, bf16);
             epilogue(acc, rows, bias ? bias + t * TILE : NULL, other ? (const char *)other + m0 * ldo * elem : NULL,
                      ldo, (char *)out + m0 * ldout * elem, ldout, col0, n_out, kind, bf16);
         }
     }
+    free(wide);
     return 0;
 }
 

@@ -1,14 +1,15 @@
 /* gemm.c's AVX2 (+FMA) tile kernels and epilogue (included by gemm.c; see there), for x86 CPUs without AVX-512.
  *
- * ymm registers hold 8 float32 lanes and there are only 16 of them, so a 64-column tile is covered in column blocks
- * sized to the rows at hand: one row takes the whole tile (8 accumulators), two rows half of it per pass, three to
- * six rows (float32; bfloat16: three or four) a quarter per pass. A pass reads its block of every k-row of the tile
- * (stride 256 bytes, which the prefetchers follow); the tile stays in L2 between passes. bfloat16 has no native
- * multiply here: a 256-bit load holds 8 columns' k-pairs, split into the even and the odd k's float32 by a shift and
- * a mask (bfloat16 is the top half of a float32), then multiplied in float32 like the rest.
+ * ymm registers hold 8 float32 lanes and there are only 16 of them, so tiles are 16 columns wide here (TILE = 16:
+ * float32 [tiles][K][16], bfloat16 [tiles][K/2][16][2]): a k-row of a tile is one 64-byte cache line, each tile one
+ * sequential stream, and up to MR = 6 rows (bfloat16: 4) x 2 vectors of accumulators fit the registers. (64-column
+ * tiles walked in column passes read memory in strides the prefetchers follow poorly: 2-4x slower from DRAM at 2-8
+ * rows, benchmarks/RESULTS.md.) bfloat16 has no native multiply here: a 256-bit load holds 8 columns' k-pairs, split
+ * into the even and the odd k's float32 by a shift and a mask (bfloat16 is the top half of a float32), then
+ * multiplied in float32 like the rest against x widened to float32 once per call.
  */
 
-#define AVX2_BF16_ROWS 4 /* bfloat16 rows per pass: 4 x 2 accumulators + 4 split weights + 2 split x in 16 registers */
+#define AVX2_BF16_ROWS 4 /* bfloat16 rows per block: 4 x 2 accumulators + 4 split weights + x + the mask */
 
 /* exp(x) for x <= 0 (callers pass -|g|): 2^(x log2 e), 2^frac by its degree-6 Taylor polynomial, 2^n built in the
  * exponent bits (x >= -87 keeps n >= -126, a normal float) */
@@ -102,79 +103,109 @@ static void epilogue(float acc[MR][TILE], int rows, const float *bias, const voi
     }
 }
 
-/* `nv` 8-column vectors of the tile from column c0, for `rows` rows: out[m][c0 .. c0 + 8 nv) */
-static inline __attribute__((always_inline)) void block_f32(const float *x, int64_t ldx, const float *w,
-                                                            int64_t k_len, float out[MR][TILE], const int rows,
-                                                            const int nv, const int c0) {
-    __m256 acc[MR][8];
-    for (int m = 0; m < rows; m++)
-        for (int j = 0; j < nv; j++) acc[m][j] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < k_len; k++) {
-        const float *wk = w + k * TILE + c0;
+/* The phases of each row summed into out[m] */
+static inline __attribute__((always_inline)) void finish(__m256 acc[MR][2], float out[MR][TILE], const int rows,
+                                                         const int phases) {
+    for (int m = 0; m < rows; m++) {
+        for (int p = 1; p < phases; p++) {
+            acc[m][0] = _mm256_add_ps(acc[m][0], acc[p * rows + m][0]);
+            acc[m][1] = _mm256_add_ps(acc[m][1], acc[p * rows + m][1]);
+        }
+        _mm256_storeu_ps(out[m], acc[m][0]);
+        _mm256_storeu_ps(out[m] + 8, acc[m][1]);
+    }
+}
+
+/* `rows` rows against the whole 16-column tile, k split over `phases` interleaved accumulator sets (summed at the
+ * end) so that at least 8 independent FMA chains hide the FMA latency when there are few rows. Accumulator slot
+ * p * rows + m holds phase p of row m: phases * rows <= MR keeps the array small enough for GCC to hold in registers
+ * (a [phases][MR][2] array, or accumulators loaded from `out` at a runtime flag, were kept on the stack and stored
+ * every iteration: 2-3x slower). */
+static inline __attribute__((always_inline)) void tile_f32(const float *x, int64_t ldx, const float *w, int64_t k_len,
+                                                           float out[MR][TILE], const int rows, const int phases) {
+    __m256 acc[MR][2];
+    for (int s = 0; s < rows * phases; s++) acc[s][0] = acc[s][1] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + phases <= k_len; k += phases) {
+        for (int p = 0; p < phases; p++) {
+            const float *wk = w + (k + p) * TILE;
+            __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
+            for (int m = 0; m < rows; m++) {
+                __m256 xb = _mm256_broadcast_ss(x + m * ldx + k + p);
+                acc[p * rows + m][0] = _mm256_fmadd_ps(w0, xb, acc[p * rows + m][0]);
+                acc[p * rows + m][1] = _mm256_fmadd_ps(w1, xb, acc[p * rows + m][1]);
+            }
+        }
+    }
+    for (; k < k_len; k++) {
+        __m256 w0 = _mm256_loadu_ps(w + k * TILE), w1 = _mm256_loadu_ps(w + k * TILE + 8);
         for (int m = 0; m < rows; m++) {
             __m256 xb = _mm256_broadcast_ss(x + m * ldx + k);
-            for (int j = 0; j < nv; j++) acc[m][j] = _mm256_fmadd_ps(_mm256_loadu_ps(wk + 8 * j), xb, acc[m][j]);
+            acc[m][0] = _mm256_fmadd_ps(w0, xb, acc[m][0]);
+            acc[m][1] = _mm256_fmadd_ps(w1, xb, acc[m][1]);
         }
     }
-    for (int m = 0; m < rows; m++)
-        for (int j = 0; j < nv; j++) _mm256_storeu_ps(out[m] + c0 + 8 * j, acc[m][j]);
+    finish(acc, out, rows, phases);
 }
 
-static inline __attribute__((always_inline)) void block_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w,
-                                                             int64_t k_len, float out[MR][TILE], const int rows,
-                                                             const int nv, const int c0) {
+/* As tile_f32 over k-pairs of bfloat16 weights: a 256-bit load is 8 columns' pairs, split into the even and the odd
+ * k's float32. x comes widened to float32 (gemm widens it once per call: see widen_x), so each k is one broadcast
+ * from memory; splitting x pairs in registers too left too few registers (spills: 40 GFLOP/s a core, not 75). */
+static inline __attribute__((always_inline)) void tile_bf16(const float *x, int64_t ldx, const uint16_t *w,
+                                                            int64_t k_len, float out[MR][TILE], const int rows,
+                                                            const int phases) {
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
-    __m256 acc[MR][8];
-    for (int m = 0; m < rows; m++)
-        for (int j = 0; j < nv; j++) acc[m][j] = _mm256_setzero_ps();
-    for (int64_t kp = 0; kp < k_len / 2; kp++) {
-        const uint16_t *wk = w + (kp * TILE + c0) * 2;
-        __m256 even[8], odd[8];
-        for (int j = 0; j < nv; j++) {
-            __m256i pairs = _mm256_loadu_si256((const __m256i *)(wk + 16 * j));
-            even[j] = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
-            odd[j] = _mm256_castsi256_ps(_mm256_and_si256(pairs, high));
-        }
-        for (int m = 0; m < rows; m++) {
-            int32_t pair;
-            memcpy(&pair, x + m * ldx + 2 * kp, sizeof pair);
-            __m256i xp = _mm256_set1_epi32(pair);
-            __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(xp, 16)), xo = _mm256_castsi256_ps(_mm256_and_si256(xp, high));
-            for (int j = 0; j < nv; j++) acc[m][j] = _mm256_fmadd_ps(odd[j], xo, _mm256_fmadd_ps(even[j], xe, acc[m][j]));
+    const int64_t pairs = k_len / 2;
+    __m256 acc[MR][2];
+    for (int s = 0; s < rows * phases; s++) acc[s][0] = acc[s][1] = _mm256_setzero_ps();
+    for (int64_t kp = 0; kp < pairs; kp += phases) {
+        for (int p = 0; p < phases && kp + p < pairs; p++) {
+            const uint16_t *wk = w + (kp + p) * TILE * 2;
+            __m256i lo = _mm256_loadu_si256((const __m256i *)wk), hi = _mm256_loadu_si256((const __m256i *)(wk + 16));
+            __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
+            __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(lo, high));
+            __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
+            __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(hi, high));
+            const int64_t k = 2 * (kp + p);
+            for (int m = 0; m < rows; m++) {
+                const int s = p * rows + m;
+                __m256 xe = _mm256_broadcast_ss(x + m * ldx + k);
+                acc[s][0] = _mm256_fmadd_ps(e0, xe, acc[s][0]);
+                acc[s][1] = _mm256_fmadd_ps(e1, xe, acc[s][1]);
+                __m256 xo = _mm256_broadcast_ss(x + m * ldx + k + 1);
+                acc[s][0] = _mm256_fmadd_ps(o0, xo, acc[s][0]);
+                acc[s][1] = _mm256_fmadd_ps(o1, xo, acc[s][1]);
+            }
         }
     }
-    for (int m = 0; m < rows; m++)
-        for (int j = 0; j < nv; j++) _mm256_storeu_ps(out[m] + c0 + 8 * j, acc[m][j]);
+    finish(acc, out, rows, phases);
 }
 
-/* rows (<= row_chunk) and the column blocks are compile-time constants in each case, so the accumulators stay in
- * registers: 1 row x 64 columns, 2 x 32 (two passes), else up to 6 (bfloat16: 4) x 16 (four passes) */
-#define AVX2_BLOCKS(fn, X, W, R)                                                                                     \
-    do {                                                                                                             \
-        if ((R) == 1) { fn(X, ldx, W, k_len, out, 1, 8, 0); }                                                        \
-        else if ((R) == 2) { fn(X, ldx, W, k_len, out, 2, 4, 0); fn(X, ldx, W, k_len, out, 2, 4, 32); }               \
-        else { for (int c0 = 0; c0 < TILE; c0 += 16) fn(X, ldx, W, k_len, out, R, 2, c0); }                          \
-    } while (0)
+/* bfloat16 x is widened to float32 once per call (a [M, K] copy), not per tile: the kernels broadcast from it */
+static int widen_x(int bf16) { return bf16; }
 
+/* rows and phases are compile-time constants in each case, so the accumulators stay in registers: 8 to 12
+ * independent ones (one row: 4 phases x 2 vectors; two: 2 x 2 x 2; three: 2 x 3 x 2; more: 1 x rows x 2) */
 static void tile_rows(const void *x, int64_t ldx, const void *w, int64_t k_len, float out[MR][TILE], int rows,
                       int bf16) {
     if (bf16) {
-        const uint16_t *xb = (const uint16_t *)x, *wb = (const uint16_t *)w;
+        const float *xb = (const float *)x;
+        const uint16_t *wb = (const uint16_t *)w;
         switch (rows) {
-            case 1: AVX2_BLOCKS(block_bf16, xb, wb, 1); return;
-            case 2: AVX2_BLOCKS(block_bf16, xb, wb, 2); return;
-            case 3: AVX2_BLOCKS(block_bf16, xb, wb, 3); return;
-            default: AVX2_BLOCKS(block_bf16, xb, wb, 4); return;
+            case 1: tile_bf16(xb, ldx, wb, k_len, out, 1, 4); return;
+            case 2: tile_bf16(xb, ldx, wb, k_len, out, 2, 2); return;
+            case 3: tile_bf16(xb, ldx, wb, k_len, out, 3, 1); return;
+            default: tile_bf16(xb, ldx, wb, k_len, out, 4, 1); return;
         }
     }
     const float *xf = (const float *)x, *wf = (const float *)w;
     switch (rows) {
-        case 1: AVX2_BLOCKS(block_f32, xf, wf, 1); return;
-        case 2: AVX2_BLOCKS(block_f32, xf, wf, 2); return;
-        case 3: AVX2_BLOCKS(block_f32, xf, wf, 3); return;
-        case 4: AVX2_BLOCKS(block_f32, xf, wf, 4); return;
-        case 5: AVX2_BLOCKS(block_f32, xf, wf, 5); return;
-        default: AVX2_BLOCKS(block_f32, xf, wf, 6); return;
+        case 1: tile_f32(xf, ldx, wf, k_len, out, 1, 4); return;
+        case 2: tile_f32(xf, ldx, wf, k_len, out, 2, 2); return;
+        case 3: tile_f32(xf, ldx, wf, k_len, out, 3, 2); return;
+        case 4: tile_f32(xf, ldx, wf, k_len, out, 4, 1); return;
+        case 5: tile_f32(xf, ldx, wf, k_len, out, 5, 1); return;
+        default: tile_f32(xf, ldx, wf, k_len, out, 6, 1); return;
     }
 }
 

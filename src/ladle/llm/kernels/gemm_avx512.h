@@ -137,3 +137,5 @@ static void tile_rows(const void *x, int64_t ldx, const void *w, int64_t k_len, 
 }
 
 static int row_chunk(int bf16) { (void)bf16; return MR; }
+
+static int widen_x(int bf16) { (void)bf16; return 0; } /* vdpbf16ps takes bfloat16 x as it is */

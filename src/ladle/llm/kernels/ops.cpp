@@ -16,8 +16,9 @@
  *   mutation would make inductor functionalize (copy) a whole cache per layer.
  *
  * ladle::tiled_linear(x, weight, bias, other, n_out, kind) -> out
- *   x [..., K] @ W^T through gemm.c, W packed in 64-column tiles (models/linear.py: TiledLinear), bias float32 in
+ *   x [..., K] @ W^T through gemm.c, W packed in tiles of gemm_tile() columns (models/linear.py: TiledLinear), bias float32 in
  *   packed column order; kind 0: plain, 1: + other ([..., n_out]), 2: SwiGLU (silu(gate) * up). out [..., n_out].
+ * ladle::gemm_tile() -> int: the output columns per packed tile in this build (64 on AVX-512, 16 on AVX2).
  * ladle::gemm_available(bool bf16) -> bool: whether this build's gemm.c runs that dtype (AVX-512 / AVX-512-BF16 /
  *   AVX2 + FMA).
  */
@@ -201,7 +202,7 @@ at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weight, const std
     const float* bias_ptr = nullptr;
     if (bias) {
         TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == tiles * TILE,
-                    "tiled_linear: bias must be float32 [tiles * 64]");
+                    "tiled_linear: bias must be float32 [tiles * ", TILE, "]");
         bias_ptr = bias->data_ptr<float>();
     }
     at::Tensor extra;
@@ -214,7 +215,8 @@ at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weight, const std
                             extra.defined() ? extra.data_ptr() : nullptr, extra.defined() ? extra.stride(0) : 0,
                             out.data_ptr(), n_out, m, k, tiles, n_out, static_cast<int>(kind),
                             x.scalar_type() == at::kBFloat16, at::get_num_threads());
-    TORCH_CHECK(!failed, "tiled_linear: this build cannot run ", x.scalar_type());
+    TORCH_CHECK(failed != 1, "tiled_linear: this build cannot run ", x.scalar_type());
+    TORCH_CHECK(failed != 2, "tiled_linear: out of memory widening ", m, " rows of x");
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = n_out;
     return out.view(shape);
@@ -222,11 +224,14 @@ at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weight, const std
 
 bool available(bool bf16) { return gemm_available(bf16); }
 
+int64_t tile() { return gemm_tile(); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ladle, lib) {
     lib.def("tiled_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? other, int n_out, int kind) -> Tensor");
     lib.def("gemm_available(bool bf16) -> bool", &available);
+    lib.def("gemm_tile() -> int", &tile);
     lib.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor k_cache, Tensor v_cache, Tensor meta, float scale) "
             "-> Tensor");
 }

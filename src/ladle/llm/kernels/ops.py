@@ -11,9 +11,6 @@ import torch
 
 from ladle.llm.kernels.build import load_torch_ops
 
-TILE = 64  # output columns per packed weight tile (gemm.c)
-
-
 def _attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      meta: torch.Tensor, scale: float) -> torch.Tensor:
     return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
@@ -39,3 +36,9 @@ def gemm_available(dtype: torch.dtype, device: torch.device) -> bool:
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not operators():
         return False
     return bool(torch.ops.ladle.gemm_available(dtype == torch.bfloat16))
+
+
+@functools.cache
+def gemm_tile() -> int:
+    """Output columns per packed weight tile in this host's build of gemm.c (64 on AVX-512, 16 on AVX2)."""
+    return int(torch.ops.ladle.gemm_tile()) if operators() else 64

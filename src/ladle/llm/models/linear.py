@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ladle.llm.kernels.ops import TILE, gemm_available
+from ladle.llm.kernels.ops import gemm_available, gemm_tile
 
 logger = logging.getLogger(__name__)
 
@@ -80,26 +80,28 @@ class PackedLinear(nn.Module):
 
 
 def _tiles(weight: torch.Tensor, swiglu: bool) -> torch.Tensor:
-    """[N, K] in gemm.c's layout: tiles of 64 output columns, each one contiguous stream ([tiles, K, 64]; bfloat16
-    [tiles, K/2, 64, 2], the k-pairs vdpbf16ps multiplies). SwiGLU: 32 gate then the same 32 up columns per tile."""
-    rows = _tile_rows(weight.detach(), swiglu)
-    tiles, k = rows.shape[0] // TILE, rows.shape[1]
+    """[N, K] in gemm.c's layout: tiles of T = gemm_tile() output columns (64 on AVX-512, 16 on AVX2), each one
+    contiguous stream ([tiles, K, T]; bfloat16 [tiles, K/2, T, 2], the k-pairs vdpbf16ps multiplies). SwiGLU: T/2
+    gate then the same T/2 up columns per tile."""
+    rows, width = _tile_rows(weight.detach(), swiglu), gemm_tile()
+    tiles, k = rows.shape[0] // width, rows.shape[1]
     if rows.dtype == torch.bfloat16:
-        return rows.view(tiles, TILE, k // 2, 2).permute(0, 2, 1, 3).contiguous()
-    return rows.view(tiles, TILE, k).permute(0, 2, 1).contiguous()
+        return rows.view(tiles, width, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return rows.view(tiles, width, k).permute(0, 2, 1).contiguous()
 
 
 def _tile_rows(rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
     """Rows (weight rows, or bias entries) in packed column order, padded with zeros to whole tiles."""
+    width = gemm_tile()
     if swiglu:
         gate, up = rows.chunk(2)
-        half = TILE // 2
+        half = width // 2
         pad = (0, 0) * (rows.dim() - 1) + (0, -gate.shape[0] % half)
         gate, up = F.pad(gate, pad), F.pad(up, pad)
         tiles = gate.shape[0] // half
         rows = torch.stack((gate.view(tiles, half, *gate.shape[1:]), up.view(tiles, half, *up.shape[1:])), 1)
-        return rows.reshape(tiles * TILE, *gate.shape[1:])
-    return F.pad(rows, (0, 0) * (rows.dim() - 1) + (0, -rows.shape[0] % TILE))
+        return rows.reshape(tiles * width, *gate.shape[1:])
+    return F.pad(rows, (0, 0) * (rows.dim() - 1) + (0, -rows.shape[0] % width))
 
 
 class TiledLinear(nn.Module):
@@ -151,10 +153,11 @@ def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
     """Packing pays off on x86 CPUs: ladle's tiled GEMM where it runs (AVX-512 or AVX2; benchmarks/RESULTS.md,
     issue 16); else oneDNN's (float32 on any x86 CPU: the output head and MLP GEMMs ran 1.4-2.4x faster than
     F.linear's; bfloat16 on CPUs with native bf16)."""
-    return gemm_available(dtype, device) or _onednn_packs(dtype, device)
+    return gemm_available(dtype, device) or onednn_packs(dtype, device)
 
 
-def _onednn_packs(dtype: torch.dtype, device: torch.device) -> bool:
+def onednn_packs(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether oneDNN prepacks this dtype here: float32 on x86 CPUs, bfloat16 where the CPU has native bf16."""
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return False
     if dtype == torch.float32:
@@ -171,7 +174,7 @@ def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, swiglu
     bfloat16 weight of odd K on a CPU without native bf16), and the layer stays as it is."""
     if tiled(weight):
         return TiledLinear(weight, bias, swiglu)
-    if not _onednn_packs(weight.dtype, weight.device):
+    if not onednn_packs(weight.dtype, weight.device):
         return None
     return PackedGateUpLinear(weight, bias) if swiglu else PackedLinear(weight, bias)
 
