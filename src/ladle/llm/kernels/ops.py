@@ -11,6 +11,7 @@ import torch
 
 from ladle.llm.kernels.build import load_torch_ops
 
+
 def _attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      meta: torch.Tensor, scale: float) -> torch.Tensor:
     return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
