@@ -84,8 +84,8 @@ def measure(dtype: torch.dtype, m_values: list[int], rounds: int) -> dict[tuple[
                     if r:
                         elapsed = time.perf_counter() - started
                         best[name, m] = min(best.get((name, m), elapsed), elapsed)
-        print(f"  {dtype} M={m}: {baseline(dtype)} {best['base', m] * 1e3:.2f} ms, tiled {best['tiled', m] * 1e3:.2f} ms",
-              flush=True)
+        base, tiled = best["base", m] * 1e3, best["tiled", m] * 1e3
+        print(f"  {dtype} M={m}: {baseline(dtype)} {base:.2f} ms, tiled {tiled:.2f} ms", flush=True)
     return best
 
 
