@@ -24,6 +24,7 @@ from ladle.llm import dtypes
 from ladle.llm.engine import EngineCore
 from ladle.llm.factory import build_core, choose_quantization, load_tokenizer
 from ladle.llm.models import quant
+from ladle.llm.models.linear import TiledLinear, tiled_gemm_runs
 from ladle.llm.models.loader import open_checkpoint
 from ladle.llm.outputs import ScheduledSeq, SchedulerOutput
 from ladle.llm.request import Request
@@ -207,6 +208,17 @@ def test_dtype_auto_follows_native_support(monkeypatch, flags: set[str], saved: 
     assert dtypes.resolve_dtype("float16", {"torch_dtype": saved}, torch.device(device))[0] == torch.float16
 
 
+@pytest.mark.parametrize(("saved", "expected"), [("bfloat16", torch.bfloat16), ("float16", torch.bfloat16),
+                                                 ("float32", torch.float32)])
+def test_dtype_auto_takes_bfloat16_where_ladles_gemm_runs_it(monkeypatch, saved: str, expected: torch.dtype) -> None:
+    """An AVX2-only CPU: bfloat16 when ladle's tiled GEMM takes the model's (full-width) layers, else float32."""
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    cpu = torch.device("cpu")
+    dtype, why = dtypes.resolve_dtype("auto", {"torch_dtype": saved}, cpu, bf16_gemm=True)
+    assert dtype == expected and "ladle's GEMM" in why
+    assert dtypes.resolve_dtype("auto", {"torch_dtype": saved}, cpu, bf16_gemm=False)[0] == torch.float32
+
+
 def test_a_quantized_gguf_counts_as_bfloat16(monkeypatch) -> None:
     monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     assert dtypes.resolve_dtype("auto", {"torch_dtype": "float32"}, torch.device("cpu"), quantized=True)[0] \
@@ -217,3 +229,21 @@ def test_checkpoint_dtype_reads_both_spellings() -> None:
     assert dtypes.checkpoint_dtype({"dtype": "bfloat16"}) == "bfloat16"
     assert dtypes.checkpoint_dtype({"torch_dtype": "torch.float16"}) == "float16"
     assert dtypes.checkpoint_dtype(json.loads('{"torch_dtype": null}')) is None
+
+
+def test_auto_dtype_of_a_bfloat16_checkpoint_here(root: Path, tmp_path: Path) -> None:
+    """On this host: bfloat16 where the CPU has native bf16 or ladle's GEMM takes the full-width model's bfloat16
+    layers, else float32; a model to be quantized gets float32 where bf16 is not native (ladle's GEMM does not run
+    quantized layers)."""
+    path = tmp_path / "llama-bf16"
+    shutil.copytree(hf_dir(root, "llama"), path)
+    config = json.loads((path / "config.json").read_text())
+    config["torch_dtype"] = config["dtype"] = "bfloat16"
+    (path / "config.json").write_text(json.dumps(config))
+    native, tiled = dtypes.cpu_has_native_bf16(), tiled_gemm_runs(torch.bfloat16, torch.device("cpu"))
+    full = build_core(LLMConfig(model=str(path), dtype="auto", num_kv_blocks=16, max_model_len=128), path)
+    assert full.runner.dtype == (torch.bfloat16 if native or tiled else torch.float32)
+    assert not tiled or isinstance(full.runner.model.layers[0].mlp.gate_up_proj, TiledLinear)
+    int8 = build_core(LLMConfig(model=str(path), dtype="auto", quantization="int8", num_kv_blocks=16,
+                                max_model_len=128), path)
+    assert int8.runner.dtype == (torch.bfloat16 if native else torch.float32)

@@ -1,8 +1,11 @@
 """Choosing the dtype an LLM computes in: `--dtype auto` picks what this machine runs natively.
 
-Invariant: auto never picks a dtype the hardware only emulates. bfloat16 on a CPU without avx512_bf16/AMX is
-emulated (measured on an AVX2-only EPYC: 4.7x slower than float32 at batch 32), so such CPUs get float32; CUDA
-and CPUs with native bf16 get the checkpoint's own dtype. The choice and its reason are logged by the caller.
+Invariant: auto never picks a dtype the hardware only emulates where it counts. bfloat16 on a CPU without
+avx512_bf16/AMX is emulated by torch's GEMMs (measured on an AVX2-only EPYC: 4.7x slower than float32 at batch 32),
+so such CPUs get float32 — unless ladle's own GEMM runs the model's full-width linear layers in bfloat16 there
+(kernels/gemm_avx2.h widens the weights in registers: on the same EPYC a whole compiled decode step ran 1.7x faster
+than float32 at batch 1 and no slower at 32 or in prefill; benchmarks/RESULTS.md); then, as on CUDA and CPUs with
+native bf16, the checkpoint's own dtype. The choice and its reason are logged by the caller.
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ def checkpoint_dtype(config: dict) -> str | None:
 
 
 def resolve_dtype(
-    requested: str, config: dict, device: torch.device, quantized: bool = False
+    requested: str, config: dict, device: torch.device, quantized: bool = False, bf16_gemm: bool = False
 ) -> tuple[torch.dtype, str]:
     """(dtype, why) for `--dtype requested` on `device` with this checkpoint config. A quantized checkpoint (a GGUF
-    of Q4/Q8 blocks) has no float dtype of its own: it counts as bfloat16, the narrowest that keeps the range."""
+    of Q4/Q8 blocks) has no float dtype of its own: it counts as bfloat16, the narrowest that keeps the range.
+    `bf16_gemm`: the model runs full width and ladle's tiled GEMM takes bfloat16 layers on this CPU."""
     if requested != "auto":
         return DTYPES[requested], "asked for with --dtype"
     saved = "bfloat16" if quantized else checkpoint_dtype(config) or "bfloat16"
@@ -56,8 +60,10 @@ def resolve_dtype(
         # float32 checkpoints run in bfloat16 on a GPU (vLLM does the same): full width buys nothing there.
         chosen = "bfloat16" if saved == "float32" else saved
         return DTYPES[chosen], f"auto: the checkpoint's {saved} on CUDA"
-    if not cpu_has_native_bf16():
+    native = cpu_has_native_bf16()
+    if not native and not bf16_gemm:
         return torch.float32, "auto: this CPU has no native bfloat16 (no avx512_bf16/AMX), so float32 runs fastest"
-    if saved == "float16":  # CPUs add float16 in software; native bf16 keeps the range and runs at full speed
-        return torch.bfloat16, "auto: float16 checkpoint on a CPU with native bfloat16 (float16 is emulated)"
-    return DTYPES[saved], f"auto: the checkpoint's {saved}; this CPU has native bfloat16"
+    why = "this CPU has native bfloat16" if native else "ladle's GEMM runs bfloat16 layers on this CPU (no native bf16)"
+    if saved == "float16":  # CPUs add float16 in software; bfloat16 keeps the range and runs at full speed
+        return torch.bfloat16, f"auto: float16 checkpoint on a CPU (float16 is emulated); {why}"
+    return DTYPES[saved], f"auto: the checkpoint's {saved}; {why}"

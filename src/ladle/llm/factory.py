@@ -26,6 +26,7 @@ try:  # the llm extra's packages: a core install is told which extra to add, not
     from ladle.llm.dtypes import resolve_dtype
     from ladle.llm.engine import EngineCore
     from ladle.llm.models.gguf import GGUFCheckpoint
+    from ladle.llm.models.linear import tiled_gemm_runs
     from ladle.llm.models.loader import Checkpoint, open_checkpoint
     from ladle.llm.models.quant import QuantizationError, QuantScheme, describe, resolve_scheme
     from ladle.llm.runner import ModelRunner
@@ -97,7 +98,9 @@ def build_core(
     pin_torch_threads(config.num_threads, "an LLM engine")  # this is the engine thread: the count stays its own
     checkpoint = checkpoint or open_checkpoint(model_dir)
     device = torch.device(pick_device(config.device))
-    dtype, why = resolve_dtype(config.dtype, checkpoint.config, device, checkpoint.quantized)
+    full_width = config.quantization == "none" or (config.quantization == "auto" and not checkpoint.quantized)
+    bf16_gemm = full_width and tiled_gemm_runs(torch.bfloat16, device)
+    dtype, why = resolve_dtype(config.dtype, checkpoint.config, device, checkpoint.quantized, bf16_gemm)
     log.info("dtype %s (%s)", str(dtype).removeprefix("torch."), why)
     scheme = choose_quantization(config, checkpoint, dtype, device)
     runner = ModelRunner(

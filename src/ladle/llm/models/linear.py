@@ -183,7 +183,12 @@ def tiled(weight: torch.Tensor) -> bool:
     """Whether ladle's GEMM takes this weight (its dtype runs here; bfloat16 multiplies k in pairs).
     LADLE_GEMM=onednn keeps oneDNN's (for comparison, and to test that path on hosts that would not take it)."""
     even = weight.dtype != torch.bfloat16 or weight.shape[-1] % 2 == 0
-    return even and os.environ.get("LADLE_GEMM") != "onednn" and gemm_available(weight.dtype, weight.device)
+    return even and tiled_gemm_runs(weight.dtype, weight.device)
+
+
+def tiled_gemm_runs(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether full-width layers of this dtype go to ladle's tiled GEMM here (LADLE_GEMM=onednn says no)."""
+    return os.environ.get("LADLE_GEMM") != "onednn" and gemm_available(dtype, device)
 
 
 def prepack_linears(model: nn.Module) -> int:
