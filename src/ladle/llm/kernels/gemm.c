@@ -57,7 +57,8 @@ int gemm_tile(void) { return TILE; }
 static float *widened(const void *x, int64_t ldx, int64_t m_len, int64_t k_len, int threads) {
     float *wide = (float *)malloc((size_t)(m_len ? m_len : 1) * k_len * sizeof(float));
     if (!wide) return NULL;
-#pragma omp parallel for num_threads(threads) schedule(static)
+    /* a decode step's few rows are widened in well under the cost of waking the OpenMP team */
+#pragma omp parallel for num_threads(threads) schedule(static) if (m_len * k_len >= (1 << 16))
     for (int64_t m = 0; m < m_len; m++) {
         const uint16_t *row = (const uint16_t *)x + m * ldx;
         for (int64_t k = 0; k < k_len; k++) {
