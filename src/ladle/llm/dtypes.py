@@ -3,9 +3,9 @@
 Invariant: auto never picks a dtype the hardware only emulates where it counts. bfloat16 on a CPU without
 avx512_bf16/AMX is emulated by torch's GEMMs (measured on an AVX2-only EPYC: 4.7x slower than float32 at batch 32),
 so such CPUs get float32 — unless ladle's own GEMM runs the model's full-width linear layers in bfloat16 there
-(kernels/gemm_avx2.h widens the weights in registers: on the same EPYC a whole compiled decode step ran 1.7x faster
-than float32 at batch 1 and no slower at 32 or in prefill; benchmarks/RESULTS.md); then, as on CUDA and CPUs with
-native bf16, the checkpoint's own dtype. The choice and its reason are logged by the caller.
+(kernels/gemm_avx2.h widens the weights in registers: on the same EPYC the server gave 1.3-1.6x float32's output
+tok/s at 1-32 streams; benchmarks/RESULTS.md); then, as on CUDA and CPUs with native bf16, the checkpoint's own
+dtype. The choice and its reason are logged by the caller.
 """
 
 from __future__ import annotations
