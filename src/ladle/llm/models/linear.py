@@ -153,7 +153,7 @@ def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
     """Packing pays off on x86 CPUs: ladle's tiled GEMM where it runs (AVX-512 or AVX2; benchmarks/RESULTS.md,
     issue 16); else oneDNN's (float32 on any x86 CPU: the output head and MLP GEMMs ran 1.4-2.4x faster than
     F.linear's; bfloat16 on CPUs with native bf16)."""
-    return gemm_available(dtype, device) or onednn_packs(dtype, device)
+    return tiled_gemm_runs(dtype, device) or onednn_packs(dtype, device)
 
 
 def onednn_packs(dtype: torch.dtype, device: torch.device) -> bool:
