@@ -3,7 +3,7 @@
  * ymm registers hold 8 float32 lanes and there are only 16 of them, so tiles are 16 columns wide here (TILE = 16:
  * float32 [tiles][K][16], bfloat16 [tiles][K/2][16][2]): a k-row of a tile is one 64-byte cache line, each tile one
  * sequential stream, and up to MR = 6 rows (bfloat16: 4) x 2 vectors of accumulators fit the registers. (64-column
- * tiles walked in column passes read memory in strides the prefetchers follow poorly: 2-4x slower from DRAM at 2-8
+ * tiles walked in column passes read memory in strides the prefetchers follow poorly: about 2x slower from DRAM at 2-8
  * rows, benchmarks/RESULTS.md.) bfloat16 has no native multiply here: a 256-bit load holds 8 columns' k-pairs, split
  * into the even and the odd k's float32 by a shift and a mask (bfloat16 is the top half of a float32), then
  * multiplied in float32 like the rest against x widened to float32 once per call.
