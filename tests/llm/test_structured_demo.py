@@ -62,7 +62,8 @@ def answers(demo_repository: Path) -> dict[str, list[tuple[str, str | None]]]:
     """(text, finish reason) of every request in REQUESTS, decoded by one engine: the greedy one first, alone, then
     the seeded ones together. Alone on a fresh eager engine its numbers do not depend on what else is in its steps,
     on when a background compile lands, or on prefix-cache blocks that another batch computed (a batch's GEMM may sum
-    a row in another order; run after the seeded requests under CI load, it reused their prompt blocks and derailed):
+    a row in another order; run after the seeded requests it derailed in a full CI run but not alone, most likely from
+    their cached prompt blocks):
     the same answer on every run of a host kind."""
     config = LLMConfig(model=str(DEMO_GGUF), num_kv_blocks=256, max_model_len=2048, enforce_eager=True)
     engine = build_engine(config, "demo", DEMO_GGUF, None)
