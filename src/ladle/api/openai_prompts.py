@@ -17,7 +17,7 @@ from ladle.errors import InvalidInput
 from ladle.llm.chat_template import DeadlineExpired, call_with_deadline
 
 if TYPE_CHECKING:  # the engine pulls in torch; a server without LLMs never imports it
-    from ladle.llm.async_engine import AsyncEngine
+    from ladle.llm.async_engine import AsyncEngine, EngineInfo
     from ladle.llm.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -49,12 +49,15 @@ async def _off_loop(fn: Callable[..., T], *args: Any) -> T:
 # -- completions -------------------------------------------------------------------------------------------------
 async def completion_prompts(engine: AsyncEngine, prompt: Any) -> list[list[int]]:
     """`prompt` (a string, strings, token ids or lists of them) as token-id lists, each checked against the vocab."""
-    return await _off_loop(_completion_ids, engine.tokenizer, engine.info.vocab_size, prompt)
+    return await _off_loop(_completion_ids, engine.tokenizer, engine.info, prompt)
 
 
-def _completion_ids(tokenizer: Tokenizer, vocab_size: int, prompt: Any) -> list[list[int]]:
+def _completion_ids(tokenizer: Tokenizer, info: EngineInfo, prompt: Any) -> list[list[int]]:
     items = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
     texts = [item for item in items if isinstance(item, str)]
+    for text in texts:
+        refuse_if_surely_too_long(tokenizer, text, info.max_model_len, "prompt")
+    vocab_size = info.vocab_size
     encoded = iter(tokenizer.encode_batch(texts) if texts else ())  # without the GIL, unlike encode()
     prompts = []
     for item in items:
@@ -74,7 +77,8 @@ async def chat_prompt(engine: AsyncEngine, req: ChatCompletionRequest) -> list[i
     template = _client_template(req, engine.config.trust_request_chat_template)
     kwargs = _template_kwargs(req)
     timeout = engine.config.chat_template_timeout
-    return await _off_loop(_render_and_encode, engine.tokenizer, req, template, kwargs, timeout)
+    return await _off_loop(_render_and_encode, engine.tokenizer, req, template, kwargs, timeout,
+                           engine.info.max_model_len)
 
 
 def _client_template(req: ChatCompletionRequest, trusted: bool) -> str | None:
@@ -109,7 +113,7 @@ def _template_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
 
 
 def _render_and_encode(tokenizer: Tokenizer, req: ChatCompletionRequest, template: str | None,
-                       kwargs: dict[str, Any], timeout_s: float) -> list[int]:
+                       kwargs: dict[str, Any], timeout_s: float, max_model_len: int) -> list[int]:
     from jinja2 import TemplateError  # the llm extra's: only a served LLM renders templates
 
     messages = [m.as_template_dict() for m in req.messages]  # joins content parts: linear in the body, so here
@@ -133,4 +137,15 @@ def _render_and_encode(tokenizer: Tokenizer, req: ChatCompletionRequest, templat
         # broke the sandbox's rules, or failed on the data it was given: all the request's doing
         raise InvalidInput(f"the chat template cannot render this conversation: {type(exc).__name__}: "
                            f"{str(exc)[:500]}", param=param) from None
+    refuse_if_surely_too_long(tokenizer, text, max_model_len, param)
     return tokenizer.encode_batch([text], add_special_tokens=False)[0]  # encode_batch: without the GIL
+
+
+def refuse_if_surely_too_long(tokenizer: Tokenizer, text: str, max_model_len: int, param: str) -> None:
+    """A 400 for a text that cannot fit the context window, decided from its length before it is tokenized
+    (tokenizing a megabyte costs ~2 s of a core, and materializing and freeing a million-token result holds the GIL
+    for 100-200 ms: a stall of the event loop); the exact check (AsyncEngine.check_length) follows tokenizing."""
+    at_least = tokenizer.min_tokens(text)
+    if at_least >= max_model_len:
+        raise InvalidInput(f"the prompt is at least {at_least} tokens ({len(text)} characters), but this model's "
+                           f"context window is {max_model_len} tokens", param=param)

@@ -14,6 +14,7 @@ from typing import Any
 import tokenizers
 
 from ladle.errors import InvalidInput, LadleError
+from ladle.llm.token_span import max_chars_per_token
 
 __all__ = ["NoChatTemplate", "Tokenizer", "TokenizerLoadError"]
 
@@ -47,6 +48,8 @@ class Tokenizer:
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys([*eos, *extra_eos_token_ids]))
         self.all_special_ids: frozenset[int] = frozenset(hf.all_special_ids)
         self.vocab_size: int = max(self.backend.get_vocab(with_added_tokens=True).values()) + 1
+        #: no token covers more input characters than this (None: this tokenizer's pipeline gives no bound)
+        self.max_chars_per_token: int | None = max_chars_per_token(self.backend)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -69,6 +72,11 @@ class Tokenizer:
                 f"the tokenizer in {model_dir} ({type(hf).__name__}) has no fast (Rust) backend; add a tokenizer.json"
             )
         return cls(hf, _generation_config_eos(model_dir), name=model_dir.name)
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)), from its length alone (0 where the tokenizer gives no bound)."""
+        span = self.max_chars_per_token
+        return 0 if span is None else -(-len(text) // span)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
