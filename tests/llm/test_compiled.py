@@ -191,3 +191,25 @@ def test_a_step_that_fails_eagerly_too_raises_and_keeps_the_compiled_graphs(chec
     with pytest.raises(IndexError):
         runner.execute(SchedulerOutput([bad], 1))
     assert runner.model.compiled is broken and runner.compile_state == "compiled"
+
+
+@pytest.mark.parametrize("quantization", ["int8-dynamic", "int8-weight-only"])
+def test_eager_steps_of_a_quantized_model_run_while_another_thread_compiles_it(checkpoint, quantization) -> None:
+    # torch.compiler.is_compiling() is one process-wide flag: an eager step on the engine thread during the background
+    # compile once took the traced branch of the quantized linears and recursed without end (500s while compiling)
+    scheme = resolve_scheme(quantization, torch.float32, torch.device("cpu"), 32)
+    runner = ModelRunner(checkpoint, dtype=torch.float32, num_blocks=8, max_num_seqs=4, max_num_batched_tokens=64,
+                         compile=True, quantization=scheme)
+    reference = run_steps(runner, False)
+    compiling = runner.compile_decoder(background=True)
+    during = 0
+    while compiling.is_alive():
+        for a, b in zip(reference, run_steps(runner, False), strict=True):
+            torch.testing.assert_close(a, b)
+        during += 1
+    assert during >= 1 and runner.compile_state == "compiled", (during, runner.compile_state)
+    torch.compiler._is_compiling_flag = True  # what every thread sees while some thread compiles
+    try:
+        torch.testing.assert_close(run_steps(runner, False)[0], reference[0])
+    finally:
+        torch.compiler._is_compiling_flag = False

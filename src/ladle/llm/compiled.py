@@ -130,7 +130,7 @@ def attention(layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ste
     else torch's path (attention.py) with the metadata of step_metadata, behind a Python custom op when traced."""
     if layer.paged_op is not None:
         return layer.paged_op(q, k, v, layer.k_cache, layer.v_cache, step, layer.scale)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():  # see opaque_method
         return _attention_op(q, k, v, layer.handle)
     return paged_attention(q, k, v, layer.k_cache, layer.v_cache, _metadata.get(), layer.scale)
 
@@ -142,7 +142,10 @@ def opaque_method(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def wrapper(self: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
-        if torch.compiler.is_compiling():
+        # is_dynamo_compiling(), not is_compiling(): the latter is one process-wide flag, True in every thread while
+        # any thread compiles, so an eager step on the engine thread during a background compile took the traced
+        # branch, and the op's own eager call of this method took it again, recursing without end (int8 served 500s)
+        if torch.compiler.is_dynamo_compiling():
             other = args[0] if name == "add" else None
             arg = args[0] if name == "gelu" else ""
             return linear(self, name, x, other, arg)
