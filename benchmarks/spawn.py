@@ -75,3 +75,30 @@ def stop(process: subprocess.Popen, grace_s: float) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def metrics(port: int) -> bytes:
+    """GET /metrics ('' when it cannot be reached)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2.0)
+    try:
+        connection.request("GET", "/metrics")
+        return connection.getresponse().read()
+    except OSError:
+        return b""
+    finally:
+        connection.close()
+
+
+def wait_compiled(port: int, model: str, timeout_s: float = 300.0) -> float | None:
+    """Seconds until the LLM `model` serves from its compiled decoder (ladle compiles in the background after it is
+    ready; steps meanwhile are eager, and the compile takes a core from them), or None after `timeout_s` (a failed
+    compile, --enforce-eager, a quantization that stays eager). Benchmarks measure after this, so the compile is
+    not in their figures."""
+    started = time.monotonic()
+    prefix = b'ladle_llm_decoder_compiled{model="' + model.encode() + b'",version="1"} '
+    while time.monotonic() - started < timeout_s:
+        line = next((ln for ln in metrics(port).splitlines() if ln.startswith(prefix)), None)
+        if line is not None and float(line[len(prefix):]) == 1.0:
+            return time.monotonic() - started
+        time.sleep(0.5)
+    return None

@@ -9,7 +9,8 @@ Writes out/quant.md and out/quant.json.
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm/quant.py [--configs native,fp32,int8,int4,gguf,gguf-int8]
         [--concurrency 1,8,32] [--num-prompts-factor 2] [--threads 2]
 
-Extra configs (not run by default): int8-dynamic, int8-weight-only (the two int8 kernels explicitly), gguf-none
+Extra configs (not run by default): bf16 (bfloat16 full width, ladle's default on AVX2 hosts where its own GEMM runs
+bf16), int8-dynamic, int8-weight-only (the two int8 kernels explicitly), gguf-none
 (the GGUF dequantized to native full width: the fair baseline for the GGUF rows).
 """
 
@@ -34,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # run.py (this folder), hardware.py and spawn.py (benchmarks/)
 import hardware  # noqa: E402
 import run as llm  # noqa: E402  (benchmarks/llm/run.py: checkpoint, bench config, load accounting)
-from spawn import spawned_server  # noqa: E402
+from spawn import spawned_server, wait_compiled  # noqa: E402
 
 from ladle.bench.serve import run as bench_run  # noqa: E402
 from ladle.llm.dtypes import cpu_flags, cpu_has_native_bf16  # noqa: E402
@@ -68,7 +69,8 @@ class ServerConfig:
 
 def all_configs(native: str) -> dict[str, ServerConfig]:
     """Every selectable config; quantized rows compute in the native dtype, as the baseline does."""
-    configs = [ServerConfig("native", "random", native, "none"), ServerConfig("fp32", "random", "float32", "none")]
+    configs = [ServerConfig("native", "random", native, "none"), ServerConfig("fp32", "random", "float32", "none"),
+               ServerConfig("bf16", "random", "bfloat16", "none")]
     configs += [ServerConfig(q, "random", native, q) for q in ("int8", "int8-dynamic", "int8-weight-only", "int4")]
     configs += [ServerConfig("gguf", "gguf", native, "auto"), ServerConfig("gguf-int8", "gguf", native, "int8"),
                 ServerConfig("gguf-none", "gguf", native, "none")]
@@ -253,6 +255,10 @@ def measure_server(cfg: ServerConfig, args: argparse.Namespace, clock: Clock) ->
         with spawned_server(command, log_path, port=llm.PORT, timeout_s=300, poll_s=0.2) as spawned:
             server["ready_s"] = spawned.ready_s
             clock.say(f"{cfg.name}: ready in {spawned.ready_s:.1f} s")
+            server["compiled_after_s"] = wait_compiled(llm.PORT, llm.SERVED_NAME)
+            compiled = server["compiled_after_s"]
+            clock.say(f"{cfg.name}: " + (f"decoder compiled {compiled:.1f} s after ready" if compiled is not None
+                                         else "decoder not compiled after 300 s: measuring eager steps"))
             try:
                 for c in args.concurrencies:
                     clock.say(f"{cfg.name}: concurrency {c}, {max(4, args.num_prompts_factor * c)} requests ...")

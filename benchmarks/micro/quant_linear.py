@@ -10,7 +10,9 @@ runs ladle's own modules (quantize_weight), casts included: int8-dynamic takes b
 them to float32 for fbgemm) unless marked "f32 in". int4 g128 on 576-wide inputs uses groups of 64 there (128 does
 not divide 576; see quant.py).
 
-    .venv/bin/python benchmarks/micro/quant_linear.py [--m 1,8,32] [--rounds 5]
+    .venv/bin/python benchmarks/micro/quant_linear.py [--m 1,8,32] [--rounds 5] [--configs "fp32 tiled,..."]
+
+(x) is the speed-up over the first configuration run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ladle.llm.models.linear import PackedLinear, can_prepack
+from ladle.llm.models.linear import PackedLinear, TiledLinear, can_prepack, tiled
 from ladle.llm.models.quant import Method, QuantScheme, quantize_weight
 from ladle.process import tune_malloc_for_tensors
 
@@ -47,6 +49,12 @@ def _packed(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return PackedLinear(w.bfloat16())
 
 
+def _tiled(dtype: torch.dtype) -> Build:
+    def build(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return TiledLinear(w.to(dtype)) if tiled(w.to(dtype)) else _plain(dtype)(w)
+    return build
+
+
 def _quant(method: Method, group: int = 32) -> Build:
     return lambda w: quantize_weight(w, QuantScheme(method, group))
 
@@ -55,14 +63,17 @@ CONFIGS: dict[str, tuple[torch.dtype, Build]] = {
     "fp32": (torch.float32, _plain(torch.float32)),
     "bf16": (torch.bfloat16, _plain(torch.bfloat16)),
     "bf16 prepacked": (torch.bfloat16, _packed),
+    "fp32 tiled": (torch.float32, _tiled(torch.float32)),
+    "bf16 tiled": (torch.bfloat16, _tiled(torch.bfloat16)),
     "int8-dynamic (f32 in)": (torch.float32, _quant("int8-dynamic")),
     "int8-dynamic": (torch.bfloat16, _quant("int8-dynamic")),
     "int8-weight-only": (torch.bfloat16, _quant("int8-weight-only")),
+    "int8-weight-only (f32 in)": (torch.float32, _quant("int8-weight-only")),
     "int4 g32": (torch.bfloat16, _quant("int4", 32)),
     "int4 g64": (torch.bfloat16, _quant("int4", 64)),
     "int4 g128": (torch.bfloat16, _quant("int4", 128)),
 }
-BYTES = {"fp32": 4.0, "bf16": 2.0, "bf16 prepacked": 2.0}
+BYTES = {"fp32": 4.0, "bf16": 2.0, "bf16 prepacked": 2.0, "fp32 tiled": 4.0, "bf16 tiled": 2.0}
 
 
 def cpu_flags() -> str:
@@ -122,8 +133,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", default="1,8,32", help="rows per matmul (tokens in the step)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--configs", default="", help="comma-separated subset of: " + ", ".join(CONFIGS))
     args = parser.parse_args()
     m_values = [int(v) for v in args.m.split(",")]
+    if args.configs:
+        keep = [c.strip() for c in args.configs.split(",")]
+        for name in list(CONFIGS):
+            if name not in keep:
+                del CONFIGS[name]
     tune_malloc_for_tensors()
     print(cpu_flags(), flush=True)
     started = time.perf_counter()
@@ -133,11 +150,12 @@ def main() -> None:
         tables[title] = measure(workload, m_values, args.rounds)
     print()
     for title, res in tables.items():
-        print(f"### {title}: ms per step (best of {args.rounds} rounds); (x) = speed-up over bf16 prepacked")
+        base = next(iter(CONFIGS))
+        print(f"### {title}: ms per step (best of {args.rounds} rounds); (x) = speed-up over {base}")
         print("| config | weight MB | " + " | ".join(f"M={m}" for m in m_values) + " |")
         print("|---|---|" + "---|" * len(m_values))
         for name in CONFIGS:
-            cells = [f"{res[name, m]:.2f} ({res['bf16 prepacked', m] / res[name, m]:.2f}x)" for m in m_values]
+            cells = [f"{res[name, m]:.2f} ({res[base, m] / res[name, m]:.2f}x)" for m in m_values]
             print(f"| {name} | {res[name, 0]:.0f} | " + " | ".join(cells) + " |")
         print()
     print(f"total {time.perf_counter() - started:.0f} s")

@@ -135,6 +135,13 @@ def attention(layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ste
     return paged_attention(q, k, v, layer.k_cache, layer.v_cache, _metadata.get(), layer.scale)
 
 
+def _traces_through(module: Any, method: str, x: torch.Tensor) -> bool:
+    """Whether the module says `method` on x is traceable as it is (one C++ op with a shape function, e.g. ladle's
+    int8 GEMM): then the graph calls that op directly, without the Python round trip of `ladle::linear`."""
+    check = getattr(module, "traceable", None)
+    return check is not None and bool(check(x, method))
+
+
 def opaque_method(method: Callable) -> Callable:
     """Decorate a linear module's forward/add/gelu/swiglu: traced, the call becomes `ladle::linear` (the module must
     set `self.handle = register(self)` and answer `out_width(method)`)."""
@@ -145,7 +152,7 @@ def opaque_method(method: Callable) -> Callable:
         # is_dynamo_compiling(), not is_compiling(): the latter is one process-wide flag, True in every thread while
         # any thread compiles, so an eager step on the engine thread during a background compile took the traced
         # branch, and the op's own eager call of this method took it again, recursing without end (int8 served 500s)
-        if torch.compiler.is_dynamo_compiling():
+        if torch.compiler.is_dynamo_compiling() and not _traces_through(self, name, x):
             other = args[0] if name == "add" else None
             arg = args[0] if name == "gelu" else ""
             return linear(self, name, x, other, arg)

@@ -9,6 +9,10 @@
  * L2. SwiGLU layers pack TILE/2 gate and TILE/2 up columns per tile, so a tile yields TILE/2 outputs
  * silu(gate) * up directly.
  *
+ * int8 weights (gemm_q8, AVX2 only so far) are packed in k-pairs like bfloat16's and multiplied against x
+ * quantized to int16 per row, in integer multiply-adds (gemm_avx2.h: tile_q8); each tile's sums are scaled per column
+ * and per row before the epilogue.
+ *
  * The tile kernels and epilogue are per instruction set (-march=native at build time): gemm_avx512.h (float32 on
  * AVX-512, bfloat16 on AVX-512-BF16) or gemm_avx2.h (AVX2 + FMA: float32, and bfloat16 split into float32 in
  * registers); gemm_available() says which dtypes this build runs. Without either, callers keep oneDNN.
@@ -51,6 +55,15 @@ int gemm_available(int bf16) {
 
 int gemm_tile(void) { return TILE; }
 
+/* whether int8 weights run here (gemm_q8): the AVX2 build's kernels; AVX-512 hosts keep fbgemm's int8 with VNNI */
+int gemm_q8_available(void) {
+#if defined(LADLE_GEMM_Q8)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 
 /* bfloat16 x [M, K] (row stride ldx) as a float32 [M, K] copy (NULL when out of memory) */
@@ -70,10 +83,11 @@ static float *widened(const void *x, int64_t ldx, int64_t m_len, int64_t k_len, 
 }
 
 /* x [M, K] (row stride ldx), packed weight of `tiles` tiles, bias [tiles * TILE] in packed column order (or NULL),
- * other [M, n_out] (row stride ldo; EPI_ADD), out [M, n_out] (row stride ldout). Returns nonzero when this build
- * cannot run the dtype (1) or memory ran out (2). */
-int gemm(const void *x, int64_t ldx, const void *w, const float *bias, const void *other, int64_t ldo, void *out,
-         int64_t ldout, int64_t m_len, int64_t k_len, int64_t tiles, int64_t n_out, int kind, int bf16, int threads) {
+ * other [M, n_out] (row stride ldo; EPI_ADD), out [M, n_out] (row stride ldout), weights of x's dtype. Returns
+ * nonzero when this build cannot run the dtype (1) or memory ran out (2). */
+static int gemm_run(const void *x, int64_t ldx, const void *w, const float *bias, const void *other, int64_t ldo,
+                    void *out, int64_t ldout, int64_t m_len, int64_t k_len, int64_t tiles, int64_t n_out, int kind,
+                    int bf16, int threads) {
     if (!gemm_available(bf16) || (bf16 && k_len % 2)) return 1;
     const size_t elem = bf16 ? 2 : 4;
     const int64_t tile_elems = k_len * TILE;
@@ -99,10 +113,59 @@ int gemm(const void *x, int64_t ldx, const void *w, const float *bias, const voi
     return 0;
 }
 
+int gemm(const void *x, int64_t ldx, const void *w, const float *bias, const void *other, int64_t ldo, void *out,
+         int64_t ldout, int64_t m_len, int64_t k_len, int64_t tiles, int64_t n_out, int kind, int bf16, int threads) {
+    return gemm_run(x, ldx, w, bias, other, ldo, out, ldout, m_len, k_len, tiles, n_out, kind, bf16, threads);
+}
+
+/* gemm over int8 weights packed in k-pairs ([tiles][K_pad/2][TILE][2], K_pad = K rounded up to even, zeros past K)
+ * with per-column float32 `scales` [tiles * TILE]; x is quantized to int16 per row first (tile_rows_q8) */
+int gemm_q8(const void *x, int64_t ldx, const int8_t *w, const float *scales, const float *bias, const void *other,
+            int64_t ldo, void *out, int64_t ldout, int64_t m_len, int64_t k_len, int64_t tiles, int64_t n_out,
+            int kind, int bf16, int threads) {
+#if defined(LADLE_GEMM_Q8)
+    const size_t elem = bf16 ? 2 : 4;
+    const int64_t k_pad = k_len + (k_len & 1), rows_total = m_len ? m_len : 1;
+    int16_t *xq = (int16_t *)malloc((size_t)rows_total * k_pad * sizeof(int16_t));
+    float *x_scale = (float *)malloc((size_t)rows_total * sizeof(float));
+    if (!xq || !x_scale) {
+        free(xq);
+        free(x_scale);
+        return 2;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (m_len * k_len >= (1 << 16))
+    for (int64_t m = 0; m < m_len; m++)
+        x_scale[m] = quantize_row_i16((const char *)x + m * ldx * elem, k_len, bf16, xq + m * k_pad, k_pad);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        float acc[MR][TILE];
+        const int8_t *wt = w + (size_t)t * k_pad * TILE;
+        const int64_t col0 = kind == EPI_SWIGLU ? t * (TILE / 2) : t * TILE;
+        for (int64_t m0 = 0; m0 < m_len; m0 += MR) {
+            const int rows = m_len - m0 < MR ? (int)(m_len - m0) : MR;
+            tile_rows_q8(xq + m0 * k_pad, k_pad, wt, k_pad / 2, scales + t * TILE, x_scale + m0, acc, rows);
+            epilogue(acc, rows, bias ? bias + t * TILE : NULL, other ? (const char *)other + m0 * ldo * elem : NULL,
+                     ldo, (char *)out + m0 * ldout * elem, ldout, col0, n_out, kind, bf16);
+        }
+    }
+    free(xq);
+    free(x_scale);
+    return 0;
+#else
+    return 1;
+#endif
+}
+
 #else  /* no AVX-512 or AVX2: callers keep oneDNN */
 
 int gemm(const void *x, int64_t ldx, const void *w, const float *bias, const void *other, int64_t ldo, void *out,
          int64_t ldout, int64_t m_len, int64_t k_len, int64_t tiles, int64_t n_out, int kind, int bf16, int threads) {
+    return 1;
+}
+
+int gemm_q8(const void *x, int64_t ldx, const int8_t *w, const float *scales, const float *bias, const void *other,
+            int64_t ldo, void *out, int64_t ldout, int64_t m_len, int64_t k_len, int64_t tiles, int64_t n_out,
+            int kind, int bf16, int threads) {
     return 1;
 }
 

@@ -18,6 +18,9 @@
  * ladle::tiled_linear(x, weight, bias, other, n_out, kind) -> out
  *   x [..., K] @ W^T through gemm.c, W packed in tiles of gemm_tile() columns (models/linear.py: TiledLinear), bias float32 in
  *   packed column order; kind 0: plain, 1: + other ([..., n_out]), 2: SwiGLU (silu(gate) * up). out [..., n_out].
+ * ladle::tiled_linear_q8(x, weight, scales, bias, other, n_out, kind) -> out
+ *   As tiled_linear over int8 weights packed the same way, column c scaled by scales[c] (float32, packed order).
+ * ladle::gemm_q8_available() -> bool: whether this build runs int8 weights (the AVX2 kernels).
  * ladle::gemm_tile() -> int: the output columns per packed tile in this build (64 on AVX-512, 16 on AVX2).
  * ladle::gemm_available(bool bf16) -> bool: whether this build's gemm.c runs that dtype (AVX-512 / AVX-512-BF16 /
  *   AVX2 + FMA).
@@ -188,13 +191,23 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     return out;
 }
 
-at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  const std::optional<at::Tensor>& other, int64_t n_out, int64_t kind) {
+/* tiled_linear / tiled_linear_q8: checks, then gemm.c (`scales` defined: int8 weights) */
+at::Tensor run_tiled(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* scales,
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& other, int64_t n_out,
+                     int64_t kind) {
     const int64_t k = x.size(-1), tiles = weight.size(0);
-    TORCH_CHECK(weight.is_contiguous() && weight.numel() == tiles * TILE * k && weight.scalar_type() == x.scalar_type(),
-                "tiled_linear: the weight is not a packed [tiles, ", k, ", ", TILE, "] tensor of x's dtype");
+    const int64_t k_packed = scales ? k + (k & 1) : k; /* int8 tiles pad an odd K with a zero k */
+    const auto w_type = scales ? at::kChar : x.scalar_type();
+    TORCH_CHECK(weight.is_contiguous() && weight.numel() == tiles * TILE * k_packed && weight.scalar_type() == w_type,
+                "tiled_linear: the weight is not a packed [tiles, ", k_packed, ", ", TILE, "] tensor of ",
+                scales ? "int8" : "x's dtype");
     TORCH_CHECK(kind >= EPI_NONE && kind <= EPI_SWIGLU && n_out <= tiles * (kind == EPI_SWIGLU ? TILE / 2 : TILE),
                 "tiled_linear: bad kind or n_out");
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+                "tiled_linear: x must be float32 or bfloat16");
+    if (scales)
+        TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() && scales->numel() == tiles * TILE,
+                    "tiled_linear_q8: scales must be float32 [tiles * ", TILE, "]");
     at::Tensor rows = x.reshape({-1, k});
     if (rows.stride(1) != 1) rows = rows.contiguous();
     const int64_t m = rows.size(0);
@@ -211,20 +224,38 @@ at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weight, const std
         extra = other->reshape({m, n_out});
         if (extra.stride(1) != 1) extra = extra.contiguous();
     }
-    const int failed = gemm(rows.data_ptr(), rows.stride(0), weight.data_ptr(), bias_ptr,
-                            extra.defined() ? extra.data_ptr() : nullptr, extra.defined() ? extra.stride(0) : 0,
-                            out.data_ptr(), n_out, m, k, tiles, n_out, static_cast<int>(kind),
-                            x.scalar_type() == at::kBFloat16, at::get_num_threads());
-    TORCH_CHECK(failed != 1, "tiled_linear: this build cannot run ", x.scalar_type());
+    const void* other_ptr = extra.defined() ? extra.data_ptr() : nullptr;
+    const int64_t ldo = extra.defined() ? extra.stride(0) : 0;
+    const int bf16 = x.scalar_type() == at::kBFloat16, threads = at::get_num_threads();
+    const int failed = scales
+        ? gemm_q8(rows.data_ptr(), rows.stride(0), weight.data_ptr<int8_t>(), scales->data_ptr<float>(), bias_ptr,
+                  other_ptr, ldo, out.data_ptr(), n_out, m, k, tiles, n_out, static_cast<int>(kind), bf16, threads)
+        : gemm(rows.data_ptr(), rows.stride(0), weight.data_ptr(), bias_ptr, other_ptr, ldo, out.data_ptr(), n_out, m,
+               k, tiles, n_out, static_cast<int>(kind), bf16, threads);
+    TORCH_CHECK(failed != 1, "tiled_linear: this build cannot run ", scales ? "int8 weights" : "this dtype", " with ",
+                x.scalar_type(), " x");
     TORCH_CHECK(failed != 2, "tiled_linear: out of memory widening ", m, " rows of x");
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = n_out;
     return out.view(shape);
 }
 
+at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& other, int64_t n_out, int64_t kind) {
+    return run_tiled(x, weight, nullptr, bias, other, n_out, kind);
+}
+
+at::Tensor tiled_linear_q8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& other,
+                           int64_t n_out, int64_t kind) {
+    return run_tiled(x, weight, &scales, bias, other, n_out, kind);
+}
+
 bool available(bool bf16) { return gemm_available(bf16); }
 
 int64_t tile() { return gemm_tile(); }
+
+bool q8_available() { return gemm_q8_available(); }
 
 }  // namespace
 
@@ -232,6 +263,9 @@ TORCH_LIBRARY_FRAGMENT(ladle, lib) {
     lib.def("tiled_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? other, int n_out, int kind) -> Tensor");
     lib.def("gemm_available(bool bf16) -> bool", &available);
     lib.def("gemm_tile() -> int", &tile);
+    lib.def("tiled_linear_q8(Tensor x, Tensor weight, Tensor scales, Tensor? bias, Tensor? other, int n_out, "
+            "int kind) -> Tensor");
+    lib.def("gemm_q8_available() -> bool", &q8_available);
     lib.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor k_cache, Tensor v_cache, Tensor meta, float scale) "
             "-> Tensor");
 }
@@ -239,4 +273,5 @@ TORCH_LIBRARY_FRAGMENT(ladle, lib) {
 TORCH_LIBRARY_IMPL(ladle, CPU, lib) {
     lib.impl("paged_attention", &paged_attention);
     lib.impl("tiled_linear", &tiled_linear);
+    lib.impl("tiled_linear_q8", &tiled_linear_q8);
 }

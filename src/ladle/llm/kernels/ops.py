@@ -1,6 +1,7 @@
 """ladle's torch operators (kernels/ops.cpp), loaded once per process with the shape functions torch.compile needs
-to trace through them: `ladle::paged_attention` (a layer's whole attention) and `ladle::tiled_linear` (the tiled GEMM of
-gemm.c). Without a C++ compiler or torch's headers they are absent and callers keep their torch paths.
+to trace through them: `ladle::paged_attention` (a layer's whole attention), `ladle::tiled_linear` (the tiled GEMM of
+gemm.c) and `ladle::tiled_linear_q8` (the same over int8 weights). Without a C++ compiler or torch's headers they are
+absent and callers keep their torch paths.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ def _linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return x.new_empty((*x.shape[:-1], n_out))
 
 
+def _linear_q8_shape(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                     other: torch.Tensor | None, n_out: int, kind: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], n_out))
+
+
 @functools.cache
 def operators() -> bool:
     """Whether the operators are loaded (built first if needed)."""
@@ -29,6 +35,7 @@ def operators() -> bool:
         return False
     torch.library.register_fake("ladle::paged_attention")(_attention_shape)
     torch.library.register_fake("ladle::tiled_linear")(_linear_shape)
+    torch.library.register_fake("ladle::tiled_linear_q8")(_linear_q8_shape)
     return True
 
 
@@ -37,6 +44,12 @@ def gemm_available(dtype: torch.dtype, device: torch.device) -> bool:
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not operators():
         return False
     return bool(torch.ops.ladle.gemm_available(dtype == torch.bfloat16))
+
+
+@functools.cache
+def gemm_q8_available() -> bool:
+    """Whether `ladle::tiled_linear_q8` (int8 weights, float32/bfloat16 x) runs here: the AVX2 build's kernels."""
+    return operators() and bool(torch.ops.ladle.gemm_q8_available())
 
 
 @functools.cache

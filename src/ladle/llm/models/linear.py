@@ -79,18 +79,21 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], approximate)
 
 
-def _tiles(weight: torch.Tensor, swiglu: bool) -> torch.Tensor:
-    """[N, K] in gemm.c's layout: tiles of T = gemm_tile() output columns (64 on AVX-512, 16 on AVX2), each one
-    contiguous stream ([tiles, K, T]; bfloat16 [tiles, K/2, T, 2], the k-pairs vdpbf16ps multiplies). SwiGLU: T/2
-    gate then the same T/2 up columns per tile."""
-    rows, width = _tile_rows(weight.detach(), swiglu), gemm_tile()
+def tiles_of(weight: torch.Tensor, swiglu: bool) -> torch.Tensor:
+    """[N, K] (float32, bfloat16 or int8 codes) in gemm.c's layout: tiles of T = gemm_tile() output columns (64 on
+    AVX-512, 16 on AVX2), each one contiguous stream ([tiles, K, T]; bfloat16 [tiles, K/2, T, 2], the k-pairs
+    vdpbf16ps multiplies; int8 the same pairs, K padded to even, for vpmaddwd). SwiGLU: T/2 gate then the same T/2 up
+    columns per tile."""
+    rows, width = tile_columns(weight.detach(), swiglu), gemm_tile()
+    if rows.dtype == torch.int8 and rows.shape[1] % 2:  # int8 multiplies k in pairs too: a zero k pads an odd K
+        rows = F.pad(rows, (0, 1))
     tiles, k = rows.shape[0] // width, rows.shape[1]
-    if rows.dtype == torch.bfloat16:
+    if rows.dtype in (torch.bfloat16, torch.int8):
         return rows.view(tiles, width, k // 2, 2).permute(0, 2, 1, 3).contiguous()
     return rows.view(tiles, width, k).permute(0, 2, 1).contiguous()
 
 
-def _tile_rows(rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
+def tile_columns(rows: torch.Tensor, swiglu: bool) -> torch.Tensor:
     """Rows (weight rows, or bias entries) in packed column order, padded with zeros to whole tiles."""
     width = gemm_tile()
     if swiglu:
@@ -111,8 +114,8 @@ class TiledLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, swiglu: bool = False) -> None:
         super().__init__()
         # a buffer, so that a compiled graph takes it as an input (compiled.py)
-        self.register_buffer("tiles", _tiles(weight, swiglu), persistent=False)
-        self.bias = None if bias is None else _tile_rows(bias.detach().float(), swiglu).contiguous()
+        self.register_buffer("tiles", tiles_of(weight, swiglu), persistent=False)
+        self.bias = None if bias is None else tile_columns(bias.detach().float(), swiglu).contiguous()
         self.n_out = weight.shape[0] // 2 if swiglu else weight.shape[0]
 
     @classmethod
