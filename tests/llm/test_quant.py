@@ -145,8 +145,8 @@ def test_add_gelu_swiglu_are_the_compositions(method: str) -> None:
     layer.finalize()
     x, residual = torch.randn(4, 64, dtype=torch.bfloat16), torch.randn(4, 128, dtype=torch.bfloat16)
     y = layer(x)
-    # ladle's int8 GEMM fuses add and SwiGLU into its float32 epilogue: one bfloat16 rounding instead of two
-    fused = method == "int8-weight-only" and gemm_q8_available()
+    # ladle's int8 / int4 GEMM fuses add and SwiGLU into its float32 epilogue: one bfloat16 rounding instead of two
+    fused = method in ("int8-weight-only", "int4") and gemm_q8_available()
     same = (lambda a, b: torch.testing.assert_close(a, b, rtol=2**-6, atol=2**-6) is None) if fused else torch.equal
     assert same(layer.add(x, residual), y + residual)
     assert torch.equal(layer.gelu(x, "tanh"), F.gelu(y, approximate="tanh"))
@@ -342,11 +342,15 @@ INT8_HERE = "int8-weight-only" if gemm_q8_available() else "int8-dynamic"  # wha
 
 
 def test_int4_needs_a_cpu_that_runs_it_fast(no_probe: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quant, "gemm_q8_available", lambda: False)  # torch's int4 kernel: slow without AVX-512
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     with pytest.raises(QuantizationError, match=r"int4 would be slower than int8 here: .*AVX2"):
         resolve_scheme("int4", torch.bfloat16, "cpu")
-    assert resolve_scheme("int8", torch.bfloat16, "cpu") == QuantScheme(INT8_HERE)
+    assert resolve_scheme("int8", torch.bfloat16, "cpu") == QuantScheme("int8-dynamic")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert resolve_scheme("int4", torch.bfloat16, "cpu").method == "int4"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(quant, "gemm_q8_available", lambda: True)  # ladle's int4 GEMM runs on AVX2
     assert resolve_scheme("int4", torch.bfloat16, "cpu").method == "int4"
 
 

@@ -55,7 +55,8 @@ int gemm_available(int bf16) {
 
 int gemm_tile(void) { return TILE; }
 
-/* whether int8 weights run here (gemm_q8): the AVX2 build's kernels; AVX-512 hosts keep fbgemm's int8 with VNNI */
+/* whether int8 and int4 weights run here (gemm_q8, gemm_q4): the AVX2 build's kernels; AVX-512 hosts keep fbgemm's
+ * int8 (VNNI) and torch's int4 kernel */
 int gemm_q8_available(void) {
 #if defined(LADLE_GEMM_Q8)
     return 1;
@@ -118,6 +119,26 @@ int gemm(const void *x, int64_t ldx, const void *w, const float *bias, const voi
     return gemm_run(x, ldx, w, bias, other, ldo, out, ldout, m_len, k_len, tiles, n_out, kind, bf16, threads);
 }
 
+#if defined(LADLE_GEMM_Q8)
+/* x [M, K] as int16 rows of k_pad (even) values and their scales (quantize_row_i16); NULL when out of memory */
+static int16_t *quantized_x(const void *x, int64_t ldx, int64_t m_len, int64_t k_len, int64_t k_pad, int bf16,
+                            int threads, float **x_scale) {
+    const size_t elem = bf16 ? 2 : 4;
+    const int64_t rows = m_len ? m_len : 1;
+    int16_t *xq = (int16_t *)malloc((size_t)rows * k_pad * sizeof(int16_t));
+    *x_scale = (float *)malloc((size_t)rows * sizeof(float));
+    if (!xq || !*x_scale) {
+        free(xq);
+        free(*x_scale);
+        return NULL;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (m_len * k_len >= (1 << 16))
+    for (int64_t m = 0; m < m_len; m++)
+        (*x_scale)[m] = quantize_row_i16((const char *)x + m * ldx * elem, k_len, bf16, xq + m * k_pad, k_pad);
+    return xq;
+}
+#endif
+
 /* gemm over int8 weights packed in k-pairs ([tiles][K_pad/2][TILE][2], K_pad = K rounded up to even, zeros past K)
  * with per-column float32 `scales` [tiles * TILE]; x is quantized to int16 per row first (tile_rows_q8) */
 int gemm_q8(const void *x, int64_t ldx, const int8_t *w, const float *scales, const float *bias, const void *other,
@@ -125,17 +146,10 @@ int gemm_q8(const void *x, int64_t ldx, const int8_t *w, const float *scales, co
             int kind, int bf16, int threads) {
 #if defined(LADLE_GEMM_Q8)
     const size_t elem = bf16 ? 2 : 4;
-    const int64_t k_pad = k_len + (k_len & 1), rows_total = m_len ? m_len : 1;
-    int16_t *xq = (int16_t *)malloc((size_t)rows_total * k_pad * sizeof(int16_t));
-    float *x_scale = (float *)malloc((size_t)rows_total * sizeof(float));
-    if (!xq || !x_scale) {
-        free(xq);
-        free(x_scale);
-        return 2;
-    }
-#pragma omp parallel for num_threads(threads) schedule(static) if (m_len * k_len >= (1 << 16))
-    for (int64_t m = 0; m < m_len; m++)
-        x_scale[m] = quantize_row_i16((const char *)x + m * ldx * elem, k_len, bf16, xq + m * k_pad, k_pad);
+    const int64_t k_pad = k_len + (k_len & 1);
+    float *x_scale;
+    int16_t *xq = quantized_x(x, ldx, m_len, k_len, k_pad, bf16, threads, &x_scale);
+    if (!xq) return 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         float acc[MR][TILE];
@@ -156,6 +170,55 @@ int gemm_q8(const void *x, int64_t ldx, const int8_t *w, const float *scales, co
 #endif
 }
 
+/* gemm over int4 weights: codes q in 0..15, w = (q - 8) * scale + zero per group of `group` inputs (a multiple of 32
+ * dividing K), tiles [tiles][K/2][TILE] bytes (low nibble: the even k, high: the odd k, of each column), scales and
+ * zeros bfloat16 [tiles][K / group][TILE]; x quantized to int16 per row as for gemm_q8 (tile_rows_q4) */
+int gemm_q4(const void *x, int64_t ldx, const uint8_t *w, const uint16_t *scales, const uint16_t *zeros, int64_t group,
+            const float *bias, const void *other, int64_t ldo, void *out, int64_t ldout, int64_t m_len,
+            int64_t k_len, int64_t tiles, int64_t n_out, int kind, int bf16, int threads) {
+#if defined(LADLE_GEMM_Q8)
+    if (group <= 0 || group % 32 || k_len % group) return 1;
+    const size_t elem = bf16 ? 2 : 4;
+    const int64_t groups = k_len / group;
+    float *x_scale;
+    int16_t *xq = quantized_x(x, ldx, m_len, k_len, k_len, bf16, threads, &x_scale);
+    if (!xq) return 2;
+    float *xsum = (float *)malloc((size_t)(m_len ? m_len : 1) * groups * sizeof(float));
+    if (!xsum) {
+        free(xq);
+        free(x_scale);
+        return 2;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (m_len * k_len >= (1 << 16))
+    for (int64_t m = 0; m < m_len; m++) /* each group's sum of x as the kernel sees it (its int16 values) */
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t total = 0;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) total += xq[m * k_len + k];
+            xsum[m * groups + g] = (float)total * x_scale[m];
+        }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        float acc[MR][TILE];
+        const uint8_t *wt = w + (size_t)t * (k_len / 2) * TILE;
+        const uint16_t *st = scales + (size_t)t * groups * TILE, *zt = zeros + (size_t)t * groups * TILE;
+        const int64_t col0 = kind == EPI_SWIGLU ? t * (TILE / 2) : t * TILE;
+        for (int64_t m0 = 0; m0 < m_len; m0 += Q4_ROWS) {
+            const int rows = m_len - m0 < Q4_ROWS ? (int)(m_len - m0) : Q4_ROWS;
+            tile_rows_q4(xq + m0 * k_len, k_len, xsum + m0 * groups, groups, wt, group / 2, st, zt, x_scale + m0,
+                         acc, rows);
+            epilogue(acc, rows, bias ? bias + t * TILE : NULL, other ? (const char *)other + m0 * ldo * elem : NULL,
+                     ldo, (char *)out + m0 * ldout * elem, ldout, col0, n_out, kind, bf16);
+        }
+    }
+    free(xq);
+    free(x_scale);
+    free(xsum);
+    return 0;
+#else
+    return 1;
+#endif
+}
+
 #else  /* no AVX-512 or AVX2: callers keep oneDNN */
 
 int gemm(const void *x, int64_t ldx, const void *w, const float *bias, const void *other, int64_t ldo, void *out,
@@ -166,6 +229,12 @@ int gemm(const void *x, int64_t ldx, const void *w, const float *bias, const voi
 int gemm_q8(const void *x, int64_t ldx, const int8_t *w, const float *scales, const float *bias, const void *other,
             int64_t ldo, void *out, int64_t ldout, int64_t m_len, int64_t k_len, int64_t tiles, int64_t n_out,
             int kind, int bf16, int threads) {
+    return 1;
+}
+
+int gemm_q4(const void *x, int64_t ldx, const uint8_t *w, const uint16_t *scales, const uint16_t *zeros, int64_t group,
+            const float *bias, const void *other, int64_t ldo, void *out, int64_t ldout, int64_t m_len,
+            int64_t k_len, int64_t tiles, int64_t n_out, int kind, int bf16, int threads) {
     return 1;
 }
 

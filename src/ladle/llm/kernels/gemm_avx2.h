@@ -245,6 +245,65 @@ static void tile_rows_q8(const int16_t *x, int64_t ldx, const int8_t *w, int64_t
     }
 }
 
+/* int4 weights ("W4A16", gemm.c's gemm_q4): w = (q - 8) * scale + zero per group of `group` inputs, q in 0..15.
+ * A tile's k-pair row is 16 bytes, byte j holding column j's code for the even k (low nibble) and the odd k (high
+ * nibble): unpacked, re-centred to -8..7 and interleaved into tile_q8's k-pair layout, then multiplied alike. Scales
+ * and zeros are bfloat16 (as torch's int4 kernel takes them: 4 bytes per 32 weights, not 8). Each group's int32
+ * sums are scaled into float32 accumulators (scale x the row's x scale), and zero x the group's sum of
+ * x added, so the zeros cost one FMA per group, not per weight. Three rows at a time (float and int32 accumulators
+ * for each): int4 is a decode format. */
+#define Q4_ROWS 3
+
+static inline __attribute__((always_inline)) void tile_q4(const int16_t *x, int64_t ldx, const float *xsum,
+                                                          int64_t groups, const uint8_t *w, int64_t group_pairs,
+                                                          const uint16_t *scale, const uint16_t *zero,
+                                                          const float *x_scale, float out[MR][TILE], const int rows) {
+    const __m128i low = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+    __m256 acc[Q4_ROWS][2];
+    for (int m = 0; m < rows; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m256i sum[Q4_ROWS][2];
+        for (int m = 0; m < rows; m++) sum[m][0] = sum[m][1] = _mm256_setzero_si256();
+        for (int64_t kp = g * group_pairs; kp < (g + 1) * group_pairs; kp++) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(w + kp * TILE));
+            __m128i lo = _mm_sub_epi8(_mm_and_si128(b, low), eight);
+            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), low), eight);
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(lo, hi));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(lo, hi));
+            for (int m = 0; m < rows; m++) {
+                int32_t pair;
+                memcpy(&pair, x + m * ldx + 2 * kp, sizeof pair);
+                __m256i xb = _mm256_set1_epi32(pair);
+                sum[m][0] = _mm256_add_epi32(sum[m][0], _mm256_madd_epi16(w0, xb));
+                sum[m][1] = _mm256_add_epi32(sum[m][1], _mm256_madd_epi16(w1, xb));
+            }
+        }
+        const __m256 s0 = load8(scale + g * TILE, 8, 1), s1 = load8(scale + g * TILE + 8, 8, 1);
+        const __m256 z0 = load8(zero + g * TILE, 8, 1), z1 = load8(zero + g * TILE + 8, 8, 1);
+        for (int m = 0; m < rows; m++) {
+            const __m256 xs = _mm256_set1_ps(x_scale[m]), xg = _mm256_set1_ps(xsum[m * groups + g]);
+            acc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m][0]), _mm256_mul_ps(s0, xs), acc[m][0]);
+            acc[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m][1]), _mm256_mul_ps(s1, xs), acc[m][1]);
+            acc[m][0] = _mm256_fmadd_ps(z0, xg, acc[m][0]);
+            acc[m][1] = _mm256_fmadd_ps(z1, xg, acc[m][1]);
+        }
+    }
+    for (int m = 0; m < rows; m++) {
+        _mm256_storeu_ps(out[m], acc[m][0]);
+        _mm256_storeu_ps(out[m] + 8, acc[m][1]);
+    }
+}
+
+static void tile_rows_q4(const int16_t *x, int64_t ldx, const float *xsum, int64_t groups, const uint8_t *w,
+                         int64_t group_pairs, const uint16_t *scale, const uint16_t *zero, const float *x_scale,
+                         float out[MR][TILE], int rows) {
+    switch (rows) {
+        case 1: tile_q4(x, ldx, xsum, groups, w, group_pairs, scale, zero, x_scale, out, 1); return;
+        case 2: tile_q4(x, ldx, xsum, groups, w, group_pairs, scale, zero, x_scale, out, 2); return;
+        default: tile_q4(x, ldx, xsum, groups, w, group_pairs, scale, zero, x_scale, out, 3); return;
+    }
+}
+
 /* One row of x (float32 or bfloat16, k_len values) as int16 round(x / s), s = max |x| / 32767 (1 for a zero row),
  * into q[0, k_pad) (zeros past k_len); returns s */
 static float quantize_row_i16(const void *x, int64_t k_len, int bf16, int16_t *q, int64_t k_pad) {

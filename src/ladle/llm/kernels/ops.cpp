@@ -20,7 +20,9 @@
  *   packed column order; kind 0: plain, 1: + other ([..., n_out]), 2: SwiGLU (silu(gate) * up). out [..., n_out].
  * ladle::tiled_linear_q8(x, weight, scales, bias, other, n_out, kind) -> out
  *   As tiled_linear over int8 weights packed the same way, column c scaled by scales[c] (float32, packed order).
- * ladle::gemm_q8_available() -> bool: whether this build runs int8 weights (the AVX2 kernels).
+ * ladle::tiled_linear_q4(x, weight, scales, zeros, group, bias, other, n_out, kind) -> out
+ *   As tiled_linear over int4 codes (gemm.c gemm_q4): w = (q - 8) * scale + zero per group of inputs.
+ * ladle::gemm_q8_available() -> bool: whether this build runs int8 and int4 weights (the AVX2 kernels).
  * ladle::gemm_tile() -> int: the output columns per packed tile in this build (64 on AVX-512, 16 on AVX2).
  * ladle::gemm_available(bool bf16) -> bool: whether this build's gemm.c runs that dtype (AVX-512 / AVX-512-BF16 /
  *   AVX2 + FMA).
@@ -251,6 +253,49 @@ at::Tensor tiled_linear_q8(const at::Tensor& x, const at::Tensor& weight, const 
     return run_tiled(x, weight, &scales, bias, other, n_out, kind);
 }
 
+at::Tensor tiled_linear_q4(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                           const at::Tensor& zeros, int64_t group, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& other, int64_t n_out, int64_t kind) {
+    const int64_t k = x.size(-1), tiles = weight.size(0);
+    TORCH_CHECK(group > 0 && group % 32 == 0 && k % group == 0, "tiled_linear_q4: group ", group,
+                " must be a multiple of 32 dividing K = ", k);
+    TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == at::kByte && weight.numel() == tiles * TILE * k / 2,
+                "tiled_linear_q4: the weight is not packed uint8 [tiles, ", k / 2, ", ", TILE, "]");
+    for (const at::Tensor* t : {&scales, &zeros})
+        TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == tiles * (k / group) * TILE,
+                    "tiled_linear_q4: scales and zeros must be bfloat16 [tiles, ", k / group, ", ", TILE, "]");
+    TORCH_CHECK(kind >= EPI_NONE && kind <= EPI_SWIGLU && n_out <= tiles * (kind == EPI_SWIGLU ? TILE / 2 : TILE),
+                "tiled_linear_q4: bad kind or n_out");
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+                "tiled_linear_q4: x must be float32 or bfloat16");
+    at::Tensor rows = x.reshape({-1, k});
+    if (rows.stride(1) != 1) rows = rows.contiguous();
+    const int64_t m = rows.size(0);
+    at::Tensor out = at::empty({m, n_out}, x.options());
+    const float* bias_ptr = nullptr;
+    if (bias) {
+        TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == tiles * TILE,
+                    "tiled_linear_q4: bias must be float32 [tiles * ", TILE, "]");
+        bias_ptr = bias->data_ptr<float>();
+    }
+    at::Tensor extra;
+    if (kind == EPI_ADD) {
+        TORCH_CHECK(other && other->scalar_type() == x.scalar_type(), "tiled_linear_q4: kind 1 adds `other` of x's dtype");
+        extra = other->reshape({m, n_out});
+        if (extra.stride(1) != 1) extra = extra.contiguous();
+    }
+    const int failed = gemm_q4(rows.data_ptr(), rows.stride(0), weight.data_ptr<uint8_t>(),
+                               static_cast<const uint16_t*>(scales.data_ptr()),
+                               static_cast<const uint16_t*>(zeros.data_ptr()), group, bias_ptr, extra.defined() ? extra.data_ptr() : nullptr,
+                               extra.defined() ? extra.stride(0) : 0, out.data_ptr(), n_out, m, k, tiles, n_out,
+                               static_cast<int>(kind), x.scalar_type() == at::kBFloat16, at::get_num_threads());
+    TORCH_CHECK(failed != 1, "tiled_linear_q4: this build cannot run int4 weights");
+    TORCH_CHECK(failed != 2, "tiled_linear_q4: out of memory quantizing ", m, " rows of x");
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = n_out;
+    return out.view(shape);
+}
+
 bool available(bool bf16) { return gemm_available(bf16); }
 
 int64_t tile() { return gemm_tile(); }
@@ -266,6 +311,8 @@ TORCH_LIBRARY_FRAGMENT(ladle, lib) {
     lib.def("tiled_linear_q8(Tensor x, Tensor weight, Tensor scales, Tensor? bias, Tensor? other, int n_out, "
             "int kind) -> Tensor");
     lib.def("gemm_q8_available() -> bool", &q8_available);
+    lib.def("tiled_linear_q4(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group, Tensor? bias, "
+            "Tensor? other, int n_out, int kind) -> Tensor");
     lib.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor k_cache, Tensor v_cache, Tensor meta, float scale) "
             "-> Tensor");
 }
@@ -274,4 +321,5 @@ TORCH_LIBRARY_IMPL(ladle, CPU, lib) {
     lib.impl("paged_attention", &paged_attention);
     lib.impl("tiled_linear", &tiled_linear);
     lib.impl("tiled_linear_q8", &tiled_linear_q8);
+    lib.impl("tiled_linear_q4", &tiled_linear_q4);
 }

@@ -1,7 +1,7 @@
 """ladle's torch operators (kernels/ops.cpp), loaded once per process with the shape functions torch.compile needs
 to trace through them: `ladle::paged_attention` (a layer's whole attention), `ladle::tiled_linear` (the tiled GEMM of
-gemm.c) and `ladle::tiled_linear_q8` (the same over int8 weights). Without a C++ compiler or torch's headers they are
-absent and callers keep their torch paths.
+gemm.c) and `ladle::tiled_linear_q8` / `_q4` (the same over int8 / int4 weights). Without a C++ compiler or torch's
+headers they are absent and callers keep their torch paths.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ def _linear_q8_shape(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
     return x.new_empty((*x.shape[:-1], n_out))
 
 
+def _linear_q4_shape(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
+                     bias: torch.Tensor | None, other: torch.Tensor | None, n_out: int, kind: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], n_out))
+
+
 @functools.cache
 def operators() -> bool:
     """Whether the operators are loaded (built first if needed)."""
@@ -36,6 +41,7 @@ def operators() -> bool:
     torch.library.register_fake("ladle::paged_attention")(_attention_shape)
     torch.library.register_fake("ladle::tiled_linear")(_linear_shape)
     torch.library.register_fake("ladle::tiled_linear_q8")(_linear_q8_shape)
+    torch.library.register_fake("ladle::tiled_linear_q4")(_linear_q4_shape)
     return True
 
 
@@ -48,7 +54,8 @@ def gemm_available(dtype: torch.dtype, device: torch.device) -> bool:
 
 @functools.cache
 def gemm_q8_available() -> bool:
-    """Whether `ladle::tiled_linear_q8` (int8 weights, float32/bfloat16 x) runs here: the AVX2 build's kernels."""
+    """Whether `ladle::tiled_linear_q8` and `ladle::tiled_linear_q4` (int8 / int4 weights, float32 or bfloat16 x)
+    run here: the AVX2 build's kernels."""
     return operators() and bool(torch.ops.ladle.gemm_q8_available())
 
 

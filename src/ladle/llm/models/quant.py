@@ -11,7 +11,8 @@ Three kernels, chosen once at load time (resolve_scheme):
   at M=32). Elsewhere activations stay bfloat16 (aten._weight_int8pack_mm); from _W8_DEQUANT_MIN_ROWS rows on
   (prefill) the weight is widened per call and run as a plain GEMM, which scales better.
 - int4: asymmetric per group of `group_size` inputs, w = (q - 8) * scale + zero with q in 0..15, scale and zero in
-  bfloat16 (aten._weight_int4pack_mm_for_cpu, llama.cpp-like "tinygemm" format). Layers the kernel cannot take
+  bfloat16: ladle's gemm_q4 where it runs (AVX2 builds: _Int4Tiled, the int8 kernel's arithmetic on codes unpacked
+  in registers), else aten._weight_int4pack_mm_for_cpu (llama.cpp-like "tinygemm" format). Layers the kernel cannot take
   (out_features not a multiple of 16, in_features not a multiple of 32) use the scheme's int8 method instead; a
   group size that does not divide in_features shrinks to the largest of 32/64/128 below it that does.
 Speed (benchmarks/micro/quant_linear.py, 2-core AVX-512 host, cold weights, vs oneDNN-prepacked bfloat16): int4
@@ -57,7 +58,7 @@ from torch import nn
 
 from ladle.errors import LadleError
 from ladle.llm.compiled import opaque_method, register
-from ladle.llm.kernels.ops import gemm_q8_available
+from ladle.llm.kernels.ops import gemm_q8_available, gemm_tile
 from ladle.llm.models.linear import GateUpLinear, Linear, tile_columns, tiles_of
 from ladle.llm.models.qtensor import Q4_0, Q4_1, Q4_K, GGMLBlocks
 
@@ -113,10 +114,11 @@ def describe(scheme: QuantScheme) -> str:
     """One line for logs."""
     if scheme.method == "int8-dynamic":
         return "int8-dynamic (W8A8: int8 weights per output channel, activations per token; fbgemm)"
+    compute = "ladle's GEMM, activations int16 per row" if gemm_q8_available() else "bfloat16 compute"
     if scheme.method == "int8-weight-only":
-        return "int8-weight-only (int8 weights per output channel, bfloat16 compute)"
+        return f"int8-weight-only (int8 weights per output channel, {compute})"
     return (
-        f"int4 (asymmetric, groups of {scheme.group_size} inputs, bfloat16 compute; "
+        f"int4 (asymmetric, groups of {scheme.group_size} inputs, {compute}; "
         f"{scheme.int8_method} where a layer's shape does not fit int4)"
     )
 
@@ -389,34 +391,32 @@ class _Int8WeightOnly(_Kernel):
         return self._with_bias(y, x.dtype)
 
 
-class _Int8Tiled(_Kernel):
-    """int8-weight-only on ladle's tiled GEMM (kernels/gemm.c, gemm_q8; AVX2 builds): the codes packed in gemm.c's
-    tiles like a float32 weight, one byte each, widened to float32 in registers; each tile's sums scaled per column,
-    then bias, residual add or SwiGLU fused as for full width. float32 accumulation whatever x's dtype (bfloat16 x is
-    widened once per call), float32 scales. A SwiGLU layer (`swiglu`) packs gate and up columns tile by tile."""
+class _TiledKernel(_Kernel):
+    """A weight on ladle's tiled GEMM (AVX2 builds: kernels/gemm.c gemm_q8 / gemm_q4), one C++ op per call (`run`):
+    x rounded to int16 per row, integer multiply-adds, float32 scales, then bias, residual add or SwiGLU fused as for
+    full width. A SwiGLU layer (`swiglu`) packs gate and up columns tile by tile."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, swiglu: bool = False) -> None:
-        super().__init__(None)  # the bias goes into the kernel's epilogue
-        n, k = q.shape
-        self.swiglu_packed, self.n_out = swiglu, n // 2 if swiglu else n
-        self.tiles = tiles_of(q, swiglu)
-        self.scales = tile_columns(scale.float(), swiglu).contiguous()
-        self.bias = None if bias is None else tile_columns(bias.detach().float(), swiglu).contiguous()
-        self.nbytes = n * k + 4 * n + (0 if bias is None else 4 * n)
+    bias: torch.Tensor | None
+    n_out: int
+    swiglu_packed: bool
+    tile_count: int
+
+    def run(self, x: torch.Tensor, other: torch.Tensor | None, n_out: int, kind: int) -> torch.Tensor:
+        raise NotImplementedError
 
     def _run(self, x: torch.Tensor, other: torch.Tensor | None, n_out: int, kind: int) -> torch.Tensor:
         dtype = x.dtype
-        if dtype not in (torch.float32, torch.bfloat16):  # e.g. float16: the kernel takes float32 or bfloat16 x
+        if dtype not in (torch.float32, torch.bfloat16):  # e.g. float16: the kernels take float32 or bfloat16 x
             x, other = x.float(), None if other is None else other.float()
-        y = torch.ops.ladle.tiled_linear_q8(x, self.tiles, self.scales, self.bias, other, n_out, kind)
+        y = self.run(x, other, n_out, kind)
         return y if y.dtype == dtype else y.to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.swiglu_packed:
             return self._run(x, None, self.n_out, 0)
         # tiles of [gate half | up half]: every packed column, then back to [gate; up]
-        columns = self._run(x, None, self.tiles.shape[0] * self.tiles.shape[2], 0)
-        halves = columns.view(x.shape[0], self.tiles.shape[0], 2, -1).transpose(1, 2).reshape(x.shape[0], 2, -1)
+        columns = self._run(x, None, self.tile_count * gemm_tile(), 0)
+        halves = columns.view(x.shape[0], self.tile_count, 2, -1).transpose(1, 2).reshape(x.shape[0], 2, -1)
         return halves[:, :, : self.n_out].reshape(x.shape[0], 2 * self.n_out)
 
     def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -426,6 +426,23 @@ class _Int8Tiled(_Kernel):
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, None, self.n_out, 2) if self.swiglu_packed else super().swiglu(x)
+
+
+class _Int8Tiled(_TiledKernel):
+    """int8-weight-only on gemm_q8: codes in k-pair tiles like bfloat16's, float32 column scales."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, swiglu: bool = False) -> None:
+        super().__init__(None)  # the bias goes into the kernel's epilogue
+        n, k = q.shape
+        self.swiglu_packed, self.n_out = swiglu, n // 2 if swiglu else n
+        self.tiles = tiles_of(q, swiglu)
+        self.tile_count = self.tiles.shape[0]
+        self.scales = tile_columns(scale.float(), swiglu).contiguous()
+        self.bias = None if bias is None else tile_columns(bias.detach().float(), swiglu).contiguous()
+        self.nbytes = n * k + 4 * n + (0 if bias is None else 4 * n)
+
+    def run(self, x: torch.Tensor, other: torch.Tensor | None, n_out: int, kind: int) -> torch.Tensor:
+        return torch.ops.ladle.tiled_linear_q8(x, self.tiles, self.scales, self.bias, other, n_out, kind)
 
 
 class _Int4(_Kernel):
@@ -448,6 +465,33 @@ class _Int4(_Kernel):
         return self._with_bias(y, x.dtype)
 
 
+class _Int4Tiled(_TiledKernel):
+    """int4 on gemm_q4: codes two to a byte in k-pair tiles, bfloat16 scales and zeros per group and column (as
+    torch's int4 kernel takes them, so the GGUF repack's error bound is unchanged)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                 bias: torch.Tensor | None, swiglu: bool = False) -> None:
+        super().__init__(None)
+        n, k = q.shape
+        self.group, self.n_out, self.swiglu_packed = group, n // 2 if swiglu else n, swiglu
+        width = gemm_tile()
+        codes = tile_columns(q, swiglu)
+        tiles = codes.shape[0] // width
+        pairs = codes.view(tiles, width, k // 2, 2).permute(0, 2, 1, 3)
+        self.tiles = (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
+        self.tile_count = tiles
+        self.scales, self.zeros = (
+            tile_columns(t.to(torch.bfloat16), swiglu).view(tiles, width, -1).permute(0, 2, 1).contiguous()
+            for t in (scale, zero)
+        )
+        self.bias = None if bias is None else tile_columns(bias.detach().float(), swiglu).contiguous()
+        self.nbytes = n * k // 2 + 4 * scale.numel() + (0 if bias is None else 4 * n)
+
+    def run(self, x: torch.Tensor, other: torch.Tensor | None, n_out: int, kind: int) -> torch.Tensor:
+        return torch.ops.ladle.tiled_linear_q4(x, self.tiles, self.scales, self.zeros, self.group, self.bias, other,
+                                               n_out, kind)
+
+
 def _bf16_scales(method: str) -> bool:
     """Whether `method`'s kernel takes its scales in bfloat16 (torch's weight-only kernel; ladle's takes float32)."""
     return method == "int8-weight-only" and not gemm_q8_available()
@@ -455,6 +499,8 @@ def _bf16_scales(method: str) -> bool:
 
 def _pack(sink: WeightSink, bias: torch.Tensor | None, swiglu: bool) -> _Kernel:
     if sink.method == "int4":
+        if gemm_q8_available():
+            return _Int4Tiled(sink.codes, *sink.int4_params, sink.group, bias, swiglu)
         return _Int4(sink.codes, *sink.int4_params, sink.group, bias)
     if sink.method == "int8-dynamic":
         return _Int8Dynamic(sink.codes, sink.scales[:, 0], bias)
@@ -490,7 +536,11 @@ class QuantizedLinear(nn.Module):
         return self._tiled and x.dtype in (torch.float32, torch.bfloat16) and swiglu_packed == (method == "swiglu")
 
     def _q8(self, x: torch.Tensor, other: torch.Tensor | None, kind: int) -> torch.Tensor:
+        """ladle's int8 or int4 GEMM on the layer's buffers (kind 0 plain, 1 + other, 2 SwiGLU)."""
         n_out = self.out_features // 2 if kind == 2 else self.out_features
+        if self.method == "int4":
+            return torch.ops.ladle.tiled_linear_q4(x, self.tiles, self.tile_scales, self.tile_zeros, self.group_size,
+                                                   self.tile_bias, other, n_out, kind)
         return torch.ops.ladle.tiled_linear_q8(x, self.tiles, self.tile_scales, self.tile_bias, other, n_out, kind)
 
     def out_width(self, method: str) -> int:
@@ -526,9 +576,10 @@ class QuantizedLinear(nn.Module):
             raise QuantizationError(f"{self.name}: weight rows {shown} of {self.out_features} were never written")
         self._kernel = _pack(self._sink, self.bias, swiglu=isinstance(self, QuantizedGateUpLinear))
         self._sink = None
-        if isinstance(self._kernel, _Int8Tiled):  # buffers, so that a compiled graph takes them as inputs
+        if isinstance(self._kernel, _TiledKernel):  # buffers, so that a compiled graph takes them as inputs
             self.register_buffer("tiles", self._kernel.tiles, persistent=False)
             self.register_buffer("tile_scales", self._kernel.scales, persistent=False)
+            self.register_buffer("tile_zeros", getattr(self._kernel, "zeros", None), persistent=False)
             self.register_buffer("tile_bias", self._kernel.bias, persistent=False)
             self._tiled = True
 
@@ -637,7 +688,8 @@ def _probe_kernel(method: str, out_features: int, in_features: int, group: int) 
     scale = torch.rand(n) * 1e-3 + 1e-3
     if method == "int4":
         groups = torch.rand(n, k // group) * 1e-3 + 1e-3
-        return _Int4(torch.randint(0, 16, (n, k), dtype=torch.uint8), groups, groups, group, None)
+        q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+        return (_Int4Tiled if gemm_q8_available() else _Int4)(q, groups, groups, group, None)
     codes = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     if method == "int8-dynamic":
         return _Int8Dynamic(codes, scale, None)
@@ -705,7 +757,10 @@ def _probing() -> bool:
 
 
 def int4_capable_cpu() -> str | None:
-    """None where the int4 kernel is fast (AVX-512/AMX x86, ARM), else why int4 is refused."""
+    """None where an int4 kernel is fast (ladle's on AVX2 builds; torch's on AVX-512/AMX x86 and ARM), else why int4
+    is refused."""
+    if gemm_q8_available():
+        return None  # ladle's W4A16 GEMM: 1.5x its int8 at one row on a 2-core AVX2 EPYC (RESULTS.md)
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.upper().startswith(INT4_CPU_CAPABILITIES):
         return None
