@@ -125,8 +125,8 @@ def test_compiled_steps_compute_what_eager_steps_compute(checkpoint, quantizatio
     runner.compile_decoder(background=False)
     assert runner.compile_state == "compiled"
     eager, compiled = run_steps(runner, False), run_steps(runner, True)
-    # ladle's int8 GEMM rounds x to int16 per row: inductor's float32 differences (fused norms) can move a rounding
-    tol = 1e-3 if scheme.method == "int8-weight-only" else 1e-4
+    # ladle's int8 / int4 GEMMs round x to int16 per row: inductor's float32 differences (fused norms) move roundings
+    tol = 1e-3 if scheme.method in ("int8-weight-only", "int4") else 1e-4
     for a, b in zip(eager, compiled, strict=True):
         assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
