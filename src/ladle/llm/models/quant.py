@@ -3,8 +3,9 @@
 Three kernels, chosen once at load time (resolve_scheme):
 - int8-dynamic: W8A8. int8 weights, symmetric per output channel; each call quantizes its activations to uint8
   with one scale per token and runs fbgemm's int8 GEMM (torch.ops.quantized.linear_dynamic). Fastest at every M
-  here, but the least accurate: on SmolLM2-135M prefill, KL from full width 0.03-0.05 against 0.004 for
-  int8-weight-only (per-token scales are dominated by LLMs' outlier channels).
+  on the AVX-512 host measured (on AVX2, ladle's int8-weight-only beats it at few rows), but the least accurate: on
+  SmolLM2-135M prefill, KL from full width 0.03-0.05 against 0.004 for int8-weight-only (per-token scales are
+  dominated by LLMs' outlier channels).
 - int8-weight-only: int8 weights as above. Where ladle's int8 GEMM runs (kernels/gemm.c gemm_q8: AVX2 builds), x is
   rounded to int16 per row and multiplied in integer multiply-adds, float32 scales, fused bias/residual/SwiGLU
   (_Int8Tiled; a 2-core AVX2 EPYC: 1.5x int8-dynamic and 1.6x ladle's bfloat16 GEMM at M=1, about bfloat16's speed
@@ -19,8 +20,9 @@ Speed (benchmarks/micro/quant_linear.py, 2-core AVX-512 host, cold weights, vs o
 is the fastest at M=1 on small shapes (2.6x; int8-dynamic 1.8x) but its kernel's cost is linear in M: about even
 at M=8, 0.4-0.5x at M=32, ~0.35x for prefill; int8-dynamic stays ahead at every M (1.2-1.7x at M=8-32, and it beats
 int4 at M=1 on 4096-wide shapes); int8-weight-only helps only at M=1 (1.3-1.6x).
-The weight-only kernels compute in bfloat16 whatever the model dtype (their float32 paths are 10-25x slower); the
-dynamic kernel computes in float32 (fbgemm's only input type). Outputs come back in the input's dtype.
+torch's weight-only kernels compute in bfloat16 whatever the model dtype (their float32 paths are 10-25x slower);
+ladle's take float32 or bfloat16 x; the dynamic kernel computes in float32 (fbgemm's only input type). Outputs come
+back in the input's dtype.
 
 Lifecycle (the invariant): swap_linears() replaces Linear/GateUpLinear with quantized twins in *staging* state
 while the model is still on the meta device. A staging layer's `.weight` is a WeightSink holding compact CPU
