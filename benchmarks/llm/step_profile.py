@@ -4,7 +4,7 @@ with torch.profiler. The random SmolLM-135M-shaped Llama of benchmarks/llm (128-
 context), float32 and, where the CPU has native bf16, bfloat16.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm/step_profile.py [--dtype float32,bfloat16] [--batches 1,8,32]
-        [--steps 20] [--attention operator|kernel|gather] [--gemm tiled|onednn] [--compile]
+        [--steps 20] [--attention operator|kernel|gather] [--gemm tiled|onednn] [--compile] [--quantization int8]
 
 Writes out/step_profile-<dtype>.json and prints a markdown table (ms per step by family, and the share of each).
 """
@@ -51,6 +51,7 @@ FAMILIES: list[tuple[str, tuple[str, ...]]] = [
                        "aten::index_select (emb)", "CompiledFxGraph")),  # inductor's fused kernels run inside it
 ]
 COMPILED = False  # --compile: the torch.compile'd decoder (compiled.py) instead of eager
+QUANTIZATION = "none"  # --quantization: the weight format profiled
 PHASES = ("schedule", "prepare", "forward", "logits", "sample", "update")
 
 
@@ -64,7 +65,7 @@ def family(name: str) -> str:
 def build(dtype: str, threads: int) -> EngineCore:
     config = LLMConfig(model=str(MODEL), dtype=dtype, num_kv_blocks=2048, max_num_seqs=64,
                        max_num_batched_tokens=4096, num_threads=threads, enable_prefix_caching=False,
-                       enforce_eager=not COMPILED)
+                       enforce_eager=not COMPILED, quantization=QUANTIZATION)
     core = build_core(config, MODEL)
     if core.runner.compile_thread is not None:  # profile the compiled graphs, not the eager steps meanwhile
         core.runner.compile_thread.join()
@@ -208,7 +209,10 @@ def main() -> None:
     parser.add_argument("--attention", default=None, help="LADLE_ATTENTION for this run (operator, kernel, gather)")
     parser.add_argument("--gemm", default=None, help="LADLE_GEMM for this run (tiled, onednn)")
     parser.add_argument("--compile", action="store_true", help="profile the torch.compile'd decoder (waits for it)")
+    parser.add_argument("--quantization", default="none", help="--quantization for the model (int8, int4, ...)")
     args = parser.parse_args()
+    global QUANTIZATION
+    QUANTIZATION = args.quantization
     if args.gemm:
         os.environ["LADLE_GEMM"] = args.gemm
     global COMPILED
@@ -230,9 +234,10 @@ def main() -> None:
         OUT.mkdir(exist_ok=True)
         payload = {"dtype": dtype, "threads": args.threads, "machine": host, "cases": cases,
                    "attention": os.environ.get("LADLE_ATTENTION", "operator"), "compiled": COMPILED,
-                   "gemm": os.environ.get("LADLE_GEMM", "tiled")}
+                   "gemm": os.environ.get("LADLE_GEMM", "tiled"), "quantization": QUANTIZATION}
         suffix = (f"-{args.attention}" if args.attention else "") + (f"-{args.gemm}" if args.gemm else "")
         suffix += "-compiled" if COMPILED else ""
+        suffix += f"-{QUANTIZATION}" if QUANTIZATION != "none" else ""
         (OUT / f"step_profile-{dtype}{suffix}.json").write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2))
         print(table(dtype, cases))
         for name, r in cases.items():
