@@ -193,23 +193,48 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     return out;
 }
 
-/* tiled_linear / tiled_linear_q8: checks, then gemm.c (`scales` defined: int8 weights) */
-at::Tensor run_tiled(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* scales,
+/* How a tiled weight is stored: x's dtype (no scales), int8 codes with column scales, or int4 codes with group
+ * scales and zeros (bfloat16) */
+struct Weights {
+    const at::Tensor* scales = nullptr;
+    const at::Tensor* zeros = nullptr;
+    int64_t group = 0;
+};
+
+/* The packed weight's checks, per storage */
+void check_weights(const at::Tensor& x, const at::Tensor& weight, const Weights& q, int64_t k, int64_t tiles) {
+    if (q.zeros) {
+        TORCH_CHECK(q.group > 0 && q.group % 32 == 0 && k % q.group == 0, "tiled_linear_q4: group ", q.group,
+                    " must be a multiple of 32 dividing K = ", k);
+        TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == at::kByte && weight.numel() == tiles * TILE * k / 2,
+                    "tiled_linear_q4: the weight is not packed uint8 [tiles, ", k / 2, ", ", TILE, "]");
+        for (const at::Tensor* t : {q.scales, q.zeros})
+            TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() &&
+                            t->numel() == tiles * (k / q.group) * TILE,
+                        "tiled_linear_q4: scales and zeros must be bfloat16 [tiles, ", k / q.group, ", ", TILE, "]");
+        return;
+    }
+    const int64_t k_packed = q.scales ? k + (k & 1) : k; /* int8 tiles pad an odd K with a zero k */
+    const auto w_type = q.scales ? at::kChar : x.scalar_type();
+    TORCH_CHECK(weight.is_contiguous() && weight.numel() == tiles * TILE * k_packed && weight.scalar_type() == w_type,
+                "tiled_linear: the weight is not a packed [tiles, ", k_packed, ", ", TILE, "] tensor of ",
+                q.scales ? "int8" : "x's dtype");
+    if (q.scales)
+        TORCH_CHECK(q.scales->scalar_type() == at::kFloat && q.scales->is_contiguous() &&
+                        q.scales->numel() == tiles * TILE,
+                    "tiled_linear_q8: scales must be float32 [tiles * ", TILE, "]");
+}
+
+/* tiled_linear / _q8 / _q4: checks, then gemm.c's gemm, gemm_q8 or gemm_q4 */
+at::Tensor run_tiled(const at::Tensor& x, const at::Tensor& weight, const Weights& q,
                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& other, int64_t n_out,
                      int64_t kind) {
     const int64_t k = x.size(-1), tiles = weight.size(0);
-    const int64_t k_packed = scales ? k + (k & 1) : k; /* int8 tiles pad an odd K with a zero k */
-    const auto w_type = scales ? at::kChar : x.scalar_type();
-    TORCH_CHECK(weight.is_contiguous() && weight.numel() == tiles * TILE * k_packed && weight.scalar_type() == w_type,
-                "tiled_linear: the weight is not a packed [tiles, ", k_packed, ", ", TILE, "] tensor of ",
-                scales ? "int8" : "x's dtype");
+    check_weights(x, weight, q, k, tiles);
     TORCH_CHECK(kind >= EPI_NONE && kind <= EPI_SWIGLU && n_out <= tiles * (kind == EPI_SWIGLU ? TILE / 2 : TILE),
                 "tiled_linear: bad kind or n_out");
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
                 "tiled_linear: x must be float32 or bfloat16");
-    if (scales)
-        TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() && scales->numel() == tiles * TILE,
-                    "tiled_linear_q8: scales must be float32 [tiles * ", TILE, "]");
     at::Tensor rows = x.reshape({-1, k});
     if (rows.stride(1) != 1) rows = rows.contiguous();
     const int64_t m = rows.size(0);
@@ -228,15 +253,22 @@ at::Tensor run_tiled(const at::Tensor& x, const at::Tensor& weight, const at::Te
     }
     const void* other_ptr = extra.defined() ? extra.data_ptr() : nullptr;
     const int64_t ldo = extra.defined() ? extra.stride(0) : 0;
-    const int bf16 = x.scalar_type() == at::kBFloat16, threads = at::get_num_threads();
-    const int failed = scales
-        ? gemm_q8(rows.data_ptr(), rows.stride(0), weight.data_ptr<int8_t>(), scales->data_ptr<float>(), bias_ptr,
-                  other_ptr, ldo, out.data_ptr(), n_out, m, k, tiles, n_out, static_cast<int>(kind), bf16, threads)
-        : gemm(rows.data_ptr(), rows.stride(0), weight.data_ptr(), bias_ptr, other_ptr, ldo, out.data_ptr(), n_out, m,
-               k, tiles, n_out, static_cast<int>(kind), bf16, threads);
-    TORCH_CHECK(failed != 1, "tiled_linear: this build cannot run ", scales ? "int8 weights" : "this dtype", " with ",
-                x.scalar_type(), " x");
-    TORCH_CHECK(failed != 2, "tiled_linear: out of memory widening ", m, " rows of x");
+    const int bf16 = x.scalar_type() == at::kBFloat16, threads = at::get_num_threads(), epi = static_cast<int>(kind);
+    int failed;
+    if (q.zeros)
+        failed = gemm_q4(rows.data_ptr(), rows.stride(0), weight.data_ptr<uint8_t>(),
+                         static_cast<const uint16_t*>(q.scales->data_ptr()),
+                         static_cast<const uint16_t*>(q.zeros->data_ptr()), q.group, bias_ptr, other_ptr, ldo,
+                         out.data_ptr(), n_out, m, k, tiles, n_out, epi, bf16, threads);
+    else if (q.scales)
+        failed = gemm_q8(rows.data_ptr(), rows.stride(0), weight.data_ptr<int8_t>(), q.scales->data_ptr<float>(),
+                         bias_ptr, other_ptr, ldo, out.data_ptr(), n_out, m, k, tiles, n_out, epi, bf16, threads);
+    else
+        failed = gemm(rows.data_ptr(), rows.stride(0), weight.data_ptr(), bias_ptr, other_ptr, ldo, out.data_ptr(),
+                      n_out, m, k, tiles, n_out, epi, bf16, threads);
+    TORCH_CHECK(failed != 1, "tiled_linear: this build cannot run ", q.zeros ? "int4" : q.scales ? "int8" : "these",
+                " weights with ", x.scalar_type(), " x");
+    TORCH_CHECK(failed != 2, "tiled_linear: out of memory preparing ", m, " rows of x");
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = n_out;
     return out.view(shape);
@@ -244,56 +276,19 @@ at::Tensor run_tiled(const at::Tensor& x, const at::Tensor& weight, const at::Te
 
 at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& other, int64_t n_out, int64_t kind) {
-    return run_tiled(x, weight, nullptr, bias, other, n_out, kind);
+    return run_tiled(x, weight, Weights{}, bias, other, n_out, kind);
 }
 
 at::Tensor tiled_linear_q8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& other,
                            int64_t n_out, int64_t kind) {
-    return run_tiled(x, weight, &scales, bias, other, n_out, kind);
+    return run_tiled(x, weight, Weights{&scales}, bias, other, n_out, kind);
 }
 
 at::Tensor tiled_linear_q4(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
                            const at::Tensor& zeros, int64_t group, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& other, int64_t n_out, int64_t kind) {
-    const int64_t k = x.size(-1), tiles = weight.size(0);
-    TORCH_CHECK(group > 0 && group % 32 == 0 && k % group == 0, "tiled_linear_q4: group ", group,
-                " must be a multiple of 32 dividing K = ", k);
-    TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == at::kByte && weight.numel() == tiles * TILE * k / 2,
-                "tiled_linear_q4: the weight is not packed uint8 [tiles, ", k / 2, ", ", TILE, "]");
-    for (const at::Tensor* t : {&scales, &zeros})
-        TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == tiles * (k / group) * TILE,
-                    "tiled_linear_q4: scales and zeros must be bfloat16 [tiles, ", k / group, ", ", TILE, "]");
-    TORCH_CHECK(kind >= EPI_NONE && kind <= EPI_SWIGLU && n_out <= tiles * (kind == EPI_SWIGLU ? TILE / 2 : TILE),
-                "tiled_linear_q4: bad kind or n_out");
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-                "tiled_linear_q4: x must be float32 or bfloat16");
-    at::Tensor rows = x.reshape({-1, k});
-    if (rows.stride(1) != 1) rows = rows.contiguous();
-    const int64_t m = rows.size(0);
-    at::Tensor out = at::empty({m, n_out}, x.options());
-    const float* bias_ptr = nullptr;
-    if (bias) {
-        TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == tiles * TILE,
-                    "tiled_linear_q4: bias must be float32 [tiles * ", TILE, "]");
-        bias_ptr = bias->data_ptr<float>();
-    }
-    at::Tensor extra;
-    if (kind == EPI_ADD) {
-        TORCH_CHECK(other && other->scalar_type() == x.scalar_type(), "tiled_linear_q4: kind 1 adds `other` of x's dtype");
-        extra = other->reshape({m, n_out});
-        if (extra.stride(1) != 1) extra = extra.contiguous();
-    }
-    const int failed = gemm_q4(rows.data_ptr(), rows.stride(0), weight.data_ptr<uint8_t>(),
-                               static_cast<const uint16_t*>(scales.data_ptr()),
-                               static_cast<const uint16_t*>(zeros.data_ptr()), group, bias_ptr, extra.defined() ? extra.data_ptr() : nullptr,
-                               extra.defined() ? extra.stride(0) : 0, out.data_ptr(), n_out, m, k, tiles, n_out,
-                               static_cast<int>(kind), x.scalar_type() == at::kBFloat16, at::get_num_threads());
-    TORCH_CHECK(failed != 1, "tiled_linear_q4: this build cannot run int4 weights");
-    TORCH_CHECK(failed != 2, "tiled_linear_q4: out of memory quantizing ", m, " rows of x");
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = n_out;
-    return out.view(shape);
+    return run_tiled(x, weight, Weights{&scales, &zeros, group}, bias, other, n_out, kind);
 }
 
 bool available(bool bf16) { return gemm_available(bf16); }
