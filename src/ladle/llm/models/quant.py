@@ -393,6 +393,14 @@ class _Int8WeightOnly(_Kernel):
         return self._with_bias(y, x.dtype)
 
 
+def _tiled_op(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int,
+              bias: torch.Tensor | None, other: torch.Tensor | None, n_out: int, kind: int) -> torch.Tensor:
+    """ladle's int4 GEMM where there are zeros, else its int8 one (kind 0 plain, 1 + other, 2 SwiGLU)."""
+    if zeros is not None:
+        return torch.ops.ladle.tiled_linear_q4(x, tiles, scales, zeros, group, bias, other, n_out, kind)
+    return torch.ops.ladle.tiled_linear_q8(x, tiles, scales, bias, other, n_out, kind)
+
+
 class _TiledKernel(_Kernel):
     """A weight on ladle's tiled GEMM (AVX2 builds: kernels/gemm.c gemm_q8 / gemm_q4), one C++ op per call (`run`):
     x rounded to int16 per row, integer multiply-adds, float32 scales, then bias, residual add or SwiGLU fused as for
@@ -402,9 +410,13 @@ class _TiledKernel(_Kernel):
     n_out: int
     swiglu_packed: bool
     tile_count: int
+    tiles: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None  # int4's
+    group: int = 0
 
     def run(self, x: torch.Tensor, other: torch.Tensor | None, n_out: int, kind: int) -> torch.Tensor:
-        raise NotImplementedError
+        return _tiled_op(x, self.tiles, self.scales, self.zeros, self.group, self.bias, other, n_out, kind)
 
     def _run(self, x: torch.Tensor, other: torch.Tensor | None, n_out: int, kind: int) -> torch.Tensor:
         dtype = x.dtype
@@ -442,9 +454,6 @@ class _Int8Tiled(_TiledKernel):
         self.scales = tile_columns(scale.float(), swiglu).contiguous()
         self.bias = None if bias is None else tile_columns(bias.detach().float(), swiglu).contiguous()
         self.nbytes = n * k + 4 * n + (0 if bias is None else 4 * n)
-
-    def run(self, x: torch.Tensor, other: torch.Tensor | None, n_out: int, kind: int) -> torch.Tensor:
-        return torch.ops.ladle.tiled_linear_q8(x, self.tiles, self.scales, self.bias, other, n_out, kind)
 
 
 class _Int4(_Kernel):
@@ -489,10 +498,6 @@ class _Int4Tiled(_TiledKernel):
         self.bias = None if bias is None else tile_columns(bias.detach().float(), swiglu).contiguous()
         self.nbytes = n * k // 2 + 4 * scale.numel() + (0 if bias is None else 4 * n)
 
-    def run(self, x: torch.Tensor, other: torch.Tensor | None, n_out: int, kind: int) -> torch.Tensor:
-        return torch.ops.ladle.tiled_linear_q4(x, self.tiles, self.scales, self.zeros, self.group, self.bias, other,
-                                               n_out, kind)
-
 
 def _bf16_scales(method: str) -> bool:
     """Whether `method`'s kernel takes its scales in bfloat16 (torch's weight-only kernel; ladle's takes float32)."""
@@ -527,23 +532,23 @@ class QuantizedLinear(nn.Module):
         self.bias = bias  # a Parameter the loader fills like any other; None registers "no bias"
         self._sink: WeightSink | None = WeightSink(name, (out_features, in_features), self.method, self.group_size)
         self._kernel: _Kernel | None = None
-        self._tiled = False  # finalized onto ladle's int8 GEMM: its buffers below, called directly
+        self._tiled = False  # finalized onto ladle's int8 / int4 GEMM: its buffers, called directly
         self.handle = register(self)  # a compiled decoder calls it through `ladle::linear` (compiled.py)
 
     def traceable(self, x: torch.Tensor, method: str = "forward") -> bool:
-        """Whether `method` on x goes straight to `ladle::tiled_linear_q8`, one C++ op that torch.compile traces as
-        it is (compiled.py: no `ladle::linear` round trip through Python); eager calls skip the kernel wrapper too.
+        """Whether `method` on x goes straight to `ladle::tiled_linear_q8` / `_q4`, one C++ op that torch.compile
+        traces as it is (compiled.py: no `ladle::linear` round trip through Python); eager calls skip the kernel
+        wrapper too.
         A SwiGLU-packed weight is direct for swiglu() only (its forward reorders columns in Python)."""
         swiglu_packed = isinstance(self, QuantizedGateUpLinear)
         return self._tiled and x.dtype in (torch.float32, torch.bfloat16) and swiglu_packed == (method == "swiglu")
 
-    def _q8(self, x: torch.Tensor, other: torch.Tensor | None, kind: int) -> torch.Tensor:
-        """ladle's int8 or int4 GEMM on the layer's buffers (kind 0 plain, 1 + other, 2 SwiGLU)."""
+    def _direct(self, x: torch.Tensor, other: torch.Tensor | None, kind: int) -> torch.Tensor:
+        """ladle's int8 or int4 GEMM on the layer's buffers (the kernel's tensors, registered so that a compiled
+        graph takes them as inputs)."""
         n_out = self.out_features // 2 if kind == 2 else self.out_features
-        if self.method == "int4":
-            return torch.ops.ladle.tiled_linear_q4(x, self.tiles, self.tile_scales, self.tile_zeros, self.group_size,
-                                                   self.tile_bias, other, n_out, kind)
-        return torch.ops.ladle.tiled_linear_q8(x, self.tiles, self.tile_scales, self.tile_bias, other, n_out, kind)
+        return _tiled_op(x, self.tiles, self.tile_scales, self.tile_zeros, self.group_size, self.tile_bias, other,
+                         n_out, kind)
 
     def out_width(self, method: str) -> int:
         return self.out_features // 2 if method == "swiglu" else self.out_features
@@ -581,7 +586,7 @@ class QuantizedLinear(nn.Module):
         if isinstance(self._kernel, _TiledKernel):  # buffers, so that a compiled graph takes them as inputs
             self.register_buffer("tiles", self._kernel.tiles, persistent=False)
             self.register_buffer("tile_scales", self._kernel.scales, persistent=False)
-            self.register_buffer("tile_zeros", getattr(self._kernel, "zeros", None), persistent=False)
+            self.register_buffer("tile_zeros", self._kernel.zeros, persistent=False)
             self.register_buffer("tile_bias", self._kernel.bias, persistent=False)
             self._tiled = True
 
@@ -596,12 +601,12 @@ class QuantizedLinear(nn.Module):
 
     @opaque_method
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._q8(x, None, 0) if self.traceable(x) else self._matmul(x)
+        return self._direct(x, None, 0) if self.traceable(x) else self._matmul(x)
 
     @opaque_method
     def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         if self.traceable(x, "add"):
-            return self._q8(x, other, 1)
+            return self._direct(x, other, 1)
         y = self._packed().add(x.reshape(-1, self.in_features), other.reshape(-1, self.out_features))
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -620,7 +625,7 @@ class QuantizedGateUpLinear(QuantizedLinear):
     @opaque_method
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         if self.traceable(x, "swiglu"):
-            return self._q8(x, None, 2)
+            return self._direct(x, None, 2)
         y = self._packed().swiglu(x.reshape(-1, self.in_features))
         return y.reshape(*x.shape[:-1], self.out_features // 2)
 
