@@ -41,10 +41,14 @@ def kernels():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32), (14, 2, 64), (8, 1, 128)])
-def test_the_kernel_matches_attention_over_gathered_blocks(kernels, dtype, heads, kv_heads, head_dim) -> None:
-    generator = torch.Generator().manual_seed(heads * 100 + head_dim)
-    num_blocks, block_size = 96, 16
+# head_dim 80: a vector path's second 64-wide chunk of V is 16 wide; 20: not a multiple of 8, the plain loops
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"),
+                         [(9, 3, 64), (4, 4, 32), (14, 2, 64), (8, 1, 128), (6, 2, 80), (4, 2, 20)])
+@pytest.mark.parametrize("block_size", [16, 5])  # 5: blocks end inside a group of eight rows
+def test_the_kernel_matches_attention_over_gathered_blocks(kernels, dtype, heads, kv_heads, head_dim, block_size
+                                                           ) -> None:
+    generator = torch.Generator().manual_seed(heads * 100 + head_dim + block_size)
+    num_blocks = 96 * 16 // block_size
     k_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
     v_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
     lens = torch.tensor([1, 15, 16, 17, 200, 33], dtype=torch.int64)

@@ -69,7 +69,7 @@ def load(name: str) -> ctypes.CDLL | None:
         log.warning("no C compiler (cc/gcc): kernel %s not built; the torch path is used (slower)", name)
         return None
     target = _built(name, [compiler, *FLAGS, str(HERE / f"{name}.c")], [compiler, *LINK_FLAGS, "-lm"],
-                    [HERE / f"{name}.c"])
+                    [HERE / f"{name}.c", *sorted(HERE.glob("*.h"))])  # the headers it may include
     if target is None:
         return None
     try:
