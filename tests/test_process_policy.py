@@ -106,3 +106,38 @@ def test_two_models_with_different_thread_counts_leave_the_others_alone(tmp_path
     assert "model b_three: 3 torch thread(s) on its own thread" in log
     if (os.cpu_count() or 1) < 3:
         assert "model b_three asks for 3 torch threads on" in log
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "never"
+    return text.split("[", 1)[1].split("]", 1)[0]
+
+
+@pytest.mark.skipif(_thp_mode() == "never", reason="no transparent huge pages on this host")
+def test_the_kv_cache_memory_is_backed_by_huge_pages() -> None:
+    """What the runner does with its KV cache: advised before the zeroing touches it, the pages come huge."""
+    from ladle.process import advise_huge_pages
+
+    cache = torch.empty(16 << 20, dtype=torch.uint8)  # fresh, untouched memory (beyond malloc's mmap threshold)
+    assert advise_huge_pages(cache.data_ptr(), cache.nbytes)
+    cache.zero_()
+    start, end = cache.data_ptr(), cache.data_ptr() + cache.nbytes
+    huge_kb = 0
+    region = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            low, high = (int(part, 16) for part in head.split("-"))
+            region = low < end and start < high
+        elif region and line.startswith("AnonHugePages:"):
+            huge_kb += int(line.split()[1])
+    assert huge_kb >= 2048
+
+
+def test_nothing_is_advised_for_a_range_without_a_whole_huge_page() -> None:
+    from ladle.process import HUGE_PAGE, advise_huge_pages
+
+    assert not advise_huge_pages(HUGE_PAGE + 4096, HUGE_PAGE)  # ends before the next 2 MiB boundary's page is whole

@@ -25,7 +25,7 @@ from ladle.llm.kernels.paged import paged_attention_op, paged_decode
 from ladle.llm.models.linear import can_prepack
 from ladle.llm.models.loader import Checkpoint, load_model, read_json
 from ladle.llm.outputs import ScheduledSeq, SchedulerOutput
-from ladle.process import tune_malloc_for_tensors
+from ladle.process import advise_huge_pages, tune_malloc_for_tensors
 
 if TYPE_CHECKING:
     from ladle.llm.models.quant import QuantScheme
@@ -94,7 +94,10 @@ class ModelRunner:
         m = self.model
         # One allocation for all layers, zeroed so that masked-out (padding) keys are finite: 0 * NaN poisons P @ V.
         shape = (m.num_layers, 2, m.num_kv_heads, self.cache_blocks, block_size, m.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.kv_cache = torch.empty(shape, dtype=dtype, device=self.device)
+        if self.device.type == "cpu":  # huge pages asked for before the zeroing touches them
+            advise_huge_pages(self.kv_cache.data_ptr(), self.kv_cache.nbytes)
+        self.kv_cache.zero_()
         # Attention reads the cache in place: through the C++ operator (kernels/ops.cpp: one dispatch per layer) where
         # it builds, else the C kernel for decodes (ctypes) and torch for the rest. LADLE_ATTENTION=kernel keeps the
         # latter, =gather the torch path alone (it copies each sequence's context per layer): for comparison.
