@@ -52,6 +52,7 @@ FAMILIES: list[tuple[str, tuple[str, ...]]] = [
 ]
 COMPILED = False  # --compile: the torch.compile'd decoder (compiled.py) instead of eager
 QUANTIZATION = "none"  # --quantization: the weight format profiled
+BLOCK_SIZE = 16  # --block-size: tokens per KV-cache block
 PHASES = ("schedule", "prepare", "forward", "logits", "sample", "update")
 
 
@@ -65,7 +66,7 @@ def family(name: str) -> str:
 def build(dtype: str, threads: int) -> EngineCore:
     config = LLMConfig(model=str(MODEL), dtype=dtype, num_kv_blocks=2048, max_num_seqs=64,
                        max_num_batched_tokens=4096, num_threads=threads, enable_prefix_caching=False,
-                       enforce_eager=not COMPILED, quantization=QUANTIZATION)
+                       enforce_eager=not COMPILED, quantization=QUANTIZATION, block_size=BLOCK_SIZE)
     core = build_core(config, MODEL)
     if core.runner.compile_thread is not None:  # profile the compiled graphs, not the eager steps meanwhile
         core.runner.compile_thread.join()
@@ -210,9 +211,10 @@ def main() -> None:
     parser.add_argument("--gemm", default=None, help="LADLE_GEMM for this run (tiled, onednn)")
     parser.add_argument("--compile", action="store_true", help="profile the torch.compile'd decoder (waits for it)")
     parser.add_argument("--quantization", default="none", help="--quantization for the model (int8, int4, ...)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (--block-size)")
     args = parser.parse_args()
-    global QUANTIZATION
-    QUANTIZATION = args.quantization
+    global QUANTIZATION, BLOCK_SIZE
+    QUANTIZATION, BLOCK_SIZE = args.quantization, args.block_size
     if args.gemm:
         os.environ["LADLE_GEMM"] = args.gemm
     global COMPILED
@@ -234,10 +236,12 @@ def main() -> None:
         OUT.mkdir(exist_ok=True)
         payload = {"dtype": dtype, "threads": args.threads, "machine": host, "cases": cases,
                    "attention": os.environ.get("LADLE_ATTENTION", "operator"), "compiled": COMPILED,
-                   "gemm": os.environ.get("LADLE_GEMM", "tiled"), "quantization": QUANTIZATION}
+                   "gemm": os.environ.get("LADLE_GEMM", "tiled"), "quantization": QUANTIZATION,
+                   "block_size": BLOCK_SIZE}
         suffix = (f"-{args.attention}" if args.attention else "") + (f"-{args.gemm}" if args.gemm else "")
         suffix += "-compiled" if COMPILED else ""
         suffix += f"-{QUANTIZATION}" if QUANTIZATION != "none" else ""
+        suffix += f"-block{BLOCK_SIZE}" if BLOCK_SIZE != 16 else ""
         (OUT / f"step_profile-{dtype}{suffix}.json").write_bytes(orjson.dumps(payload, option=orjson.OPT_INDENT_2))
         print(table(dtype, cases))
         for name, r in cases.items():
