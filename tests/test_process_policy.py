@@ -117,24 +117,25 @@ def _thp_mode() -> str:
 
 
 @pytest.mark.skipif(_thp_mode() == "never", reason="no transparent huge pages on this host")
-def test_the_kv_cache_memory_is_backed_by_huge_pages() -> None:
-    """What the runner does with its KV cache: advised before the zeroing touches it, the pages come huge."""
+def test_the_kv_cache_memory_is_eligible_for_huge_pages() -> None:
+    """What the runner does with its KV cache: advised before the zeroing touches it, its mapping is THP-eligible.
+    (Whether the kernel then finds free 2 MiB pages depends on the host's memory fragmentation, so that is not asserted;
+    a mapping that was not advised is not eligible under THP's default `madvise` mode.)"""
     from ladle.process import advise_huge_pages
 
     cache = torch.empty(16 << 20, dtype=torch.uint8)  # fresh, untouched memory (beyond malloc's mmap threshold)
     assert advise_huge_pages(cache.data_ptr(), cache.nbytes)
     cache.zero_()
     start, end = cache.data_ptr(), cache.data_ptr() + cache.nbytes
-    huge_kb = 0
-    region = None
+    eligible, region = [], None
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
         if "-" in head and ":" not in head:
             low, high = (int(part, 16) for part in head.split("-"))
             region = low < end and start < high
-        elif region and line.startswith("AnonHugePages:"):
-            huge_kb += int(line.split()[1])
-    assert huge_kb >= 2048
+        elif region and line.startswith("THPeligible:"):
+            eligible.append(int(line.split()[1]))
+    assert eligible and 1 in eligible
 
 
 def test_nothing_is_advised_for_a_range_without_a_whole_huge_page() -> None:
