@@ -188,6 +188,23 @@ def test_seeded_distribution_matches_softmax() -> None:
     assert float(((counts - expected) ** 2 / expected).sum()) < 16.3  # df = 3, p = 0.001
 
 
+def test_sample_probs_takes_unnormalised_weights_and_never_a_zero_one() -> None:
+    torch.manual_seed(5)
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.0])  # totals 4, not 1
+    n = 20_000
+    counts = torch.bincount(sampler_ops.sample_probs(weights.expand(n, -1).contiguous(), ()), minlength=5).double()
+    assert counts[0] == counts[2] == counts[4] == 0
+    assert float(((counts[[1, 3]] - torch.tensor([0.75, 0.25]) * n) ** 2 / (torch.tensor([0.75, 0.25]) * n)).sum()) \
+        < 10.8  # df = 1, p = 0.001
+
+
+def test_a_uniform_of_one_draws_the_last_token_of_nonzero_probability(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's uniform_ can return 1.0: u x total is then the total itself, above every running sum."""
+    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, *args, **kwargs: self.fill_(1.0))
+    probs = torch.tensor([[0.5, 0.0, 0.5, 0.0, 0.0], [0.2, 0.3, 0.1, 0.1, 0.3]])
+    assert sampler_ops.sample_probs(probs, ()).tolist() == [2, 4]
+
+
 # ---------------------------------------------------------------- penalties
 
 

@@ -13,7 +13,7 @@ from scipy.stats import chisquare
 
 import ladle.llm.spec.rejection as rejection
 from ladle.llm.sampler import SamplingMetadata, SamplingRow, probabilities, sample
-from ladle.llm.sampler_ops import exponential_race
+from ladle.llm.sampler_ops import sample_probs
 from ladle.llm.sampling_params import SamplingParams
 
 VOCAB = 5
@@ -32,7 +32,7 @@ def generate(k: int, generator: torch.Generator) -> tuple[int, ...]:
     out: list[int] = []
 
     def draw(probs: torch.Tensor, position: int) -> int:
-        return int(exponential_race(probs.unsqueeze(0).clone(), ((0, generator),))[0])
+        return int(sample_probs(probs.unsqueeze(0), ((0, generator),))[0])
 
     while len(out) < LENGTH:
         pos = len(out)

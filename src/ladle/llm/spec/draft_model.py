@@ -17,7 +17,7 @@ import torch
 from ladle.llm.outputs import SamplerOutput, ScheduledSeq, SchedulerOutput, TokenLogprobs
 from ladle.llm.request import Request
 from ladle.llm.sampler import SamplingMetadata, SamplingRow, probabilities, token_seed
-from ladle.llm.sampler_ops import exponential_race
+from ladle.llm.sampler_ops import sample_probs
 from ladle.llm.spec.policy import SpecConfig, StepCost
 from ladle.llm.spec.rejection import verify_drafts
 
@@ -178,7 +178,7 @@ class DraftModelDrafter:
             return logits.argmax(dim=-1).tolist()
         probs = probabilities(logits, meta)
         seeded = tuple((i, row.generator) for i, row in enumerate(rows) if row.generator is not None)
-        tokens = exponential_race(probs.clone(), seeded).tolist()
+        tokens = sample_probs(probs, seeded).tolist()
         greedy = set(meta.greedy_rows.tolist())
         for i, request in enumerate(requests):
             if i not in greedy:  # a greedy request's q is one-hot: the engine's sample-and-compare verifies it
@@ -230,7 +230,7 @@ class DraftModelDrafter:
                 return tokens[row + position]  # the bonus position's own sample is already a draw from p
             seeded = () if seed is None else ((0, core.row_generator(row + position, token_seed(
                 seed ^ _RESIDUAL_STREAM, first + position))),)
-            return int(exponential_race(probs.unsqueeze(0).clone(), seeded)[0])
+            return int(sample_probs(probs.unsqueeze(0), seeded)[0])
 
         accepted, token = verify_drafts(p, q, drafts, u, draw)
         emitted = [*drafts[:accepted], token]
