@@ -191,7 +191,10 @@ def test_seeded_sampling_is_identical(clients, spec, tokenizer, n: int, sampling
     plain_r, spec_r = both(clients, LOOPING[:2], seed=7, n=n, logit_bias={str(the): bias}, extra_body=IGNORE_EOS,
                            **sampling)
     assert choices(spec_r) == choices(plain_r)
-    assert len({text for text, _ in choices(spec_r)}) == 2 * n  # sampled: every choice differs
+    # sampled: a prompt's n choices differ (seeds 7, 8, 9, ...). Choices of the two prompts may coincide: choice i of
+    # each prompt draws with the same seed, and biased towards " the" both prompts' distributions are nearly the same
+    texts = [text for text, _ in choices(spec_r)]
+    assert all(len(set(texts[k * n : (k + 1) * n])) == n for k in range(2)), texts
     assert spec_r.usage.model_dump() == plain_r.usage.model_dump()
     drafts, accepted = (after - earlier for after, earlier in zip(spec_totals(spec), before, strict=True))
     assert drafts > accepted > 0, f"{drafts} drafts, {accepted} accepted: {policy(spec)}"
