@@ -127,14 +127,21 @@ def layer_weight(layer, w: torch.Tensor) -> torch.Tensor:
 
 def packed_q4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
               swiglu: bool = False):
-    """gemm_q4's layout, built independently of quant.py: k-pair bytes (low nibble the even k), bf16 [tiles, G, T]."""
+    """gemm_q4's layout, built independently of quant.py, byte by byte: per tile and four k, 32 bytes; byte b is in
+    128-bit lane b // 16, its low nibble unpacked by vpunpcklbw (b % 16 < 8) or vpunpckhbw into int16 lane b % 8,
+    i.e. column (b % 16 // 8) * 8 + lane * 4 + (b % 8) // 2 at k = 4j + b % 2 (low nibble) and 4j + 2 + b % 2 (high);
+    scales and zeros bf16 [tiles, G, T]."""
     width = gemm_tile()
     q, scale, zero = (tile_columns(t, swiglu) for t in (q, scale, zero))
     tiles, k = q.shape[0] // width, q.shape[1]
-    pairs = q.view(tiles, width, k // 2, 2).permute(0, 2, 1, 3)
+    blocks = torch.empty(tiles, k // 4, 32, dtype=torch.uint8)
+    for b in range(32):
+        column = (b % 16 // 8) * 8 + (b // 16) * 4 + (b % 8) // 2
+        cols = q.view(tiles, width, k)[:, column]  # [tiles, k]
+        blocks[:, :, b] = cols[:, b % 2 :: 4] | (cols[:, 2 + b % 2 :: 4] << 4)
     groups = [t.bfloat16().view(tiles, width, -1).permute(0, 2, 1).contiguous() for t in (scale, zero)]
     b = None if bias is None else tile_columns(bias.float(), swiglu).contiguous()
-    return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous(), *groups, b
+    return blocks.view(tiles, k // 2, width), *groups, b
 
 
 def int4_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:

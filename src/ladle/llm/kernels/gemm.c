@@ -171,22 +171,26 @@ int gemm_q8(const void *x, int64_t ldx, const int8_t *w, const float *scales, co
 }
 
 /* gemm over int4 weights: codes q in 0..15, w = (q - 8) * scale + zero per group of `group` inputs (a multiple of 32
- * dividing K), tiles [tiles][K/2][TILE] bytes (low nibble: the even k, high: the odd k, of each column), scales and
- * zeros bfloat16 [tiles][K / group][TILE]; x quantized to int16 per row as for gemm_q8 (tile_rows_q4) */
+ * dividing K), tiles [tiles][K/4][32] bytes (four k per 32-byte block, laid out for gemm_avx2.h's tile_q4: low
+ * nibbles the first k-pair, high nibbles the second), scales and zeros bfloat16 [tiles][K / group][TILE]; x quantized
+ * to int16 per row as for gemm_q8 (tile_rows_q4) */
 int gemm_q4(const void *x, int64_t ldx, const uint8_t *w, const uint16_t *scales, const uint16_t *zeros, int64_t group,
             const float *bias, const void *other, int64_t ldo, void *out, int64_t ldout, int64_t m_len,
             int64_t k_len, int64_t tiles, int64_t n_out, int kind, int bf16, int threads) {
 #if defined(LADLE_GEMM_Q8)
     if (group <= 0 || group % 32 || k_len % group) return 1;
     const size_t elem = bf16 ? 2 : 4;
-    const int64_t groups = k_len / group;
+    const int64_t groups = k_len / group, rows = m_len ? m_len : 1;
     float *x_scale;
     int16_t *xq = quantized_x(x, ldx, m_len, k_len, k_len, bf16, threads, &x_scale);
     if (!xq) return 2;
-    float *xsum = (float *)malloc((size_t)(m_len ? m_len : 1) * groups * sizeof(float));
-    if (!xsum) {
+    float *xsum = (float *)malloc((size_t)rows * groups * sizeof(float));
+    int32_t *xsum8 = (int32_t *)malloc((size_t)rows * groups * sizeof(int32_t));
+    if (!xsum || !xsum8) {
         free(xq);
         free(x_scale);
+        free(xsum);
+        free(xsum8);
         return 2;
     }
 #pragma omp parallel for num_threads(threads) schedule(static) if (m_len * k_len >= (1 << 16))
@@ -195,6 +199,7 @@ int gemm_q4(const void *x, int64_t ldx, const uint8_t *w, const uint16_t *scales
             int64_t total = 0;
             for (int64_t k = g * group; k < (g + 1) * group; k++) total += xq[m * k_len + k];
             xsum[m * groups + g] = (float)total * x_scale[m];
+            xsum8[m * groups + g] = (int32_t)(8 * total); /* |8 x 32767 x group| < 2^31 for groups up to 8191 */
         }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
@@ -203,16 +208,18 @@ int gemm_q4(const void *x, int64_t ldx, const uint8_t *w, const uint16_t *scales
         const uint16_t *st = scales + (size_t)t * groups * TILE, *zt = zeros + (size_t)t * groups * TILE;
         const int64_t col0 = kind == EPI_SWIGLU ? t * (TILE / 2) : t * TILE;
         for (int64_t m0 = 0; m0 < m_len; m0 += Q4_ROWS) {
-            const int rows = m_len - m0 < Q4_ROWS ? (int)(m_len - m0) : Q4_ROWS;
-            tile_rows_q4(xq + m0 * k_len, k_len, xsum + m0 * groups, groups, wt, group / 2, st, zt, x_scale + m0,
-                         acc, rows);
-            epilogue(acc, rows, bias ? bias + t * TILE : NULL, other ? (const char *)other + m0 * ldo * elem : NULL,
-                     ldo, (char *)out + m0 * ldout * elem, ldout, col0, n_out, kind, bf16);
+            const int rows_now = m_len - m0 < Q4_ROWS ? (int)(m_len - m0) : Q4_ROWS;
+            tile_rows_q4(xq + m0 * k_len, k_len, xsum + m0 * groups, xsum8 + m0 * groups, groups, wt, group / 4, st,
+                         zt, x_scale + m0, acc, rows_now);
+            epilogue(acc, rows_now, bias ? bias + t * TILE : NULL,
+                     other ? (const char *)other + m0 * ldo * elem : NULL, ldo, (char *)out + m0 * ldout * elem, ldout,
+                     col0, n_out, kind, bf16);
         }
     }
     free(xq);
     free(x_scale);
     free(xsum);
+    free(xsum8);
     return 0;
 #else
     return 1;

@@ -230,44 +230,53 @@ static void tile_rows_q8(const int16_t *x, int64_t ldx, const int8_t *w, int64_t
 }
 
 /* int4 weights ("W4A16", gemm.c's gemm_q4): w = (q - 8) * scale + zero per group of `group` inputs, q in 0..15.
- * A tile's k-pair row is 16 bytes, byte j holding column j's code for the even k (low nibble) and the odd k (high
- * nibble): unpacked, re-centred to -8..7 and interleaved into tile_q8's k-pair layout, then multiplied alike. Scales
- * and zeros are bfloat16 (as torch's int4 kernel takes them: 4 bytes per 32 weights, not 8). Each group's int32
- * sums are scaled into float32 accumulators (scale x the row's x scale), and zero x the group's sum of
- * x added, so the zeros cost one FMA per group, not per weight. Three rows at a time (float and int32 accumulators
- * for each): int4 is a decode format. */
+ * A tile's codes come in 32-byte blocks of four k (two k-pairs) laid out for in-lane unpacking: the low nibbles of a
+ * block, zero-extended by vpunpcklbw / vpunpckhbw, are directly tile_q8's k-pair rows (columns 0-7 / 8-15 of the first
+ * k-pair, each column's even and odd k side by side), the high nibbles the second k-pair's (quant.py _Int4Tiled packs
+ * them). Per 64 weights that is one load, three mask/shift ops and four unpacks, then two multiply-adds and two adds per
+ * row; the first version sign-extended re-centred codes 16 at a time across lanes (vpmovsxbw), ~1.8x the work, and
+ * ran compute-bound at one row. The codes are summed unsigned (0..15) and 8 x the group's integer sum of x (xsum8)
+ * is taken off once per group, so the int32 sums equal those of (q - 8) exactly. Scales and zeros are bfloat16 (as
+ * torch's int4 kernel takes them: 4 bytes per 32 weights, not 8). Each group's int32 sums are scaled into float32
+ * accumulators (scale x the row's x scale), and zero x the group's sum of x added, so the zeros cost one FMA per
+ * group, not per weight. Three rows at a time (float and int32 accumulators for each): int4 is a decode format. */
 #define Q4_ROWS 3
 
 static inline __attribute__((always_inline)) void tile_q4(const int16_t *x, int64_t ldx, const float *xsum,
-                                                          int64_t groups, const uint8_t *w, int64_t group_pairs,
-                                                          const uint16_t *scale, const uint16_t *zero,
-                                                          const float *x_scale, float out[MR][TILE], const int rows) {
-    const __m128i low = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+                                                          const int32_t *xsum8, int64_t groups, const uint8_t *w,
+                                                          int64_t group_quads, const uint16_t *scale,
+                                                          const uint16_t *zero, const float *x_scale,
+                                                          float out[MR][TILE], const int rows) {
+    const __m256i low = _mm256_set1_epi8(0x0F), none = _mm256_setzero_si256();
     __m256 acc[Q4_ROWS][2];
     for (int m = 0; m < rows; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         __m256i sum[Q4_ROWS][2];
         for (int m = 0; m < rows; m++) sum[m][0] = sum[m][1] = _mm256_setzero_si256();
-        for (int64_t kp = g * group_pairs; kp < (g + 1) * group_pairs; kp++) {
-            __m128i b = _mm_loadu_si128((const __m128i *)(w + kp * TILE));
-            __m128i lo = _mm_sub_epi8(_mm_and_si128(b, low), eight);
-            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), low), eight);
-            __m256i w0 = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(lo, hi));
-            __m256i w1 = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(lo, hi));
+        for (int64_t kq = g * group_quads; kq < (g + 1) * group_quads; kq++) {
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(w + kq * 2 * TILE));
+            const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+            const __m256i a0 = _mm256_unpacklo_epi8(lo, none), a1 = _mm256_unpackhi_epi8(lo, none);
+            const __m256i c0 = _mm256_unpacklo_epi8(hi, none), c1 = _mm256_unpackhi_epi8(hi, none);
             for (int m = 0; m < rows; m++) {
-                int32_t pair;
-                memcpy(&pair, x + m * ldx + 2 * kp, sizeof pair);
-                __m256i xb = _mm256_set1_epi32(pair);
-                sum[m][0] = _mm256_add_epi32(sum[m][0], _mm256_madd_epi16(w0, xb));
-                sum[m][1] = _mm256_add_epi32(sum[m][1], _mm256_madd_epi16(w1, xb));
+                int32_t pairs[2];
+                memcpy(pairs, x + m * ldx + 4 * kq, sizeof pairs);
+                const __m256i xa = _mm256_set1_epi32(pairs[0]), xc = _mm256_set1_epi32(pairs[1]);
+                sum[m][0] = _mm256_add_epi32(sum[m][0], _mm256_add_epi32(_mm256_madd_epi16(a0, xa),
+                                                                         _mm256_madd_epi16(c0, xc)));
+                sum[m][1] = _mm256_add_epi32(sum[m][1], _mm256_add_epi32(_mm256_madd_epi16(a1, xa),
+                                                                         _mm256_madd_epi16(c1, xc)));
             }
         }
         const __m256 s0 = load8(scale + g * TILE, 8, 1), s1 = load8(scale + g * TILE + 8, 8, 1);
         const __m256 z0 = load8(zero + g * TILE, 8, 1), z1 = load8(zero + g * TILE + 8, 8, 1);
         for (int m = 0; m < rows; m++) {
+            const __m256i centre = _mm256_set1_epi32(xsum8[m * groups + g]);
             const __m256 xs = _mm256_set1_ps(x_scale[m]), xg = _mm256_set1_ps(xsum[m * groups + g]);
-            acc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m][0]), _mm256_mul_ps(s0, xs), acc[m][0]);
-            acc[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m][1]), _mm256_mul_ps(s1, xs), acc[m][1]);
+            const __m256 q0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(sum[m][0], centre));
+            const __m256 q1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(sum[m][1], centre));
+            acc[m][0] = _mm256_fmadd_ps(q0, _mm256_mul_ps(s0, xs), acc[m][0]);
+            acc[m][1] = _mm256_fmadd_ps(q1, _mm256_mul_ps(s1, xs), acc[m][1]);
             acc[m][0] = _mm256_fmadd_ps(z0, xg, acc[m][0]);
             acc[m][1] = _mm256_fmadd_ps(z1, xg, acc[m][1]);
         }
@@ -278,13 +287,13 @@ static inline __attribute__((always_inline)) void tile_q4(const int16_t *x, int6
     }
 }
 
-static void tile_rows_q4(const int16_t *x, int64_t ldx, const float *xsum, int64_t groups, const uint8_t *w,
-                         int64_t group_pairs, const uint16_t *scale, const uint16_t *zero, const float *x_scale,
-                         float out[MR][TILE], int rows) {
+static void tile_rows_q4(const int16_t *x, int64_t ldx, const float *xsum, const int32_t *xsum8, int64_t groups,
+                         const uint8_t *w, int64_t group_quads, const uint16_t *scale, const uint16_t *zero,
+                         const float *x_scale, float out[MR][TILE], int rows) {
     switch (rows) {
-        case 1: tile_q4(x, ldx, xsum, groups, w, group_pairs, scale, zero, x_scale, out, 1); return;
-        case 2: tile_q4(x, ldx, xsum, groups, w, group_pairs, scale, zero, x_scale, out, 2); return;
-        default: tile_q4(x, ldx, xsum, groups, w, group_pairs, scale, zero, x_scale, out, 3); return;
+        case 1: tile_q4(x, ldx, xsum, xsum8, groups, w, group_quads, scale, zero, x_scale, out, 1); return;
+        case 2: tile_q4(x, ldx, xsum, xsum8, groups, w, group_quads, scale, zero, x_scale, out, 2); return;
+        default: tile_q4(x, ldx, xsum, xsum8, groups, w, group_quads, scale, zero, x_scale, out, 3); return;
     }
 }
 

@@ -488,8 +488,7 @@ class _Int4Tiled(_TiledKernel):
         width = gemm_tile()
         codes = tile_columns(q, swiglu)
         tiles = codes.shape[0] // width
-        pairs = codes.view(tiles, width, k // 2, 2).permute(0, 2, 1, 3)
-        self.tiles = (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
+        self.tiles = _int4_blocks(codes.view(tiles, width, k))
         self.tile_count = tiles
         self.scales, self.zeros = (
             tile_columns(t.to(torch.bfloat16), swiglu).view(tiles, width, -1).permute(0, 2, 1).contiguous()
@@ -497,6 +496,19 @@ class _Int4Tiled(_TiledKernel):
         )
         self.bias = None if bias is None else tile_columns(bias.detach().float(), swiglu).contiguous()
         self.nbytes = n * k // 2 + 4 * scale.numel() + (0 if bias is None else 4 * n)
+
+
+def _int4_blocks(codes: torch.Tensor) -> torch.Tensor:
+    """gemm_q4's tiles from codes [tiles, 16, K] (0..15): per four k, 32 bytes, byte lane * 16 + half * 8 + 2 * c + p
+    holding column half * 8 + lane * 4 + c's code for k = 4j + p in its low nibble and k = 4j + 2 + p in its high one
+    (gemm_avx2.h tile_q4: unpacking each nibble half with vpunpck[lh]bw gives a k-pair row of tile_q8's layout).
+    Returned as [tiles, K / 2, 16] uint8."""
+    tiles, width, k = codes.shape
+    if width != 16 or k % 4:
+        raise ValueError(f"int4 tiles need 16 columns and K divisible by 4, got {width} and {k}")
+    # columns (half, lane, c), k (j, nibble, p) -> (j, lane, half, c, p, nibble)
+    v = codes.view(tiles, 2, 2, 4, k // 4, 2, 2).permute(0, 4, 2, 1, 3, 6, 5)
+    return (v[..., 0] | (v[..., 1] << 4)).reshape(tiles, k // 2, width).contiguous()
 
 
 def _bf16_scales(method: str) -> bool:
