@@ -157,7 +157,10 @@ int gemm_q8(const void *x, int64_t ldx, const int8_t *w, const float *scales, co
         const int64_t col0 = kind == EPI_SWIGLU ? t * (TILE / 2) : t * TILE;
         for (int64_t m0 = 0; m0 < m_len; m0 += MR) {
             const int rows = m_len - m0 < MR ? (int)(m_len - m0) : MR;
-            tile_rows_q8(xq + m0 * k_pad, k_pad, wt, k_pad / 2, scales + t * TILE, x_scale + m0, acc, rows);
+            if (m_len >= Q8_HALVES_FROM)
+                tile_rows_q8_halves(xq + m0 * k_pad, k_pad, wt, k_pad / 2, scales + t * TILE, x_scale + m0, acc, rows);
+            else
+                tile_rows_q8(xq + m0 * k_pad, k_pad, wt, k_pad / 2, scales + t * TILE, x_scale + m0, acc, rows);
             epilogue(acc, rows, bias ? bias + t * TILE : NULL, other ? (const char *)other + m0 * ldo * elem : NULL,
                      ldo, (char *)out + m0 * ldout * elem, ldout, col0, n_out, kind, bf16);
         }
