@@ -59,6 +59,6 @@ def replica_pids(app: str) -> list[int]:
 
 def settle_metrics() -> None:
     """Wait out the front end's /metrics cache, so that the next read is a fresh scrape of the replicas."""
-    from ladle.cluster.frontend import METRICS_TTL_S  # imports ray: only once a test runs (the extra is optional)
+    from ladle.cluster.frontend import FANOUT_TTL_S  # imports ray: only once a test runs (the extra is optional)
 
-    time.sleep(METRICS_TTL_S)
+    time.sleep(FANOUT_TTL_S)

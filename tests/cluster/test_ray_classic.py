@@ -119,10 +119,18 @@ def test_unload_and_load_go_through_serve(iris_on_ray: LadleServer) -> None:
     assert len(reloaded) == 2 and not reloaded & old, (old, reloaded)
     assert httpx.post(url + "/v2/models/iris/infer", json=IRIS).status_code == 200
     old = reloaded
+
+    def ready_versions() -> set[str]:  # the index answers from a fan-out at most 1 s old, refreshed by load/unload
+        index = httpx.post(url + "/v2/repository/index", json={"ready": True}).json()
+        return {r["version"] for r in index if r["name"] == "iris"}
+
+    assert ready_versions() == {"1", "2"}
     assert httpx.post(url + "/v2/repository/models/iris/unload").status_code == 200
+    assert ready_versions() == set()
     gone = httpx.post(url + "/v2/models/iris/infer", json=IRIS)
     assert gone.status_code == 503 and "not loaded" in gone.json()["error"]
     assert httpx.post(url + "/v2/repository/models/iris/load", timeout=180).status_code == 200
+    assert ready_versions() == {"1", "2"}
     assert httpx.post(url + "/v2/models/iris/infer", json=IRIS).status_code == 200
     settle_metrics()
     assert not set(per_replica(url, "ladle_model_state", model="iris", state="READY")) & old  # fresh replicas

@@ -10,7 +10,6 @@ replica that does not answer.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,13 +29,15 @@ from ladle.cluster.forwarding import DROPPED_RESPONSE_HEADERS, Forwarded, Reply,
 from ladle.cluster.hints import RouteHint, prompt_head, session_key
 from ladle.cluster.metrics_merge import merge_expositions
 from ladle.cluster.repository import RepositoryControl
+from ladle.cluster.shared_answer import SharedAnswer
 from ladle.config import ServerConfig
 from ladle.errors import InvalidInput, LadleError, NotSupported
 from ladle.metrics import Metrics
 
 PARSE_ON_LOOP_BYTES = 64 * 1024
-#: /metrics answers from a scrape of every replica at most this old (Prometheus scrapes every 10-60 s)
-METRICS_TTL_S = 1.0
+#: /metrics, GET /v1/models and the repository index answer from a fan-out to the replicas at most this old
+#: (Prometheus scrapes every 10-60 s; a load or unload refreshes them at once)
+FANOUT_TTL_S = 1.0
 
 
 class FrontEnd:
@@ -45,10 +46,10 @@ class FrontEnd:
         self.metrics = metrics
         self.limit = config.http.max_request_bytes
         self.openai_limit = min(config.http.max_request_bytes, config.http.max_openai_request_bytes)
-        self.repository = RepositoryControl(config, cluster, self.limit)
         self.draining = False
-        self._scraping = asyncio.Lock()
-        self._scraped: tuple[float, str] = (float("-inf"), "")
+        self._scrape_answer = SharedAnswer(FANOUT_TTL_S, self._scrape)
+        self._models_answer = SharedAnswer(FANOUT_TTL_S, self._served_models)
+        self.repository = RepositoryControl(config, cluster, self.limit, FANOUT_TTL_S, self._models_answer.invalidate)
         self.replicas = Gauge("ladle_cluster_replicas", "Running Ray Serve replicas of each model", ["model"],
                               registry=metrics.registry)
 
@@ -116,6 +117,9 @@ class FrontEnd:
             "under --ray every replica has its own host, so a rollout in one would move only its share of the "
             "traffic. Move traffic by editing the model's traffic_split and POST /v2/repository/models/{model}/load")
     async def list_models(self, request: Request) -> Response:
+        return _json({"object": "list", "data": await self._models_answer.get()})
+
+    async def _served_models(self) -> list[Any]:
         """The LLMs and encoders with a running replica, as their replicas describe themselves."""
         names = [n for n, m in self.cluster.models.items() if m.kind in ("llm", "embeddings") and
                  self.cluster.running(n) > 0]
@@ -124,7 +128,7 @@ class FrontEnd:
         for reply in await asyncio.gather(*asks, return_exceptions=True):
             if isinstance(reply, Reply) and reply.status == 200:
                 data.extend(orjson.loads(reply.body).get("data", []))
-        return _json({"object": "list", "data": sorted(data, key=lambda m: m.get("id", ""))})
+        return sorted(data, key=lambda m: m.get("id", ""))
 
     async def server_metadata(self, request: Request) -> Response:
         return _json({"name": "ladle", "version": __version__, "extensions": EXTENSIONS})
@@ -136,11 +140,7 @@ class FrontEnd:
         return Response(status_code=200 if self.is_ready() else 503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
-        """At most one scrape of the replicas per METRICS_TTL_S, however many clients ask: the others share it."""
-        async with self._scraping:
-            if time.monotonic() - self._scraped[0] > METRICS_TTL_S:
-                self._scraped = (time.monotonic(), await self._scrape())
-        return Response(self._scraped[1], media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(await self._scrape_answer.get(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def _scrape(self) -> str:
         for name in self.cluster.models:

@@ -8,6 +8,7 @@ not in the repository, 400 for the --model LLM); a model's versions are listed a
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -21,6 +22,7 @@ from ladle.cluster.cluster import Cluster
 from ladle.cluster.forwarding import Forwarded, Reply
 from ladle.cluster.hints import RouteHint
 from ladle.cluster.models import ServedModel, state_of
+from ladle.cluster.shared_answer import SharedAnswer
 from ladle.config import ServerConfig
 from ladle.errors import InvalidInput, NotFound
 from ladle.repository.layout import check_model_name, model_dir, model_names
@@ -37,10 +39,15 @@ def discover(config: ServerConfig, name: str) -> ServedModel:
 
 
 class RepositoryControl:
-    def __init__(self, config: ServerConfig, cluster: Cluster, limit: int) -> None:
+    def __init__(self, config: ServerConfig, cluster: Cluster, limit: int, ttl: float,
+                 on_change: Callable[[], None]) -> None:
+        """`ttl`: how old an index answer may be (SharedAnswer); `on_change`: called after each load and unload,
+        with the index's own refresh (answers elsewhere that a load or unload changes)."""
         self.config = config
         self.cluster = cluster
         self.limit = limit
+        self._index = SharedAnswer(ttl, self._all_rows)
+        self._on_change = on_change
 
     def routes(self) -> list[Route]:
         return [
@@ -58,12 +65,19 @@ class RepositoryControl:
 
     async def index(self, request: Request) -> Response:
         options = optional_json_object(await read_body(request, self.limit))
-        names = sorted(set(self.cluster.models) | set(self.on_disk()))
-        rows = await asyncio.gather(*(self._rows(name) for name in names))
-        flat = [row for group in rows for row in group]
+        flat = await self._index.get()
         if options.get("ready", False):
             flat = [row for row in flat if row["state"] == "READY"]
         return _json(flat)
+
+    async def _all_rows(self) -> list[dict[str, Any]]:
+        names = sorted(set(self.cluster.models) | set(await asyncio.to_thread(self.on_disk)))
+        rows = await asyncio.gather(*(self._rows(name) for name in names))
+        return [row for group in rows for row in group]
+
+    def _changed(self) -> None:
+        self._index.invalidate()
+        self._on_change()
 
     async def _rows(self, name: str) -> list[dict[str, Any]]:
         model = self.cluster.models.get(name)
@@ -88,7 +102,10 @@ class RepositoryControl:
         old = self.cluster.models.get(name)
         model.generation = old.generation if old is not None else 0
         self.cluster.add(model)
-        failure = (await self.cluster.deploy([name]))[name]
+        try:
+            failure = (await self.cluster.deploy([name]))[name]
+        finally:
+            self._changed()
         if failure is not None:
             return codec_error(f"failed to load model '{name}': {failure}", 400)
         return _json({})
@@ -101,7 +118,10 @@ class RepositoryControl:
             raise NotFound(f"unknown model '{name}'")
         self._existing(name, "unloaded")
         self.cluster.check_managed("unloaded")
-        await self.cluster.undeploy(name)
+        try:
+            await self.cluster.undeploy(name)
+        finally:
+            self._changed()
         return _json({})
 
     def _existing(self, name: str, what: str) -> str:
