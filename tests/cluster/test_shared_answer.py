@@ -55,3 +55,19 @@ def test_a_failure_reaches_its_callers_and_is_not_kept() -> None:
         assert await answer.get() == 2  # computed again, not the failure remembered
 
     asyncio.run(main())
+
+
+def test_an_invalidation_during_a_computation_discards_its_answer_for_later_callers() -> None:
+    """A load that finishes while an index fan-out runs: that fan-out may have read the old state, so the next
+    caller must not be given it."""
+    async def main() -> None:
+        compute = Counting(delay=0.05)
+        answer = SharedAnswer(60.0, compute)
+        running = asyncio.ensure_future(answer.get())
+        await asyncio.sleep(0.01)  # the computation has begun
+        answer.invalidate()
+        assert await running == 1  # its own caller still gets it
+        assert await answer.get() == 2 and compute.calls == 2
+        assert await answer.get() == 2  # and the fresh answer is kept
+
+    asyncio.run(main())

@@ -5,7 +5,8 @@ Why: under --ray each of those requests fans out one Ray call per model (or per 
 would otherwise multiply that work on the cluster and on the front end's event loop by its request rate.
 
 Invariant: one computation at a time; a failed computation is not kept (the next caller computes again); `invalidate`
-makes the next caller compute afresh (after a load or unload, whose effect must show at once).
+makes the next caller compute afresh (after a load or unload, whose effect must show at once) — also when a
+computation was already under way: begun before the change, it answers its own callers but is not kept.
 """
 
 from __future__ import annotations
@@ -25,13 +26,18 @@ class SharedAnswer(Generic[T]):
         self._lock = asyncio.Lock()
         self._at = float("-inf")
         self._value: T | None = None
+        self._generation = 0  # bumped by invalidate: an answer begun in an older generation is not kept
 
     async def get(self) -> T:
         async with self._lock:
-            if time.monotonic() - self._at > self.ttl:
-                self._value = await self._compute()
-                self._at = time.monotonic()
-            return self._value  # type: ignore[return-value]  (set above before _at leaves -inf)
+            if time.monotonic() - self._at <= self.ttl:
+                return self._value  # type: ignore[return-value]  (set before _at leaves -inf)
+            generation, started = self._generation, time.monotonic()
+            value = await self._compute()
+            self._value = value
+            self._at = started if generation == self._generation else float("-inf")
+            return value
 
     def invalidate(self) -> None:
+        self._generation += 1
         self._at = float("-inf")
