@@ -291,7 +291,7 @@ static void tile_rows_q8_halves(const int16_t *x, int64_t ldx, const int8_t *w, 
  * is taken off once per group, so the int32 sums equal those of (q - 8) exactly. Scales and zeros are bfloat16 (as
  * torch's int4 kernel takes them: 4 bytes per 32 weights, not 8). Each group's int32 sums are scaled into float32
  * accumulators (scale x the row's x scale), and zero x the group's sum of x added, so the zeros cost one FMA per
- * group, not per weight. Three rows at a time (float and int32 accumulators for each): int4 is a decode format. */
+ * group, not per weight. Three rows at a time (float and int32 accumulators for each fill the registers). */
 #define Q4_ROWS 3
 
 static inline __attribute__((always_inline)) void tile_q4(const int16_t *x, int64_t ldx, const float *xsum,
