@@ -13,6 +13,10 @@ from tests.server import LadleServer
 # LLM engines (in-process and in test servers) run eagerly unless a test asks for torch.compile: a background compile
 # per engine would load the 2-core box under every timing-sensitive test. Compiled engines have their own tests.
 os.environ.setdefault("LADLE_ENFORCE_EAGER", "1")
+# Compiled engines call their kernels from generated Python, not inductor's C++ wrapper (the CPU default): the C++
+# compile doubles each cold compile (~10 -> ~20 s for a tiny model), and the kernels are the same. Tests that compile
+# with the C++ wrapper say so (test_compiled.py).
+os.environ.setdefault("LADLE_CPP_WRAPPER", "0")
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,8 @@ runner sets around the forward (`step_metadata`). Either way one graph serves ev
 mixed — with the token count as its only dynamic size (dynamo specialises T == 1, the batch-1 decode, into a second
 graph of its own: the two "buckets").
 
-Compiled artifacts go to inductor's FX graph cache under $LADLE_CACHE/inductor, so a warm start skips code generation.
+The graphs themselves are compiled ahead of time and kept as files by precompiled.py; inductor's FX graph cache under
+$LADLE_CACHE/inductor (configured here) still spares code generation when only a graph file is missing.
 
 Invariant: eager and compiled forwards run the same module methods on the same weights; nothing here changes what a
 layer computes, only how the elementwise work between the opaque calls is scheduled.
@@ -48,7 +49,6 @@ _metadata: ContextVar[AttentionMetadata] = ContextVar("ladle_step_metadata")
 # whether the user chose a directory is read here, at import
 _user_inductor_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 _configured = False
-RECOMPILE_LIMIT = 64
 
 
 def register(module: torch.nn.Module) -> torch.Tensor:
@@ -169,8 +169,8 @@ def inductor_cache_dir() -> Path:
     return Path(_user_inductor_dir) if _user_inductor_dir else cache_root() / "inductor"
 
 
-def _configure_inductor() -> None:
-    """Once per process (two engines may start compiling at once)."""
+def configure_inductor() -> None:
+    """Before compiling; once per process (two engines may start compiling at once)."""
     global _configured
     with _lock:
         if not _configured:
@@ -182,13 +182,29 @@ def _configure_inductor_once() -> None:
     """Persistent caches (the FX graph and AOT autograd caches key on the graph, torch version and CPU), set
     before the first compile; an explicit TORCHINDUCTOR_CACHE_DIR wins."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = _user_inductor_dir or str(inductor_cache_dir())
+    _call_onednn_linears_as_they_are()
+
+
+def cpp_wrapper(device: torch.device) -> bool:
+    """Whether the graphs call their kernels from C++ (inductor's cpp_wrapper) rather than generated Python: on the
+    CPU it saves ~1 ms of a batch-1 decode step (~150 kernel calls), and costs a C++ compile of ~1-2 min the first
+    time a model's graphs are built (kept on disk with them after, precompiled.py). LADLE_CPP_WRAPPER=0/1 decides
+    instead; other devices keep the Python wrapper unless asked."""
+    setting = os.environ.get("LADLE_CPP_WRAPPER", "").strip()
+    return setting == "1" if setting in ("0", "1") else device.type == "cpu"
+
+
+@contextlib.contextmanager
+def compile_settings(use_cpp_wrapper: bool) -> Iterator[None]:
+    """Around each compile, on its own thread: torch's compiler settings set in one thread are not seen in another
+    (a setting made once in the first compile's thread was missing from the next engine's)."""
     import torch._inductor.config as inductor_config
 
-    inductor_config.fx_graph_cache = True
-    # eps and scales are constants of the model: traced as symbols (dynamic=True's default) the trace restarts once
-    # to specialise them, doubling the compile
-    torch._dynamo.config.specialize_float = True
-    _call_onednn_linears_as_they_are()
+    # eps and scales are constants of the model: traced as symbols (dynamic=True's default) dynamo restarts to
+    # specialise them, which torch.compile absorbs (doubling the trace) and aot_compile does not (it fails)
+    with torch._dynamo.config.patch(specialize_float=True), \
+            inductor_config.patch(fx_graph_cache=True, cpp_wrapper=use_cpp_wrapper):
+        yield
 
 
 def _call_onednn_linears_as_they_are() -> None:
@@ -207,10 +223,3 @@ def _call_onednn_linears_as_they_are() -> None:
 def _linear_binary_shape(x: torch.Tensor, other: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          attr: str) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def compile_forward(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """`forward(input_ids, positions)` compiled with a dynamic token count."""
-    _configure_inductor()
-    # models of other shapes or dtypes in one process (a repository's LLMs) each add two graphs to the decoder's code
-    return torch.compile(forward, dynamic=True, fullgraph=True, recompile_limit=RECOMPILE_LIMIT)

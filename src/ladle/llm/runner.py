@@ -11,20 +11,20 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ladle.llm.attention import AttentionMetadata, build_attention_metadata
-from ladle.llm.compiled import inductor_cache_dir, step_metadata
+from ladle.llm.compiled import configure_inductor, cpp_wrapper
 from ladle.llm.kernels.paged import paged_attention_op, paged_decode
 from ladle.llm.models.linear import can_prepack
 from ladle.llm.models.loader import Checkpoint, load_model, read_json
 from ladle.llm.outputs import ScheduledSeq, SchedulerOutput
+from ladle.llm.precompiled import ProbeStep, artifact_dir, build
 from ladle.process import advise_huge_pages, tune_malloc_for_tensors
 
 if TYPE_CHECKING:
@@ -136,27 +136,37 @@ class ModelRunner:
 
     def _compile(self) -> None:
         started = time.perf_counter()
-        logger.info("compiling the decoder with torch.compile (inductor, cache %s) ...", inductor_cache_dir())
+        logger.info("compiling the decoder with torch.compile (inductor; graphs kept in %s) ...", artifact_dir())
         try:
-            forward = self.model.compiled_forward()
+            configure_inductor()
             with torch.inference_mode():
-                for tokens in (1, 2):
-                    self._probe(forward, tokens)
+                decoder, origin = build(self.model, self.graph_description(), self._probe)
         except Exception as exc:  # any failure of the compiler leaves the eager model serving
             self.compile_state = "failed"
-            logger.warning("torch.compile failed, the decoder stays eager: %s: %s", type(exc).__name__, exc)
+            logger.warning("torch.compile failed, the decoder stays eager: %s: %s", type(exc).__name__, exc,
+                           exc_info=True)
             return
-        self.model.compiled = forward
+        self.model.compiled = decoder
         self.compile_state = "compiled"
-        logger.info("decoder compiled in %.1fs; steps now run the compiled graphs", time.perf_counter() - started)
+        how = {"compiled": "compiled", "cache": "loaded from the cache", "memory": "shared with a loaded model"}[origin]
+        logger.info("decoder graphs %s in %.1fs; steps now run them", how, time.perf_counter() - started)
 
-    def _probe(self, forward: Callable[..., torch.Tensor], tokens: int) -> None:
-        """A step of one sequence feeding `tokens` tokens, in the reserved block (what it writes there is never
-        read)."""
+    def graph_description(self) -> dict[str, Any]:
+        """What the compiled graphs depend on in this runner (precompiled.artifact_key adds torch, the CPU and ladle's
+        sources): the model's shapes and the kind of every module (which GEMM and attention paths it runs)."""
+        kinds = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in self.model.modules()})
+        return {
+            "architecture": self.architecture, "config": self.config, "dtype": str(self.dtype),
+            "device": self.device.type, "quantization": repr(self.quantization), "prepacked": self.prepacked,
+            "attention": (self.attention_op is not None, self.decode_kernel is not None), "modules": kinds,
+            "cpp_wrapper": cpp_wrapper(self.device),
+        }
+
+    def _probe(self, tokens: int) -> ProbeStep:
+        """A step of one sequence feeding `tokens` tokens into the reserved block, whose contents are never read."""
         probe = ScheduledSeq("compile-probe", [1] * tokens, 0, [self.num_blocks], True)
         step = self.prepare_inputs(SchedulerOutput([probe], tokens))
-        with step_metadata(step.meta):
-            forward(step.input_ids, step.positions, step.meta.packed)
+        return ProbeStep((step.input_ids, step.positions, step.meta.packed), step.meta)
 
     @property
     def bytes_per_block(self) -> int:

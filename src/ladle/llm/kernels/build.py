@@ -45,7 +45,8 @@ def cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The CPU's flags line (/proc/cpuinfo): what -march=native and inductor's generated code depend on."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -115,7 +116,7 @@ def _built(name: str, compile_command: list[str], link_command: list[str], sourc
     CPU) is new."""
     commands = " ".join([*compile_command, "|", *link_command]).encode()
     key = hashlib.sha256(b"\0".join([*(path.read_bytes() for path in sources), commands,
-                                     _version(compile_command[0]), _cpu_flags().encode(), *extra])).hexdigest()[:16]
+                                     _version(compile_command[0]), cpu_flags().encode(), *extra])).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if not target.exists():
         try:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ladle.llm.attention import AttentionMetadata
-from ladle.llm.compiled import compile_forward, step_metadata
+from ladle.llm.compiled import step_metadata
 from ladle.llm.models.linear import packed_linear, prepack_linears
 
 
@@ -55,24 +55,22 @@ class CausalLM(nn.Module):
         # The output head when it is not a plain matmul with lm_head_weight(): oneDNN-prepacked (prepack()) or
         # quantized (set_head()). An instance attribute: a class attribute would shadow the submodule.
         self.head: nn.Module | None = None
-        # hidden_states compiled, installed by the runner once its graphs are built (compiled_forward)
-        self.compiled: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+        # hidden_states compiled (precompiled.Decoder, called with the model first), installed by the runner once its
+        # graphs are built and checked against this model
+        self.compiled: Callable[..., torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states [T, hidden] of a flat batch; `meta` describes its sequences to attention."""
         with step_metadata(meta):
-            return (self.compiled or self.hidden_states)(input_ids, positions, meta.packed)
+            if self.compiled is not None:
+                return self.compiled(self, input_ids, positions, meta.packed)
+            return self.hidden_states(input_ids, positions, meta.packed)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, step: torch.Tensor | None
                       ) -> torch.Tensor:
-        """The decoder itself (what compiled_forward compiles). Attention reads the step from `step` (the packed
+        """The decoder itself (what precompiled.py compiles). Attention reads the step from `step` (the packed
         metadata, for the C++ operator; None without it) or from step_metadata (the torch path)."""
         raise NotImplementedError
-
-    def compiled_forward(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
-        """hidden_states under torch.compile (compiled.py): it compiles at its first calls; install it as
-        `self.compiled` once warm."""
-        return compile_forward(self.hidden_states)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] for the given final hidden rows (matmul in the model dtype, as vLLM does)."""
