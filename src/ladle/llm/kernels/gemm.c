@@ -26,6 +26,9 @@
 
 #define MR 6
 #define STREAM_AHEAD 4096 /* bytes of its own stream a tile's first chunk prefetches ahead (struct ahead) */
+/* row chunks up to which tiles prefetch (decode-sized steps, up to 36 rows): measured faster there; at 256-512 rows
+ * (prefill, compute-bound) a run on a contended box measured ~0.9x, so those keep the hardware prefetcher alone */
+#define AHEAD_CHUNKS 6
 
 enum { EPI_NONE = 0, EPI_ADD = 1, EPI_SWIGLU = 2 };
 
@@ -143,6 +146,7 @@ static void tile_epilogue(const struct gemm_job *j, int64_t t, float acc[MR][TIL
 static struct ahead chunk_ahead(const char *tile, int64_t tile_bytes, int64_t c, int64_t chunks, int rows,
                                 int last_tile) {
     const int64_t lines = tile_bytes / 64;
+    if (chunks > AHEAD_CHUNKS) return (struct ahead){NULL, 0, 0};
     if (c == 0) return rows >= 3 ? (struct ahead){tile + STREAM_AHEAD, lines, 1} : (struct ahead){NULL, 0, 0};
     if (last_tile) return (struct ahead){NULL, 0, 0};
     const int64_t lo = lines * (c - 1) / (chunks - 1), hi = lines * c / (chunks - 1);
