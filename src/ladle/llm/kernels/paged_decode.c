@@ -91,14 +91,6 @@ static inline __attribute__((always_inline)) void decode_item(
 #include "simd_avx2.h"
 #define DECODE_SIMD 1
 
-/* Blocks of a sequence's K (and V) are scattered over the cache, so the hardware prefetcher restarts at each one:
- * each pass prefetches the block after the one it reads (2 ahead measured the same), and the K pass the first V
- * block. Decode attention over 30 layers' cold caches, 1 to 32 sequences of 192 tokens: 5-15% faster. */
-#define AHEAD_BLOCKS 1
-static inline void prefetch_block(const char *p, size_t bytes) {
-    for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 3);
-}
-
 /* Scores of rows[0, n) (n <= 8, consecutive rows of one block, `row_bytes` apart) against the scaled query qs: eight
  * dot products in eight independent FMA chains, summed across lanes together at the end (one dot at a time was a
  * single dependent chain plus a horizontal sum per row: the kernel ran at ~5 GB/s from L3). Rows past n repeat row
@@ -114,13 +106,9 @@ static inline __attribute__((always_inline)) void dots8(const float *qs, const c
         const __m256 qv = _mm256_loadu_ps(qs + d);
         for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(load8_full(r[j] + d * elem, bf16), qv, acc[j]);
     }
-    if (n == 8) { /* a whole row group: straight into the scores (memcpy of a variable size was a `rep movs`) */
-        _mm256_storeu_ps(dst, sum_lanes8(acc));
-        return;
-    }
     float sums[8];
     _mm256_storeu_ps(sums, sum_lanes8(acc));
-    for (int j = 0; j < n; j++) dst[j] = sums[j];
+    memcpy(dst, sums, sizeof(float) * n);
 }
 
 /* s[0, len) = exp(s - max s); returns their sum */
@@ -151,16 +139,12 @@ static inline float softmax_numerators(float *s, int64_t len) {
 /* out[0, 8 * nv) = inv * sum_t p[t] V[t][dc, dc + 8 * nv): nv accumulators held in registers over the whole context */
 static inline __attribute__((always_inline)) void weighted_v(const char *v_cache, const int64_t *table, int64_t len,
                                                              int block_size, size_t row_bytes, int dc, const float *p,
-                                                             float inv, float *out, const int nv, const int bf16,
-                                                             int fetch) {
+                                                             float inv, float *out, const int nv, const int bf16) {
     __m256 acc[8];
     for (int i = 0; i < nv; i++) acc[i] = _mm256_setzero_ps();
-    const size_t elem = bf16 ? 2 : 4, block_bytes = (size_t)block_size * row_bytes;
-    const int64_t blocks = (len + block_size - 1) / block_size;
+    const size_t elem = bf16 ? 2 : 4;
     int64_t t = 0;
     for (int64_t b = 0; t < len; b++) {
-        if (fetch && b + AHEAD_BLOCKS < blocks) /* the first of the pass's calls over this V */
-            prefetch_block(v_cache + (size_t)table[b + AHEAD_BLOCKS] * block_bytes, block_bytes);
         const char *row = v_cache + (size_t)table[b] * block_size * row_bytes + dc * elem;
         const int n = (int)((len - t) < block_size ? (len - t) : block_size);
         for (int j = 0; j < n; j++, t++, row += row_bytes) {
@@ -173,8 +157,8 @@ static inline __attribute__((always_inline)) void weighted_v(const char *v_cache
 }
 
 static void weighted_v_any(const char *v_cache, const int64_t *table, int64_t len, int block_size, size_t row_bytes,
-                           int dc, const float *p, float inv, float *out, int nv, const int bf16, int fetch) {
-#define WEIGHTED_V(N) weighted_v(v_cache, table, len, block_size, row_bytes, dc, p, inv, out, N, bf16, fetch)
+                           int dc, const float *p, float inv, float *out, int nv, const int bf16) {
+#define WEIGHTED_V(N) weighted_v(v_cache, table, len, block_size, row_bytes, dc, p, inv, out, N, bf16)
     switch (nv) {
         case 1: WEIGHTED_V(1); return;
         case 2: WEIGHTED_V(2); return;
@@ -198,13 +182,8 @@ static inline __attribute__((always_inline)) void decode_item_simd(
     for (int i = 0; i < group * head_dim; i++) qs[i] = q[i] * scale;
     const size_t row_bytes = (size_t)head_dim * (bf16 ? 2 : 4);
     const size_t block_bytes = (size_t)block_size * row_bytes;
-    const int64_t blocks = (len + block_size - 1) / block_size;
-    for (int64_t b = 0; b < AHEAD_BLOCKS && b < blocks; b++) /* the V pass's first blocks, while K's are read */
-        prefetch_block((const char *)v_cache + (size_t)table[b] * block_bytes, block_bytes);
     int64_t t = 0;
     for (int64_t b = 0; t < len; b++) {
-        if (b + AHEAD_BLOCKS < blocks)
-            prefetch_block((const char *)k_cache + (size_t)table[b + AHEAD_BLOCKS] * block_bytes, block_bytes);
         const char *block = (const char *)k_cache + (size_t)table[b] * block_bytes;
         const int n = (int)((len - t) < block_size ? (len - t) : block_size);
         for (int j = 0; j < n; j += 8) {
@@ -220,7 +199,7 @@ static inline __attribute__((always_inline)) void decode_item_simd(
         for (int dc = 0; dc < head_dim; dc += 64) {
             const int nv = (head_dim - dc < 64 ? head_dim - dc : 64) / 8;
             weighted_v_any((const char *)v_cache, table, len, block_size, row_bytes, dc, scores + g * len, inv,
-                           out + g * head_dim + dc, nv, bf16, g == 0 && dc == 0);
+                           out + g * head_dim + dc, nv, bf16);
         }
     }
 }
