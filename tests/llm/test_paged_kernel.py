@@ -41,7 +41,8 @@ def kernels():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-# head_dim 80: a vector path's second 64-wide chunk of V is 16 wide; 20: not a multiple of 8, the plain loops
+# head_dim 80: the vector path's last 32-wide chunk of V is 16 wide; 20: not a multiple of 8, the plain loops;
+# group 7 and 8: heads register-blocked three at a time, with a remainder of 1 and 2
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"),
                          [(9, 3, 64), (4, 4, 32), (14, 2, 64), (8, 1, 128), (6, 2, 80), (4, 2, 20)])
 @pytest.mark.parametrize("block_size", [16, 5])  # 5: blocks end inside a group of eight rows

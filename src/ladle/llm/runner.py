@@ -25,6 +25,7 @@ from ladle.llm.models.linear import can_prepack
 from ladle.llm.models.loader import Checkpoint, load_model, read_json
 from ladle.llm.outputs import ScheduledSeq, SchedulerOutput
 from ladle.llm.precompiled import ProbeStep, artifact_dir, build
+from ladle.llm.weight_arena import weights_on_huge_pages
 from ladle.process import advise_huge_pages, tune_malloc_for_tensors
 
 if TYPE_CHECKING:
@@ -78,6 +79,8 @@ class ModelRunner:
             self.model.prepack()
         if quantization is not None:
             self.model.set_head(self._quantized_head(quantization))
+        if self.device.type == "cpu":  # before the KV cache (the heap's freed copies are returned first) and compiling
+            weights_on_huge_pages(self.model)
         self.eos_token_ids: list[int] = read_eos_token_ids(self.model_dir, self.config)
         for token in getattr(loaded.checkpoint, "eos_token_ids", ()):
             if token not in self.eos_token_ids:

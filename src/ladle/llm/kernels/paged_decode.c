@@ -91,24 +91,55 @@ static inline __attribute__((always_inline)) void decode_item(
 #include "simd_avx2.h"
 #define DECODE_SIMD 1
 
-/* Scores of rows[0, n) (n <= 8, consecutive rows of one block, `row_bytes` apart) against the scaled query qs: eight
- * dot products in eight independent FMA chains, summed across lanes together at the end (one dot at a time was a
- * single dependent chain plus a horizontal sum per row: the kernel ran at ~5 GB/s from L3). Rows past n repeat row
- * n - 1 (valid memory; their sums are dropped). */
-static inline __attribute__((always_inline)) void dots8(const float *qs, const char *rows, int n, size_t row_bytes,
-                                                        int head_dim, float *dst, const int bf16) {
-    const char *r[8];
-    for (int j = 0; j < 8; j++) r[j] = rows + (size_t)(j < n ? j : n - 1) * row_bytes;
-    __m256 acc[8];
-    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+/* Both passes are register-blocked over the query heads of a group, up to HEADS_AT_ONCE at a time: every K/V vector
+ * loaded feeds that many FMAs, so K and V are read once per item, not once per query head. Reading V once per head
+ * (then from L2) bound the V pass by L2 bandwidth and left the kernel at ~0.6 FMAs per cycle on L2/L3-resident data;
+ * 4 rows x 3 heads (K) and 4 vectors x 3 heads (V) fill 12 of the 16 AVX2 registers with accumulators. */
+#define HEADS_AT_ONCE 3
+#define K_ROWS 4
+
+/* The sums of four vectors' lanes, as the four lanes of one vector */
+static inline __m128 sum_lanes4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d)); /* low half's and high half's sums */
+    return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+}
+
+/* scores[g * stride + j] = qs[g] . row j, for the nh (<= HEADS_AT_ONCE) query heads at qs and the n (<= K_ROWS)
+ * consecutive rows at `rows` (`row_bytes` apart; rows past n repeat row n - 1, valid memory, their sums dropped) */
+static inline __attribute__((always_inline)) void k_scores(const float *qs, const char *rows, int n, size_t row_bytes,
+                                                           int head_dim, float *scores, int64_t stride, const int nh,
+                                                           const int bf16) {
+    const char *r[K_ROWS];
+    for (int j = 0; j < K_ROWS; j++) r[j] = rows + (size_t)(j < n ? j : n - 1) * row_bytes;
+    __m256 acc[K_ROWS][HEADS_AT_ONCE];
+    for (int j = 0; j < K_ROWS; j++)
+        for (int g = 0; g < nh; g++) acc[j][g] = _mm256_setzero_ps();
     const size_t elem = bf16 ? 2 : 4;
     for (int d = 0; d < head_dim; d += 8) {
-        const __m256 qv = _mm256_loadu_ps(qs + d);
-        for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(load8_full(r[j] + d * elem, bf16), qv, acc[j]);
+        __m256 qv[HEADS_AT_ONCE];
+        for (int g = 0; g < nh; g++) qv[g] = _mm256_loadu_ps(qs + g * head_dim + d);
+        for (int j = 0; j < K_ROWS; j++) {
+            const __m256 kv = load8_full(r[j] + d * elem, bf16);
+            for (int g = 0; g < nh; g++) acc[j][g] = _mm256_fmadd_ps(kv, qv[g], acc[j][g]);
+        }
     }
-    float sums[8];
-    _mm256_storeu_ps(sums, sum_lanes8(acc));
-    memcpy(dst, sums, sizeof(float) * n);
+    for (int g = 0; g < nh; g++) {
+        const __m128 sums = sum_lanes4(acc[0][g], acc[1][g], acc[2][g], acc[3][g]);
+        if (n == K_ROWS) {
+            _mm_storeu_ps(scores + g * stride, sums);
+        } else {
+            float lanes[4];
+            _mm_storeu_ps(lanes, sums);
+            for (int j = 0; j < n; j++) scores[g * stride + j] = lanes[j];
+        }
+    }
+}
+
+static void k_scores_any(const float *qs, const char *rows, int n, size_t row_bytes, int head_dim, float *scores,
+                         int64_t stride, int nh, const int bf16) {
+    if (nh == 3) k_scores(qs, rows, n, row_bytes, head_dim, scores, stride, 3, bf16);
+    else if (nh == 2) k_scores(qs, rows, n, row_bytes, head_dim, scores, stride, 2, bf16);
+    else k_scores(qs, rows, n, row_bytes, head_dim, scores, stride, 1, bf16);
 }
 
 /* s[0, len) = exp(s - max s); returns their sum */
@@ -136,70 +167,110 @@ static inline float softmax_numerators(float *s, int64_t len) {
     return sum;
 }
 
-/* out[0, 8 * nv) = inv * sum_t p[t] V[t][dc, dc + 8 * nv): nv accumulators held in registers over the whole context */
+/* out[g * head_dim + [0, 8 * nv)] = inv[g] * sum_t p[g * stride + t] V[t][dc, dc + 8 * nv), for nh (<=
+ * HEADS_AT_ONCE) query heads and nv <= 4: nh x nv accumulators held in registers over the whole context */
 static inline __attribute__((always_inline)) void weighted_v(const char *v_cache, const int64_t *table, int64_t len,
                                                              int block_size, size_t row_bytes, int dc, const float *p,
-                                                             float inv, float *out, const int nv, const int bf16) {
-    __m256 acc[8];
-    for (int i = 0; i < nv; i++) acc[i] = _mm256_setzero_ps();
+                                                             int64_t stride, const float *inv, float *out,
+                                                             int head_dim, const int nv, const int nh, const int bf16) {
+    __m256 acc[HEADS_AT_ONCE][4];
+    for (int g = 0; g < nh; g++)
+        for (int i = 0; i < nv; i++) acc[g][i] = _mm256_setzero_ps();
     const size_t elem = bf16 ? 2 : 4;
     int64_t t = 0;
     for (int64_t b = 0; t < len; b++) {
         const char *row = v_cache + (size_t)table[b] * block_size * row_bytes + dc * elem;
         const int n = (int)((len - t) < block_size ? (len - t) : block_size);
         for (int j = 0; j < n; j++, t++, row += row_bytes) {
-            const __m256 pv = _mm256_broadcast_ss(p + t);
-            for (int i = 0; i < nv; i++) acc[i] = _mm256_fmadd_ps(load8_full(row + i * 8 * elem, bf16), pv, acc[i]);
+            __m256 pv[HEADS_AT_ONCE];
+            for (int g = 0; g < nh; g++) pv[g] = _mm256_broadcast_ss(p + g * stride + t);
+            for (int i = 0; i < nv; i++) {
+                const __m256 vv = load8_full(row + i * 8 * elem, bf16);
+                for (int g = 0; g < nh; g++) acc[g][i] = _mm256_fmadd_ps(vv, pv[g], acc[g][i]);
+            }
         }
     }
-    const __m256 vinv = _mm256_set1_ps(inv);
-    for (int i = 0; i < nv; i++) _mm256_storeu_ps(out + i * 8, _mm256_mul_ps(acc[i], vinv));
+    for (int g = 0; g < nh; g++) {
+        const __m256 vinv = _mm256_set1_ps(inv[g]);
+        for (int i = 0; i < nv; i++) _mm256_storeu_ps(out + g * head_dim + i * 8, _mm256_mul_ps(acc[g][i], vinv));
+    }
 }
 
 static void weighted_v_any(const char *v_cache, const int64_t *table, int64_t len, int block_size, size_t row_bytes,
-                           int dc, const float *p, float inv, float *out, int nv, const int bf16) {
-#define WEIGHTED_V(N) weighted_v(v_cache, table, len, block_size, row_bytes, dc, p, inv, out, N, bf16)
+                           int dc, const float *p, int64_t stride, const float *inv, float *out, int head_dim, int nv,
+                           int nh, const int bf16) {
+#define WEIGHTED_V(NV, NH) \
+    weighted_v(v_cache, table, len, block_size, row_bytes, dc, p, stride, inv, out, head_dim, NV, NH, bf16)
+#define BY_HEADS(NV) \
+    if (nh == 3) WEIGHTED_V(NV, 3); else if (nh == 2) WEIGHTED_V(NV, 2); else WEIGHTED_V(NV, 1); return
     switch (nv) {
-        case 1: WEIGHTED_V(1); return;
-        case 2: WEIGHTED_V(2); return;
-        case 3: WEIGHTED_V(3); return;
-        case 4: WEIGHTED_V(4); return;
-        case 5: WEIGHTED_V(5); return;
-        case 6: WEIGHTED_V(6); return;
-        case 7: WEIGHTED_V(7); return;
-        default: WEIGHTED_V(8); return;
+        case 1: BY_HEADS(1);
+        case 2: BY_HEADS(2);
+        case 3: BY_HEADS(3);
+        default: BY_HEADS(4);
     }
+#undef BY_HEADS
 #undef WEIGHTED_V
 }
 
+/* Cache lines ahead: K/V come from DRAM (a step reads every layer's cache once), and a block (4 KB in float32 at
+ * head_dim 64) is one page, past which the hardware prefetchers do not follow. So the K pass asks for K block
+ * b + PREFETCH_BLOCKS and V block b while it reads K block b (V is then in L2 for the second pass), and the V pass
+ * for the next item's first K blocks. */
+#define PREFETCH_BLOCKS 2
+
+static inline __attribute__((always_inline)) void prefetch_block(const char *block, size_t bytes) {
+    for (size_t off = 0; off < bytes; off += 64) _mm_prefetch(block + off, _MM_HINT_T1);
+}
+
+/* What an item reads, for prefetching it before its turn: its KV head's caches, block table and length. */
+struct item_view {
+    const char *k, *v;
+    const int64_t *table;
+    int64_t len;
+};
+
 /* decode_item for head_dim a multiple of 8, in AVX2 vectors: the same two passes (scores over K, then V weighted by
  * the probabilities), each with independent accumulators in registers and a vectorized exp; the softmax's 1/sum is
- * applied to the output instead of to every probability. */
+ * applied to the output instead of to every probability. `next`: the item this thread runs next (NULL: none). */
 static inline __attribute__((always_inline)) void decode_item_simd(
     const float *q, const void *k_cache, const void *v_cache, const int64_t *table, int64_t len, float *out,
-    int group, int head_dim, int block_size, float scale, float *scores, const int bf16) {
-    float qs[MAX_GROUP * MAX_HEAD_DIM];
+    int group, int head_dim, int block_size, float scale, float *scores, const int bf16, const struct item_view *next) {
+    float qs[MAX_GROUP * MAX_HEAD_DIM], inv[MAX_GROUP];
     for (int i = 0; i < group * head_dim; i++) qs[i] = q[i] * scale;
     const size_t row_bytes = (size_t)head_dim * (bf16 ? 2 : 4);
     const size_t block_bytes = (size_t)block_size * row_bytes;
+    const int64_t num_blocks = (len + block_size - 1) / block_size;
+    for (int64_t b = 0; b < PREFETCH_BLOCKS && b < num_blocks; b++)
+        prefetch_block((const char *)k_cache + (size_t)table[b] * block_bytes, block_bytes);
     int64_t t = 0;
     for (int64_t b = 0; t < len; b++) {
         const char *block = (const char *)k_cache + (size_t)table[b] * block_bytes;
         const int n = (int)((len - t) < block_size ? (len - t) : block_size);
-        for (int j = 0; j < n; j += 8) {
-            const int rows = n - j < 8 ? n - j : 8;
-            for (int g = 0; g < group; g++)
-                dots8(qs + g * head_dim, block + j * row_bytes, rows, row_bytes, head_dim, scores + g * len + t + j,
-                      bf16);
+        if (b + PREFETCH_BLOCKS < num_blocks)
+            prefetch_block((const char *)k_cache + (size_t)table[b + PREFETCH_BLOCKS] * block_bytes, block_bytes);
+        prefetch_block((const char *)v_cache + (size_t)table[b] * block_bytes, block_bytes);
+        for (int j = 0; j < n; j += K_ROWS) {
+            const int rows = n - j < K_ROWS ? n - j : K_ROWS;
+            for (int g = 0; g < group; g += HEADS_AT_ONCE)
+                k_scores_any(qs + g * head_dim, block + j * row_bytes, rows, row_bytes, head_dim,
+                             scores + g * len + t + j, len, group - g < HEADS_AT_ONCE ? group - g : HEADS_AT_ONCE,
+                             bf16);
         }
         t += n;
     }
-    for (int g = 0; g < group; g++) {
-        const float inv = 1.0f / softmax_numerators(scores + g * len, len);
-        for (int dc = 0; dc < head_dim; dc += 64) {
-            const int nv = (head_dim - dc < 64 ? head_dim - dc : 64) / 8;
-            weighted_v_any((const char *)v_cache, table, len, block_size, row_bytes, dc, scores + g * len, inv,
-                           out + g * head_dim + dc, nv, bf16);
+    for (int g = 0; g < group; g++) inv[g] = 1.0f / softmax_numerators(scores + g * len, len);
+    if (next != NULL) {
+        const int64_t ahead = (next->len + block_size - 1) / block_size;
+        for (int64_t b = 0; b < ahead && b < PREFETCH_BLOCKS; b++)
+            prefetch_block(next->k + (size_t)next->table[b] * block_bytes, block_bytes);
+    }
+    for (int g = 0; g < group; g += HEADS_AT_ONCE) {
+        const int nh = group - g < HEADS_AT_ONCE ? group - g : HEADS_AT_ONCE;
+        for (int dc = 0; dc < head_dim; dc += 32) {
+            const int nv = (head_dim - dc < 32 ? head_dim - dc : 32) / 8;
+            weighted_v_any((const char *)v_cache, table, len, block_size, row_bytes, dc, scores + g * len, len,
+                           inv + g, out + g * head_dim + dc, head_dim, nv, nh, bf16);
         }
     }
 }
@@ -212,29 +283,43 @@ static inline __attribute__((always_inline)) int decode(
     int group = heads / kv_heads;
     if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || heads % kv_heads) return 1;
     int64_t per_head = num_blocks * block_size * head_dim; /* elements of one KV head's cache */
-    int items = batch * kv_heads;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int item = 0; item < items; item++) {
-        int seq = item / kv_heads, h = item % kv_heads;
-        int64_t off = ((int64_t)seq * heads + (int64_t)h * group) * head_dim;
-        const size_t elem = bf16 ? 2 : 4;
-        const char *kc = (const char *)k_cache + (size_t)h * per_head * elem;
-        const char *vc = (const char *)v_cache + (size_t)h * per_head * elem;
+    const int items = batch * kv_heads;
+    const size_t elem = bf16 ? 2 : 4;
+    int claimed = 0; /* items handed out: each thread claims its next item one ahead, to prefetch it */
+#pragma omp parallel num_threads(threads)
+    {
 #ifdef _OPENMP
         extern int omp_get_thread_num(void);
         float *scores = scratch + (int64_t)omp_get_thread_num() * group * max_len;
 #else
         float *scores = scratch;
 #endif
+        int item = __atomic_fetch_add(&claimed, 1, __ATOMIC_RELAXED);
+        while (item < items) {
+            const int next = __atomic_fetch_add(&claimed, 1, __ATOMIC_RELAXED);
+            const int seq = item / kv_heads, h = item % kv_heads;
+            const int64_t off = ((int64_t)seq * heads + (int64_t)h * group) * head_dim;
+            const char *kc = (const char *)k_cache + (size_t)h * per_head * elem;
+            const char *vc = (const char *)v_cache + (size_t)h * per_head * elem;
+            const int64_t *table = tables + (int64_t)seq * max_blocks;
 #ifdef DECODE_SIMD
-        if (head_dim % 8 == 0) {
-            decode_item_simd(q + off, kc, vc, tables + (int64_t)seq * max_blocks, lens[seq], out + off, group,
-                             head_dim, block_size, scale, scores, bf16);
-            continue;
-        }
+            if (head_dim % 8 == 0) {
+                struct item_view ahead, *p = NULL;
+                if (next < items) {
+                    const int nseq = next / kv_heads, nh = next % kv_heads;
+                    ahead = (struct item_view){(const char *)k_cache + (size_t)nh * per_head * elem,
+                                               (const char *)v_cache + (size_t)nh * per_head * elem,
+                                               tables + (int64_t)nseq * max_blocks, lens[nseq]};
+                    p = &ahead;
+                }
+                decode_item_simd(q + off, kc, vc, table, lens[seq], out + off, group, head_dim, block_size, scale,
+                                 scores, bf16, p);
+            } else
 #endif
-        decode_item(q + off, kc, vc, tables + (int64_t)seq * max_blocks, lens[seq], out + off, group, head_dim,
-                    block_size, scale, scores, bf16);
+                decode_item(q + off, kc, vc, table, lens[seq], out + off, group, head_dim, block_size, scale, scores,
+                            bf16);
+            item = next;
+        }
     }
     return 0;
 }
