@@ -25,8 +25,35 @@
 #endif
 
 #define MR 6
+#define STREAM_AHEAD 4096 /* bytes of its own stream a tile's first chunk prefetches ahead (struct ahead) */
+/* row chunks up to which tiles prefetch (decode-sized steps, up to 36 rows): measured faster there; at 256-512 rows
+ * (prefill, compute-bound) a run on a contended box measured ~0.9x, so those keep the hardware prefetcher alone */
+#define AHEAD_CHUNKS 6
 
 enum { EPI_NONE = 0, EPI_ADD = 1, EPI_SWIGLU = 2 };
+
+/* Software prefetching inside a tile kernel's k loop: `lines` 64-byte lines from `p`, spread evenly over the loop,
+ * into L1 (`l1`) or L2. gemm.c's chunk_ahead says which. */
+struct ahead {
+    const char *p;
+    int64_t lines;
+    int l1;
+};
+
+/* Inside a k loop of `iters` iterations stepping by `step`: issue this iteration's share of `pf`'s lines (`due`
+ * carries the remainder) */
+#define PREFETCH_AHEAD(pf, due, step, iters)                      \
+    do {                                                          \
+        if ((pf).lines) {                                         \
+            (due) += (pf).lines * (step);                         \
+            while ((due) >= (iters)) {                            \
+                if ((pf).l1) __builtin_prefetch((pf).p, 0, 3);    \
+                else __builtin_prefetch((pf).p, 0, 2);            \
+                (pf).p += 64;                                     \
+                (due) -= (iters);                                 \
+            }                                                     \
+        }                                                         \
+    } while (0)
 
 int gemm_available(int bf16) {
 #if defined(__AVX512BF16__)
@@ -83,6 +110,64 @@ static float *widened(const void *x, int64_t ldx, int64_t m_len, int64_t k_len, 
     return wide;
 }
 
+/* What gemm_run's tiles share: x (float32 or bfloat16 rows; bfloat16 widened on AVX2), the epilogue's inputs, the
+ * rows in `chunks` chunks of up to `chunk` rows. Full chunks first: chunk 0 computes while the tile streams in, so the
+ * more rows it has, the more of the step's FMAs hide under the DRAM stream (8 rows split 4 + 4 ran ~0.85x as fast as
+ * 6 + 2, benchmarks/RESULTS.md) */
+struct gemm_job {
+    const char *x;
+    int64_t x_ld;
+    size_t x_elem, elem;
+    const void *w;
+    const float *bias;
+    const void *other;
+    int64_t ldo;
+    void *out;
+    int64_t ldout, m_len, k_len, n_out, tiles, tile_bytes, chunks;
+    int chunk, kind, bf16;
+};
+
+static int chunk_rows(const struct gemm_job *j, int64_t m0) {
+    return (int)(j->m_len - m0 < j->chunk ? j->m_len - m0 : j->chunk);
+}
+
+static void tile_epilogue(const struct gemm_job *j, int64_t t, float acc[MR][TILE], int rows, int64_t m0) {
+    const int64_t col0 = j->kind == EPI_SWIGLU ? t * (TILE / 2) : t * TILE;
+    epilogue(acc, rows, j->bias ? j->bias + t * TILE : NULL,
+             j->other ? (const char *)j->other + m0 * j->ldo * j->elem : NULL, j->ldo,
+             (char *)j->out + m0 * j->ldout * j->elem, j->ldout, col0, j->n_out, j->kind, j->bf16);
+}
+
+/* Where a chunk's kernel prefetches (struct ahead). Chunk 0 streams the tile from DRAM and, from 3 rows on, prefetches
+ * its own stream STREAM_AHEAD bytes ahead into L1 (the hardware prefetcher alone left the loads waiting once the FMAs
+ * took a real share of the time: 8 rows cost ~1.6x one row's time, ~1.4x with it). The later chunks read the tile from L2
+ * and prefetch the next tile into L2 meanwhile, an equal share each; without that DRAM sat idle while they computed
+ * (a step's GEMMs ran at ~75% of their hot-cache FLOP rate at 16-32 rows). Real compiled engine steps in one process,
+ * with and without it alternating: decode at 32 sequences 0.90x the time (twice), at 8 0.91x and 1.00x. */
+static struct ahead chunk_ahead(const char *tile, int64_t tile_bytes, int64_t c, int64_t chunks, int rows,
+                                int last_tile) {
+    const int64_t lines = tile_bytes / 64;
+    if (chunks > AHEAD_CHUNKS) return (struct ahead){NULL, 0, 0};
+    if (c == 0) return rows >= 3 ? (struct ahead){tile + STREAM_AHEAD, lines, 1} : (struct ahead){NULL, 0, 0};
+    if (last_tile) return (struct ahead){NULL, 0, 0};
+    const int64_t lo = lines * (c - 1) / (chunks - 1), hi = lines * c / (chunks - 1);
+    return (struct ahead){tile + tile_bytes + lo * 64, hi - lo, 0};
+}
+
+/* Tile t of the job, chunk by chunk over its whole k, each chunk through the epilogue */
+static void tile_streamed(const struct gemm_job *j, int64_t t) {
+    float acc[MR][TILE];
+    const char *wt = (const char *)j->w + t * j->tile_bytes;
+    int64_t m0 = 0;
+    for (int64_t c = 0; c < j->chunks; c++) {
+        const int rows = chunk_rows(j, m0);
+        const struct ahead pf = chunk_ahead(wt, j->tile_bytes, c, j->chunks, rows, t + 1 == j->tiles);
+        tile_rows(j->x + m0 * j->x_ld * j->x_elem, j->x_ld, wt, j->k_len, acc, rows, j->bf16, pf);
+        tile_epilogue(j, t, acc, rows, m0);
+        m0 += rows;
+    }
+}
+
 /* x [M, K] (row stride ldx), packed weight of `tiles` tiles, bias [tiles * TILE] in packed column order (or NULL),
  * other [M, n_out] (row stride ldo; EPI_ADD), out [M, n_out] (row stride ldout), weights of x's dtype. Returns
  * nonzero when this build cannot run the dtype (1) or memory ran out (2). */
@@ -91,25 +176,16 @@ static int gemm_run(const void *x, int64_t ldx, const void *w, const float *bias
                     int bf16, int threads) {
     if (!gemm_available(bf16) || (bf16 && k_len % 2)) return 1;
     const size_t elem = bf16 ? 2 : 4;
-    const int64_t tile_elems = k_len * TILE;
     const int chunk = row_chunk(bf16);
     float *wide = widen_x(bf16) ? widened(x, ldx, m_len, k_len, threads) : NULL;
     if (widen_x(bf16) && !wide) return 2;
-    const size_t x_elem = wide ? 4 : elem;
-    const int64_t x_ld = wide ? k_len : ldx;
-    const char *xs = wide ? (const char *)wide : (const char *)x;
+    const struct gemm_job job = {
+        .x = wide ? (const char *)wide : (const char *)x, .x_ld = wide ? k_len : ldx, .x_elem = wide ? 4 : elem,
+        .elem = elem, .w = w, .bias = bias, .other = other, .ldo = ldo, .out = out, .ldout = ldout, .m_len = m_len,
+        .k_len = k_len, .n_out = n_out, .tiles = tiles, .tile_bytes = k_len * TILE * (int64_t)elem,
+        .chunks = (m_len + chunk - 1) / chunk, .chunk = chunk, .kind = kind, .bf16 = bf16};
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        float acc[MR][TILE];
-        const char *wt = (const char *)w + (size_t)t * tile_elems * elem;
-        const int64_t col0 = kind == EPI_SWIGLU ? t * (TILE / 2) : t * TILE;
-        for (int64_t m0 = 0; m0 < m_len; m0 += chunk) {
-            const int rows = m_len - m0 < chunk ? (int)(m_len - m0) : chunk;
-            tile_rows(xs + m0 * x_ld * x_elem, x_ld, wt, k_len, acc, rows, bf16);
-            epilogue(acc, rows, bias ? bias + t * TILE : NULL, other ? (const char *)other + m0 * ldo * elem : NULL,
-                     ldo, (char *)out + m0 * ldout * elem, ldout, col0, n_out, kind, bf16);
-        }
-    }
+    for (int64_t t = 0; t < tiles; t++) tile_streamed(&job, t);
     free(wide);
     return 0;
 }

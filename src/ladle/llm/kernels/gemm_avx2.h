@@ -110,11 +110,13 @@ static inline __attribute__((always_inline)) void finish(__m256 acc[MR][2], floa
  * (a [phases][MR][2] array, or accumulators loaded from `out` at a runtime flag, were kept on the stack and stored
  * every iteration: 2-3x slower). */
 static inline __attribute__((always_inline)) void tile_f32(const float *x, int64_t ldx, const float *w, int64_t k_len,
-                                                           float out[MR][TILE], const int rows, const int phases) {
+                                                           float out[MR][TILE], const int rows, const int phases,
+                                                           struct ahead pf) {
     __m256 acc[MR][2];
     for (int s = 0; s < rows * phases; s++) acc[s][0] = acc[s][1] = _mm256_setzero_ps();
-    int64_t k = 0;
+    int64_t k = 0, due = 0;
     for (; k + phases <= k_len; k += phases) {
+        PREFETCH_AHEAD(pf, due, phases, k_len);
         for (int p = 0; p < phases; p++) {
             const float *wk = w + (k + p) * TILE;
             __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
@@ -141,12 +143,14 @@ static inline __attribute__((always_inline)) void tile_f32(const float *x, int64
  * from memory; splitting x pairs in registers too left too few registers (spills: 40 GFLOP/s a core, not 75). */
 static inline __attribute__((always_inline)) void tile_bf16(const float *x, int64_t ldx, const uint16_t *w,
                                                             int64_t k_len, float out[MR][TILE], const int rows,
-                                                            const int phases) {
+                                                            const int phases, struct ahead pf) {
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
     const int64_t pairs = k_len / 2;
     __m256 acc[MR][2];
     for (int s = 0; s < rows * phases; s++) acc[s][0] = acc[s][1] = _mm256_setzero_ps();
+    int64_t due = 0;
     for (int64_t kp = 0; kp < pairs; kp += phases) {
+        PREFETCH_AHEAD(pf, due, phases, pairs);
         for (int p = 0; p < phases && kp + p < pairs; p++) {
             const uint16_t *wk = w + (kp + p) * TILE * 2;
             __m256i lo = _mm256_loadu_si256((const __m256i *)wk), hi = _mm256_loadu_si256((const __m256i *)(wk + 16));
@@ -385,25 +389,25 @@ static int widen_x(int bf16) { return bf16; }
 /* rows and phases are compile-time constants in each case, so the accumulators stay in registers: 8 to 12
  * independent ones (one row: 4 phases x 2 vectors; two: 2 x 2 x 2; three: 2 x 3 x 2; more: 1 x rows x 2) */
 static void tile_rows(const void *x, int64_t ldx, const void *w, int64_t k_len, float out[MR][TILE], int rows,
-                      int bf16) {
+                      int bf16, struct ahead pf) {
     if (bf16) {
         const float *xb = (const float *)x;
         const uint16_t *wb = (const uint16_t *)w;
         switch (rows) {
-            case 1: tile_bf16(xb, ldx, wb, k_len, out, 1, 4); return;
-            case 2: tile_bf16(xb, ldx, wb, k_len, out, 2, 2); return;
-            case 3: tile_bf16(xb, ldx, wb, k_len, out, 3, 1); return;
-            default: tile_bf16(xb, ldx, wb, k_len, out, 4, 1); return;
+            case 1: tile_bf16(xb, ldx, wb, k_len, out, 1, 4, pf); return;
+            case 2: tile_bf16(xb, ldx, wb, k_len, out, 2, 2, pf); return;
+            case 3: tile_bf16(xb, ldx, wb, k_len, out, 3, 1, pf); return;
+            default: tile_bf16(xb, ldx, wb, k_len, out, 4, 1, pf); return;
         }
     }
     const float *xf = (const float *)x, *wf = (const float *)w;
     switch (rows) {
-        case 1: tile_f32(xf, ldx, wf, k_len, out, 1, 4); return;
-        case 2: tile_f32(xf, ldx, wf, k_len, out, 2, 2); return;
-        case 3: tile_f32(xf, ldx, wf, k_len, out, 3, 2); return;
-        case 4: tile_f32(xf, ldx, wf, k_len, out, 4, 1); return;
-        case 5: tile_f32(xf, ldx, wf, k_len, out, 5, 1); return;
-        default: tile_f32(xf, ldx, wf, k_len, out, 6, 1); return;
+        case 1: tile_f32(xf, ldx, wf, k_len, out, 1, 4, pf); return;
+        case 2: tile_f32(xf, ldx, wf, k_len, out, 2, 2, pf); return;
+        case 3: tile_f32(xf, ldx, wf, k_len, out, 3, 2, pf); return;
+        case 4: tile_f32(xf, ldx, wf, k_len, out, 4, 1, pf); return;
+        case 5: tile_f32(xf, ldx, wf, k_len, out, 5, 1, pf); return;
+        default: tile_f32(xf, ldx, wf, k_len, out, 6, 1, pf); return;
     }
 }
 

@@ -64,11 +64,13 @@ static void epilogue(float acc[MR][TILE], int rows, const float *bias, const voi
 }
 
 static inline __attribute__((always_inline)) void tile_f32(const float *x, int64_t ldx, const float *w, int64_t k_len,
-                                                           float out[MR][TILE], const int rows) {
+                                                           float out[MR][TILE], const int rows, struct ahead pf) {
     __m512 acc[MR][4];
     for (int m = 0; m < rows; m++)
         for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
+    int64_t due = 0;
     for (int64_t k = 0; k < k_len; k++) {
+        PREFETCH_AHEAD(pf, due, 1, k_len);
         const float *wk = w + k * TILE;
         __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16), w2 = _mm512_loadu_ps(wk + 32),
                w3 = _mm512_loadu_ps(wk + 48);
@@ -86,11 +88,14 @@ static inline __attribute__((always_inline)) void tile_f32(const float *x, int64
 
 #if defined(__AVX512BF16__)
 static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w,
-                                                            int64_t k_len, float out[MR][TILE], const int rows) {
+                                                            int64_t k_len, float out[MR][TILE], const int rows,
+                                                            struct ahead pf) {
     __m512 acc[MR][4];
     for (int m = 0; m < rows; m++)
         for (int j = 0; j < 4; j++) acc[m][j] = _mm512_setzero_ps();
+    int64_t due = 0;
     for (int64_t kp = 0; kp < k_len / 2; kp++) {
+        PREFETCH_AHEAD(pf, due, 1, k_len / 2);
         const uint16_t *wk = w + kp * 2 * TILE;
         __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk), w1 = (__m512bh)_mm512_loadu_si512(wk + 32),
                  w2 = (__m512bh)_mm512_loadu_si512(wk + 64), w3 = (__m512bh)_mm512_loadu_si512(wk + 96);
@@ -111,28 +116,28 @@ static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *x, i
 
 /* rows is a compile-time constant in each case, so the accumulators stay in registers */
 static void tile_rows(const void *x, int64_t ldx, const void *w, int64_t k_len, float out[MR][TILE], int rows,
-                      int bf16) {
+                      int bf16, struct ahead pf) {
 #if defined(__AVX512BF16__)
     if (bf16) {
         const uint16_t *xb = (const uint16_t *)x, *wb = (const uint16_t *)w;
         switch (rows) {
-            case 1: tile_bf16(xb, ldx, wb, k_len, out, 1); return;
-            case 2: tile_bf16(xb, ldx, wb, k_len, out, 2); return;
-            case 3: tile_bf16(xb, ldx, wb, k_len, out, 3); return;
-            case 4: tile_bf16(xb, ldx, wb, k_len, out, 4); return;
-            case 5: tile_bf16(xb, ldx, wb, k_len, out, 5); return;
-            default: tile_bf16(xb, ldx, wb, k_len, out, 6); return;
+            case 1: tile_bf16(xb, ldx, wb, k_len, out, 1, pf); return;
+            case 2: tile_bf16(xb, ldx, wb, k_len, out, 2, pf); return;
+            case 3: tile_bf16(xb, ldx, wb, k_len, out, 3, pf); return;
+            case 4: tile_bf16(xb, ldx, wb, k_len, out, 4, pf); return;
+            case 5: tile_bf16(xb, ldx, wb, k_len, out, 5, pf); return;
+            default: tile_bf16(xb, ldx, wb, k_len, out, 6, pf); return;
         }
     }
 #endif
     const float *xf = (const float *)x, *wf = (const float *)w;
     switch (rows) {
-        case 1: tile_f32(xf, ldx, wf, k_len, out, 1); return;
-        case 2: tile_f32(xf, ldx, wf, k_len, out, 2); return;
-        case 3: tile_f32(xf, ldx, wf, k_len, out, 3); return;
-        case 4: tile_f32(xf, ldx, wf, k_len, out, 4); return;
-        case 5: tile_f32(xf, ldx, wf, k_len, out, 5); return;
-        default: tile_f32(xf, ldx, wf, k_len, out, 6); return;
+        case 1: tile_f32(xf, ldx, wf, k_len, out, 1, pf); return;
+        case 2: tile_f32(xf, ldx, wf, k_len, out, 2, pf); return;
+        case 3: tile_f32(xf, ldx, wf, k_len, out, 3, pf); return;
+        case 4: tile_f32(xf, ldx, wf, k_len, out, 4, pf); return;
+        case 5: tile_f32(xf, ldx, wf, k_len, out, 5, pf); return;
+        default: tile_f32(xf, ldx, wf, k_len, out, 6, pf); return;
     }
 }
 
