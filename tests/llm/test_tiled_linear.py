@@ -36,7 +36,7 @@ def reference(x: torch.Tensor, layer: Linear) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 6, 8, 13, 33])  # each row blocking of gemm_avx512.h/gemm_avx2.h;
-# 8, 13, 33: several row chunks per tile
+# 8, 13, 33: several row chunks per tile, the later ones sharing the rest evenly (13: 6 + 4 + 3)
 @pytest.mark.parametrize(("n", "k", "bias"), [(200, 96, False), (64, 576, True), (1000, 130, True), (40, 131, False)])
 def test_plain_and_residual_epilogues_match_torch(dtype, rows, n, k, bias) -> None:
     needs(dtype)

@@ -111,7 +111,7 @@ static float *widened(const void *x, int64_t ldx, int64_t m_len, int64_t k_len, 
 }
 
 /* What gemm_run's tiles share: x (float32 or bfloat16 rows; bfloat16 widened on AVX2), the epilogue's inputs, the
- * rows in `chunks` chunks of up to `chunk` rows. Full chunks first: chunk 0 computes while the tile streams in, so the
+ * rows in `chunks` chunks of up to `chunk` rows. A full chunk first: chunk 0 computes while the tile streams in, so the
  * more rows it has, the more of the step's FMAs hide under the DRAM stream (8 rows split 4 + 4 ran ~0.85x as fast as
  * 6 + 2, benchmarks/RESULTS.md) */
 struct gemm_job {
@@ -127,8 +127,15 @@ struct gemm_job {
     int chunk, kind, bf16;
 };
 
-static int chunk_rows(const struct gemm_job *j, int64_t m0) {
-    return (int)(j->m_len - m0 < j->chunk ? j->m_len - m0 : j->chunk);
+/* Chunk c's rows: chunk 0 as many as fit (see gemm_job), the rest of the rows shared evenly by the later chunks, so
+ * that none is left with one or two rows (32 rows as 6 + 6 + 5 + 5 + 5 + 5, not 6 x 5 + 2): a 2-row chunk has four
+ * accumulator chains, too few to cover the FMA latency. Real compiled decode steps at 32 sequences, one process,
+ * alternating 40 times: 0.95x the time (pairwise median; quartiles 0.93-1.00), against 1.00x for an unchanged
+ * 8-sequence control. */
+static int chunk_rows(const struct gemm_job *j, int64_t c, int64_t m0) {
+    if (c == 0) return (int)(j->m_len - m0 < j->chunk ? j->m_len - m0 : j->chunk);
+    const int64_t rest = j->m_len - j->chunk, n = j->chunks - 1;
+    return (int)(rest / n + (c - 1 < rest % n));
 }
 
 static void tile_epilogue(const struct gemm_job *j, int64_t t, float acc[MR][TILE], int rows, int64_t m0) {
@@ -160,7 +167,7 @@ static void tile_streamed(const struct gemm_job *j, int64_t t) {
     const char *wt = (const char *)j->w + t * j->tile_bytes;
     int64_t m0 = 0;
     for (int64_t c = 0; c < j->chunks; c++) {
-        const int rows = chunk_rows(j, m0);
+        const int rows = chunk_rows(j, c, m0);
         const struct ahead pf = chunk_ahead(wt, j->tile_bytes, c, j->chunks, rows, t + 1 == j->tiles);
         tile_rows(j->x + m0 * j->x_ld * j->x_elem, j->x_ld, wt, j->k_len, acc, rows, j->bf16, pf);
         tile_epilogue(j, t, acc, rows, m0);
