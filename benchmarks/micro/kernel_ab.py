@@ -6,9 +6,10 @@ reads another layer's cache, as a decode step does, so K/V come from DRAM.
         [--context 192] [--layers 30] [--threads 2] [--reps 15]
 
 --a defaults to the kernel as committed (git HEAD), --b to the working tree's: edit the kernel, run this, and read
-b/a (below 1: b is faster). Each version is built with kernels/build.py's flags into a temporary library and called
-through ctypes. The SmolLM-135M shapes of benchmarks/llm: 30 layers, 9 query heads over 3 KV heads of 64, 16-token
-blocks handed out in a shuffled order (as a busy pool does), float32.
+b/a (below 1: b is faster). Each version is built with kernels/build.py's compile flags (linked with them too: this
+process flushes subnormals, as the figures do not care) into a temporary library, beside a small C driver that loops
+over a step's layers; ctypes calls the driver once per step. The SmolLM-135M shapes of benchmarks/llm: 30 layers,
+9 query heads over 3 KV heads of 64, 16-token blocks handed out in a shuffled order (as a busy pool does), float32.
 """
 
 from __future__ import annotations
