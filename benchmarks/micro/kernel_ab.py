@@ -6,9 +6,9 @@ reads another layer's cache, as a decode step does, so K/V come from DRAM.
         [--context 192] [--layers 30] [--threads 2] [--reps 15]
 
 --a defaults to the kernel as committed (git HEAD), --b to the working tree's: edit the kernel, run this, and read
-b/a (below 1: b is faster). Each version is built with kernels/build.py's compile flags (linked with them too: this
-process flushes subnormals, as the figures do not care) into a temporary library, beside a small C driver that loops
-over a step's layers; ctypes calls the driver once per step. The SmolLM-135M shapes of benchmarks/llm: 30 layers,
+b/a (below 1: b is faster). Each version is built with kernels/build.py's compile flags (and linked with them, so
+this process flushes subnormals: timings do not depend on it) into a temporary library, beside a small C driver that
+loops over a step's layers; ctypes calls the driver once per step. The SmolLM-135M shapes of benchmarks/llm: 30 layers,
 9 query heads over 3 KV heads of 64, 16-token blocks handed out in a shuffled order (as a busy pool does), float32.
 """
 
