@@ -3,7 +3,7 @@ kept as they were."""
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +11,8 @@ from torch import nn
 
 from ladle.llm.weight_arena import MIN_BYTES, weights_on_huge_pages
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+pytestmark = pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(),
+                                reason="this kernel has no transparent huge pages")
 
 
 class Tied(nn.Module):
