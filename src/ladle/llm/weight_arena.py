@@ -47,7 +47,7 @@ def weights_on_huge_pages(model: nn.Module) -> int:
             _replace(module, name, view)
         offset += _aligned(tensor.nbytes)
         since_release += tensor.nbytes
-        del tensor  # its last reference (unless held elsewhere): the old copy is freed now
+        del tensor  # a buffer's old copy is freed now (a Parameter's went with the .data swap), unless held elsewhere
         if since_release >= RELEASE_EVERY:  # freed heap memory stays resident until trimmed (tune_malloc_for_tensors)
             release_free_heap()
             since_release = 0

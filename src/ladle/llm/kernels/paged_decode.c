@@ -93,9 +93,11 @@ static inline __attribute__((always_inline)) void decode_item(
 #define DECODE_SIMD 1
 
 /* Both passes are register-blocked over the query heads of a group, up to HEADS_AT_ONCE at a time: every K/V vector
- * loaded feeds that many FMAs, so K and V are read once per item, not once per query head. Reading V once per head
- * (then from L2) bound the V pass by L2 bandwidth and left the kernel at ~0.6 FMAs per cycle on L2/L3-resident data;
- * 4 rows x 3 heads (K) and 4 vectors x 3 heads (V) fill 12 of the 16 AVX2 registers with accumulators. */
+ * loaded feeds that many FMAs, so K and V are read once per item, not once per query head (the previous form read V
+ * once per head, the repeats from L2). 4 rows x 3 heads (K) and 4 vectors x 3 heads (V) fill 12 of the 16 AVX2
+ * registers with accumulators. Measured with benchmarks/micro/kernel_ab.py on a cold cache, with the prefetching
+ * below: 0.85-0.94x the previous kernel's time. On L2-resident data both forms cost ~7 us per item against ~0.8 us of
+ * FMAs; why is not established (no hardware counters on the host it was measured on). */
 #define HEADS_AT_ONCE 3
 #define K_ROWS 4
 
