@@ -183,18 +183,29 @@ static inline __attribute__((always_inline)) void tile_bf16(const float *x, int6
  */
 #define Q8_FLUSH_PAIRS 128
 
+/* GCC's partial-redundancy elimination (-ftree-pre) makes a copy of every int32 accumulator in these loops: each
+ * vpaddd lands in a fresh register and a vmovdqa moves it back (with 12 accumulators, 5 of them went to the stack).
+ * Without it the loops keep their accumulators in place: 1.3-1.6x the int8 and ~1.1x the int4 kernels' GFLOP/s at
+ * 8-512 rows (benchmarks/RESULTS.md); float32 and bfloat16 were unchanged by it, so it is off for these kernels only. */
+#pragma GCC push_options
+#pragma GCC optimize("no-tree-pre")
+/* kept out of line: inlined into their caller (gemm_q8's OpenMP body) they would be compiled with its options */
+#define NO_PRE __attribute__((noinline))
+
 static inline __attribute__((always_inline)) void tile_q8(const int16_t *x, int64_t ldx, const int8_t *w,
                                                           int64_t pairs, const float *scale, const float *x_scale,
-                                                          float out[MR][TILE], const int rows) {
+                                                          float out[MR][TILE], const int rows, struct ahead pf) {
     for (int m = 0; m < rows; m++) {
         _mm256_storeu_ps(out[m], _mm256_setzero_ps());
         _mm256_storeu_ps(out[m] + 8, _mm256_setzero_ps());
     }
+    int64_t due = 0;
     for (int64_t p0 = 0; p0 < pairs; p0 += Q8_FLUSH_PAIRS) {
         const int64_t end = pairs - p0 < Q8_FLUSH_PAIRS ? pairs : p0 + Q8_FLUSH_PAIRS;
         __m256i acc[MR][2];
         for (int m = 0; m < rows; m++) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
         for (int64_t kp = p0; kp < end; kp++) {
+            PREFETCH_AHEAD(pf, due, 1, pairs);
             const int8_t *wk = w + kp * TILE * 2;
             __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wk));
             __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wk + 16)));
@@ -225,13 +236,15 @@ static inline __attribute__((always_inline)) void tile_q8(const int16_t *x, int6
 static inline __attribute__((always_inline)) void tile_q8_half(const int16_t *x, int64_t ldx, const int8_t *w,
                                                                int64_t pairs, const float *scale,
                                                                const float *x_scale, float out[MR][TILE],
-                                                               const int rows, const int half) {
+                                                               const int rows, const int half, struct ahead pf) {
     for (int m = 0; m < rows; m++) _mm256_storeu_ps(out[m] + 8 * half, _mm256_setzero_ps());
+    int64_t due = 0;
     for (int64_t p0 = 0; p0 < pairs; p0 += Q8_FLUSH_PAIRS) {
         const int64_t end = pairs - p0 < Q8_FLUSH_PAIRS ? pairs : p0 + Q8_FLUSH_PAIRS;
         __m256i acc[MR];
         for (int m = 0; m < rows; m++) acc[m] = _mm256_setzero_si256();
         for (int64_t kp = p0; kp < end; kp++) {
+            PREFETCH_AHEAD(pf, due, 1, pairs);
             const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + kp * TILE * 2 + 16 * half)));
             for (int m = 0; m < rows; m++) {
                 int32_t pair;
@@ -255,26 +268,27 @@ static inline __attribute__((always_inline)) void tile_q8_half(const int16_t *x,
 #define LADLE_GEMM_Q8 1 /* this ISA has tile_rows_q8 and quantize_row_i16 (gemm.c's gemm_q8) */
 #define Q8_HALVES(rows)                                                              \
     do {                                                                             \
-        tile_q8_half(x, ldx, w, pairs, scale, x_scale, out, rows, 0);                \
-        tile_q8_half(x, ldx, w, pairs, scale, x_scale, out, rows, 1);                \
+        tile_q8_half(x, ldx, w, pairs, scale, x_scale, out, rows, 0, pf);            \
+        tile_q8_half(x, ldx, w, pairs, scale, x_scale, out, rows, 1, none);          \
     } while (0)
 
-static void tile_rows_q8(const int16_t *x, int64_t ldx, const int8_t *w, int64_t pairs, const float *scale,
-                         const float *x_scale, float out[MR][TILE], int rows) {
+static NO_PRE void tile_rows_q8(const int16_t *x, int64_t ldx, const int8_t *w, int64_t pairs, const float *scale,
+                         const float *x_scale, float out[MR][TILE], int rows, struct ahead pf) {
     switch (rows) {
-        case 1: tile_q8(x, ldx, w, pairs, scale, x_scale, out, 1); return;
-        case 2: tile_q8(x, ldx, w, pairs, scale, x_scale, out, 2); return;
-        case 3: tile_q8(x, ldx, w, pairs, scale, x_scale, out, 3); return;
-        case 4: tile_q8(x, ldx, w, pairs, scale, x_scale, out, 4); return;
-        case 5: tile_q8(x, ldx, w, pairs, scale, x_scale, out, 5); return;
-        default: tile_q8(x, ldx, w, pairs, scale, x_scale, out, 6); return;
+        case 1: tile_q8(x, ldx, w, pairs, scale, x_scale, out, 1, pf); return;
+        case 2: tile_q8(x, ldx, w, pairs, scale, x_scale, out, 2, pf); return;
+        case 3: tile_q8(x, ldx, w, pairs, scale, x_scale, out, 3, pf); return;
+        case 4: tile_q8(x, ldx, w, pairs, scale, x_scale, out, 4, pf); return;
+        case 5: tile_q8(x, ldx, w, pairs, scale, x_scale, out, 5, pf); return;
+        default: tile_q8(x, ldx, w, pairs, scale, x_scale, out, 6, pf); return;
     }
 }
 
 /* tile_rows_q8 half a tile at a time, for many rows (gemm_q8 picks it from Q8_HALVES_FROM rows of x); a few rows
  * stream the weights from memory, and one pass over both halves reads each weight line once */
-static void tile_rows_q8_halves(const int16_t *x, int64_t ldx, const int8_t *w, int64_t pairs, const float *scale,
-                                const float *x_scale, float out[MR][TILE], int rows) {
+static NO_PRE void tile_rows_q8_halves(const int16_t *x, int64_t ldx, const int8_t *w, int64_t pairs, const float *scale,
+                                const float *x_scale, float out[MR][TILE], int rows, struct ahead pf) {
+    const struct ahead none = {NULL, 0, 0}; /* the first half brought the tile in */
     switch (rows) {
         case 1: Q8_HALVES(1); return;
         case 2: Q8_HALVES(2); return;
@@ -343,7 +357,7 @@ static inline __attribute__((always_inline)) void tile_q4(const int16_t *x, int6
     }
 }
 
-static void tile_rows_q4(const int16_t *x, int64_t ldx, const float *xsum, const int32_t *xsum8, int64_t groups,
+static NO_PRE void tile_rows_q4(const int16_t *x, int64_t ldx, const float *xsum, const int32_t *xsum8, int64_t groups,
                          const uint8_t *w, int64_t group_quads, const uint16_t *scale, const uint16_t *zero,
                          const float *x_scale, float out[MR][TILE], int rows) {
     switch (rows) {
@@ -352,6 +366,8 @@ static void tile_rows_q4(const int16_t *x, int64_t ldx, const float *xsum, const
         default: tile_q4(x, ldx, xsum, xsum8, groups, w, group_quads, scale, zero, x_scale, out, 3); return;
     }
 }
+
+#pragma GCC pop_options
 
 /* One row of x (float32 or bfloat16, k_len values) as int16 round(x / s), s = max |x| / 32767 (1 for a zero row),
  * into q[0, k_pad) (zeros past k_len); returns s */
