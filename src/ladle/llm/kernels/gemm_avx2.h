@@ -183,10 +183,11 @@ static inline __attribute__((always_inline)) void tile_bf16(const float *x, int6
  */
 #define Q8_FLUSH_PAIRS 128
 
-/* GCC's partial-redundancy elimination (-ftree-pre) makes a copy of every int32 accumulator in these loops: each
- * vpaddd lands in a fresh register and a vmovdqa moves it back (with 12 accumulators, 5 of them went to the stack).
- * Without it the loops keep their accumulators in place: 1.3-1.6x the int8 and ~1.1x the int4 kernels' GFLOP/s at
- * 8-512 rows (benchmarks/RESULTS.md); float32 and bfloat16 were unchanged by it, so it is off for these kernels only. */
+/* GCC's partial-redundancy elimination (-ftree-pre) made a copy of every int32 accumulator in these loops: each
+ * vpaddd landed in a fresh register and a vmovdqa moved it back, and 6 rows' 12 accumulators spilled to the stack (so
+ * many rows used to run half a tile at a time). Without it the loops keep their accumulators in registers: the whole
+ * tile at 6 rows runs int8 at 1.3-1.5x float32's GEMM from 32 to 2048 rows (before: 1.04-1.26x), int4 ~1.1x faster
+ * (benchmarks/RESULTS.md, gemm_ab.py). float32 and bfloat16 were unchanged by it, so it is off for these kernels only. */
 #pragma GCC push_options
 #pragma GCC optimize("no-tree-pre")
 /* kept out of line: inlined into their caller (gemm_q8's OpenMP body) they would be compiled with its options */
@@ -230,47 +231,7 @@ static inline __attribute__((always_inline)) void tile_q8(const int16_t *x, int6
     }
 }
 
-/* tile_q8 for many rows: one half of the tile (8 columns) at a time, so that 6 rows keep 6 accumulators, the weight
- * vector and the broadcasts in registers (both halves at once need 12 accumulators: GCC spilled 9 of them to the stack
- * and the kernel ran at ~0.9x float32's FMAs at 512 rows, where vpmaddwd's 16 products at 2 per cycle allow 2x) */
-static inline __attribute__((always_inline)) void tile_q8_half(const int16_t *x, int64_t ldx, const int8_t *w,
-                                                               int64_t pairs, const float *scale,
-                                                               const float *x_scale, float out[MR][TILE],
-                                                               const int rows, const int half, struct ahead pf) {
-    for (int m = 0; m < rows; m++) _mm256_storeu_ps(out[m] + 8 * half, _mm256_setzero_ps());
-    int64_t due = 0;
-    for (int64_t p0 = 0; p0 < pairs; p0 += Q8_FLUSH_PAIRS) {
-        const int64_t end = pairs - p0 < Q8_FLUSH_PAIRS ? pairs : p0 + Q8_FLUSH_PAIRS;
-        __m256i acc[MR];
-        for (int m = 0; m < rows; m++) acc[m] = _mm256_setzero_si256();
-        for (int64_t kp = p0; kp < end; kp++) {
-            PREFETCH_AHEAD(pf, due, 1, pairs);
-            const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + kp * TILE * 2 + 16 * half)));
-            for (int m = 0; m < rows; m++) {
-                int32_t pair;
-                memcpy(&pair, x + m * ldx + 2 * kp, sizeof pair);
-                acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(wv, _mm256_set1_epi32(pair)));
-            }
-        }
-        for (int m = 0; m < rows; m++)
-            _mm256_storeu_ps(out[m] + 8 * half, _mm256_add_ps(_mm256_loadu_ps(out[m] + 8 * half),
-                                                              _mm256_cvtepi32_ps(acc[m])));
-    }
-    const __m256 s = _mm256_loadu_ps(scale + 8 * half);
-    for (int m = 0; m < rows; m++)
-        _mm256_storeu_ps(out[m] + 8 * half, _mm256_mul_ps(_mm256_loadu_ps(out[m] + 8 * half),
-                                                          _mm256_mul_ps(s, _mm256_set1_ps(x_scale[m]))));
-}
-
-#ifndef Q8_HALVES_FROM
-#define Q8_HALVES_FROM 16 /* rows of x from which tile_rows_q8 runs a tile in halves */
-#endif
 #define LADLE_GEMM_Q8 1 /* this ISA has tile_rows_q8 and quantize_row_i16 (gemm.c's gemm_q8) */
-#define Q8_HALVES(rows)                                                              \
-    do {                                                                             \
-        tile_q8_half(x, ldx, w, pairs, scale, x_scale, out, rows, 0, pf);            \
-        tile_q8_half(x, ldx, w, pairs, scale, x_scale, out, rows, 1, none);          \
-    } while (0)
 
 static NO_PRE void tile_rows_q8(const int16_t *x, int64_t ldx, const int8_t *w, int64_t pairs, const float *scale,
                          const float *x_scale, float out[MR][TILE], int rows, struct ahead pf) {
@@ -281,21 +242,6 @@ static NO_PRE void tile_rows_q8(const int16_t *x, int64_t ldx, const int8_t *w, 
         case 4: tile_q8(x, ldx, w, pairs, scale, x_scale, out, 4, pf); return;
         case 5: tile_q8(x, ldx, w, pairs, scale, x_scale, out, 5, pf); return;
         default: tile_q8(x, ldx, w, pairs, scale, x_scale, out, 6, pf); return;
-    }
-}
-
-/* tile_rows_q8 half a tile at a time, for many rows (gemm_q8 picks it from Q8_HALVES_FROM rows of x); a few rows
- * stream the weights from memory, and one pass over both halves reads each weight line once */
-static NO_PRE void tile_rows_q8_halves(const int16_t *x, int64_t ldx, const int8_t *w, int64_t pairs, const float *scale,
-                                const float *x_scale, float out[MR][TILE], int rows, struct ahead pf) {
-    const struct ahead none = {NULL, 0, 0}; /* the first half brought the tile in */
-    switch (rows) {
-        case 1: Q8_HALVES(1); return;
-        case 2: Q8_HALVES(2); return;
-        case 3: Q8_HALVES(3); return;
-        case 4: Q8_HALVES(4); return;
-        case 5: Q8_HALVES(5); return;
-        default: Q8_HALVES(6); return;
     }
 }
 
