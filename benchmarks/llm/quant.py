@@ -7,7 +7,7 @@ bandwidth roofline (copy bandwidth / those bytes); ratios are vs the native full
 Writes out/quant.md and out/quant.json.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm/quant.py [--configs native,fp32,int8,int4,gguf,gguf-int8]
-        [--concurrency 1,8,32] [--num-prompts-factor 2] [--threads 2]
+        [--concurrency 1,8,32] [--num-prompts-factor 2] [--threads 2] [--rounds 1]
 
 Extra configs (not run by default): bf16 (bfloat16 full width, ladle's default on AVX2 hosts where its own GEMM runs
 bf16), int8-dynamic, int8-weight-only (the two int8 kernels explicitly), gguf-none
@@ -17,6 +17,7 @@ bf16), int8-dynamic, int8-weight-only (the two int8 kernels explicitly), gguf-no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import platform
@@ -35,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # run.py (this folder), hardware.py and spawn.py (benchmarks/)
 import hardware  # noqa: E402
 import run as llm  # noqa: E402  (benchmarks/llm/run.py: checkpoint, bench config, load accounting)
-from spawn import spawned_server, wait_compiled  # noqa: E402
+from spawn import Spawned, spawned_server, wait_compiled  # noqa: E402
 
 from ladle.bench.serve import run as bench_run  # noqa: E402
 from ladle.llm.dtypes import cpu_flags, cpu_has_native_bf16  # noqa: E402
@@ -189,9 +190,9 @@ def shown(command: list[str]) -> str:
     return shlex.join(str(Path(w).relative_to(llm.ROOT)) if w.startswith(str(llm.ROOT)) else w for w in words)
 
 
-def bench_command(cfg: ServerConfig, c: int, num_prompts: int) -> str:
+def bench_command(cfg: ServerConfig, c: int, num_prompts: int, port: int = llm.PORT) -> str:
     return shlex.join([
-        ".venv/bin/ladle", "bench", "serve", "--base-url", f"http://127.0.0.1:{llm.PORT}", "--model", llm.SERVED_NAME,
+        ".venv/bin/ladle", "bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--model", llm.SERVED_NAME,
         "--tokenizer", str(cfg.tokenizer.relative_to(llm.ROOT)), "--dataset-name", "random", "--random-input-len",
         str(llm.INPUT_LEN), "--random-output-len", str(llm.OUTPUT_LEN), "--ignore-eos", "--max-concurrency", str(c),
         "--num-prompts", str(num_prompts), "--num-warmups", str(min(c, 8)), "--seed", str(c)])
@@ -227,8 +228,8 @@ def memory_kb(pid: int) -> dict[str, int]:
     return {k: int(fields[k].split()[0]) for k in ("VmHWM", "VmRSS") if k in fields}
 
 
-def measure_once(cfg: ServerConfig, c: int, factor: int, server_pid: int) -> dict[str, Any]:
-    config = dataclasses.replace(llm.bench_config(llm.PORT, c, cfg.tokenizer, warmups=min(c, 8)),
+def measure_once(cfg: ServerConfig, c: int, factor: int, server_pid: int, port: int = llm.PORT) -> dict[str, Any]:
+    config = dataclasses.replace(llm.bench_config(port, c, cfg.tokenizer, warmups=min(c, 8)),
                                  num_prompts=max(4, factor * c))
     with llm.foreign_cpu([os.getpid(), server_pid]) as other:
         result = bench_run(config)
@@ -239,39 +240,103 @@ def measure_once(cfg: ServerConfig, c: int, factor: int, server_pid: int) -> dic
     return {"config": cfg.name, "concurrency": c, "requests": s["completed"], "seconds": s["duration"],
             "input_tokens": s["total_input_tokens"], "output_tokens": s["total_output_tokens"],
             "output_tok_s": s["output_throughput"], **other, **{k: v for k, v in s.items() if k.endswith("_ms")},
-            "bench_command": bench_command(cfg, c, config.num_prompts)}
+            "bench_command": bench_command(cfg, c, config.num_prompts, port)}
 
 
-def measure_server(cfg: ServerConfig, args: argparse.Namespace, clock: Clock) -> tuple[dict[str, Any], list[dict]]:
-    """One server's life: start it, run every concurrency, read its peak RSS, stop it. A server that refuses to
-    start (e.g. int4 slower than int8 on this host) gives a server record with `error` and no rows."""
+def start_server(cfg: ServerConfig, args: argparse.Namespace, clock: Clock, stack: contextlib.ExitStack,
+                 port: int) -> tuple[dict[str, Any], Spawned | None]:
+    """Start one config's server inside `stack` and wait for its compiled decoder. A server that refuses to start
+    (e.g. int4 slower than int8 on this host) gives a record with `error` and no process."""
     command = server_command(cfg, args.threads, args.max_num_seqs)
     log_path = llm.OUT / f"quant-server-{cfg.name}.log"
     log_path.write_bytes(b"")
     server: dict[str, Any] = {"config": cfg.name, "command": shown(command), "log": str(log_path.relative_to(llm.ROOT))}
-    rows: list[dict] = []
     clock.say(f"{cfg.name}: starting `{server['command']}`")
     try:
-        with spawned_server(command, log_path, port=llm.PORT, timeout_s=300, poll_s=0.2) as spawned:
-            server["ready_s"] = spawned.ready_s
-            clock.say(f"{cfg.name}: ready in {spawned.ready_s:.1f} s")
-            server["compiled_after_s"] = wait_compiled(llm.PORT, llm.SERVED_NAME)
-            compiled = server["compiled_after_s"]
-            clock.say(f"{cfg.name}: " + (f"decoder compiled {compiled:.1f} s after ready" if compiled is not None
-                                         else "decoder not compiled after 300 s: measuring eager steps"))
-            try:
-                for c in args.concurrencies:
-                    clock.say(f"{cfg.name}: concurrency {c}, {max(4, args.num_prompts_factor * c)} requests ...")
-                    rows.append(measure_once(cfg, c, args.num_prompts_factor, spawned.process.pid))
-                    clock.say(f"{cfg.name}: c={c} {rows[-1]['output_tok_s']:.1f} tok/s")
-            finally:  # VmHWM is gone with the process: read it before the server is stopped
-                if spawned.process.poll() is None:
-                    server["memory_kb"] = memory_kb(spawned.process.pid)
-    except RuntimeError as e:  # a refused start (its reason is in the log) or failed requests; later configs go on
-        server["error"] = str(e)[:400] if "ready_s" in server else last_error(log_path)
+        spawned = stack.enter_context(spawned_server(command, log_path, port=port, timeout_s=300, poll_s=0.2))
+    except RuntimeError:  # the reason is in its log
+        server["error"] = last_error(log_path)
         clock.say(f"{cfg.name}: FAILED ({server['error']})")
-    server.update(parse_log(log_path.read_text(errors="replace")))
+        return server, None
+    server["ready_s"] = spawned.ready_s
+    clock.say(f"{cfg.name}: ready in {spawned.ready_s:.1f} s")
+    server["compiled_after_s"] = compiled = wait_compiled(port, llm.SERVED_NAME)
+    clock.say(f"{cfg.name}: " + (f"decoder compiled {compiled:.1f} s after ready" if compiled is not None
+                                 else "decoder not compiled after 300 s: measuring eager steps"))
+    return server, spawned
+
+
+def finish_server(server: dict[str, Any], spawned: Spawned | None) -> None:
+    """Peak RSS (VmHWM is gone with the process: read before it stops) and what the log says it chose."""
+    if spawned is not None and spawned.process.poll() is None:
+        server["memory_kb"] = memory_kb(spawned.process.pid)
+    server.update(parse_log((llm.ROOT / server["log"]).read_text(errors="replace")))
+
+
+def measure_server(cfg: ServerConfig, args: argparse.Namespace, clock: Clock) -> tuple[dict[str, Any], list[dict]]:
+    """One server's life: start it, run every concurrency, read its peak RSS, stop it."""
+    rows: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        server, spawned = start_server(cfg, args, clock, stack, llm.PORT)
+        try:
+            for c in args.concurrencies if spawned is not None else []:
+                clock.say(f"{cfg.name}: concurrency {c}, {max(4, args.num_prompts_factor * c)} requests ...")
+                rows.append(measure_once(cfg, c, args.num_prompts_factor, spawned.process.pid))
+                clock.say(f"{cfg.name}: c={c} {rows[-1]['output_tok_s']:.1f} tok/s")
+        except RuntimeError as e:  # failed requests; later configs go on
+            server["error"] = str(e)[:400]
+            clock.say(f"{cfg.name}: FAILED ({server['error']})")
+        finally:
+            finish_server(server, spawned)
     return server, rows
+
+
+def measure_alternating(configs: list[ServerConfig], args: argparse.Namespace,
+                        clock: Clock) -> tuple[list[dict], list[dict], list[dict]]:
+    """--rounds N: every config's server up at once (one port each), each cell (concurrency x config) measured in
+    turn, N rounds; the better round per cell goes in the table, every round in `all_rows`. On a host that drifts by
+    10-30% within minutes, only cells measured side by side give a ratio (a sequential pair of runs here measured
+    int8 / float32 at 0.84x in one order and 1.13x in the other)."""
+    servers, best, all_rows = [], {}, []
+    with contextlib.ExitStack() as stack:
+        started = [start_server(cfg, args, clock, stack, llm.PORT + i) for i, cfg in enumerate(configs)]
+        servers = [server for server, _ in started]
+        try:
+            for round_ in range(args.rounds):
+                for c in args.concurrencies:
+                    for i, (cfg, (server, spawned)) in enumerate(zip(configs, started, strict=True)):
+                        if spawned is None or "error" in server:
+                            continue
+                        try:
+                            row = measure_once(cfg, c, args.num_prompts_factor, spawned.process.pid, llm.PORT + i)
+                        except RuntimeError as e:
+                            server["error"] = str(e)[:400]
+                            continue
+                        all_rows.append({**row, "round": round_})
+                        clock.say(f"round {round_ + 1}/{args.rounds}: {cfg.name} c={c} {row['output_tok_s']:.1f} tok/s")
+                        if (cfg.name, c) not in best or row["output_tok_s"] > best[cfg.name, c]["output_tok_s"]:
+                            best[cfg.name, c] = row
+        finally:
+            for server, spawned in started:
+                finish_server(server, spawned)
+    return servers, list(best.values()), all_rows
+
+
+def round_lines(all_rows: list[dict]) -> list[str]:
+    """Every round's tok/s per cell, and the cell's ratio to native round by round."""
+    cells = sorted({(r["config"], r["concurrency"]) for r in all_rows}, key=lambda cell: (cell[1], cell[0]))
+    of = {(r["config"], r["concurrency"], r["round"]): r["output_tok_s"] for r in all_rows}
+    rounds = sorted({r["round"] for r in all_rows})
+    out = []
+    for name, c in cells:
+        figures = [of.get((name, c, n)) for n in rounds]
+        line = f"{name} c={c}: " + " ; ".join("-" if f is None else f"{f:.1f}" for f in figures) + " tok/s"
+        native = [of.get(("native", c, n)) for n in rounds]
+        if name != "native" and all(native) and all(figures):
+            line += " (vs native, round by round: " + ", ".join(
+                f"{f / b:.2f}x" for f, b in zip(figures, native, strict=True)) + ")"
+        out.append(line)
+    return out
 
 
 def last_error(log: Path) -> str:
@@ -380,7 +445,10 @@ def report(doc: dict[str, Any], configs: list[ServerConfig]) -> str:
         f"Machine: {describe_machine(doc['machine'])}; copy bandwidth {doc['bandwidth_gbs']:.1f} GB/s (read + write)."
         f" Native full width: {doc['native_dtype']}. Server threads: {doc['args']['threads']}.", "",
         table, "", "Ratios vs native full width (same run, same concurrency):", "",
-        *[f"- {line}" for line in ratio_lines(doc["rows"])], "", "Targets:", "", *target_lines, "",
+        *[f"- {line}" for line in ratio_lines(doc["rows"])], "",
+        *(["Every round (servers up at once, cells alternating; the table keeps each cell's better round):", "",
+           *[f"- {line}" for line in round_lines(doc["rounds"])], ""] if doc["rounds"] else []),
+        "Targets:", "", *target_lines, "",
         "What each server chose (its log):", "", *kernels, "", "Commands:", "", "```",
         f"HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm/quant.py {shlex.join(doc['argv'])}".rstrip(),
         *commands, *bench, "```", f"\nTotal {doc['seconds']:.0f} s.",
@@ -395,6 +463,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--num-prompts-factor", type=int, default=2, help="measured requests = max(4, factor x c)")
     ap.add_argument("--threads", type=int, default=2, help="ladle --num-threads (and the bandwidth probe's)")
     ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=1, help="above 1: all servers up at once, cells alternating "
+                    "(the only way to a ratio on a drifting host), the better round per cell reported")
     args = ap.parse_args(argv)
     args.concurrencies = [int(c) for c in args.concurrency.split(",")]
     return args
@@ -415,14 +485,18 @@ def main() -> None:
     clock.say("measuring copy bandwidth ...")
     bandwidth = copy_bandwidth(args.threads)
     clock.say(f"copy bandwidth {bandwidth:.1f} GB/s (read + write)")
-    servers, rows = [], []
-    for cfg in configs:
-        server, measured = measure_server(cfg, args, clock)
-        servers.append(server)
-        rows += measured
+    servers, rows, all_rows = [], [], []
+    if args.rounds > 1:
+        servers, rows, all_rows = measure_alternating(configs, args, clock)
+    else:
+        for cfg in configs:
+            server, measured = measure_server(cfg, args, clock)
+            servers.append(server)
+            rows += measured
     annotate(servers, rows, configs, bandwidth)
     doc = {"machine": host, "native_dtype": native, "bandwidth_gbs": bandwidth, "servers": servers, "rows": rows,
            "targets": targets(rows, servers), "args": {k: v for k, v in vars(args).items()}, "argv": argv,
+           "rounds": all_rows,
            "seconds": time.perf_counter() - clock.started}
     text = report(doc, configs)
     (llm.OUT / "quant.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))

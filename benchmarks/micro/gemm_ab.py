@@ -141,7 +141,8 @@ def step_args(lib: ctypes.CDLL, kind: str, m: int, threads: int, keep: list[obje
             weights.n_out, weights.epi, weights.count, m, threads)
 
 
-def measure(libs: list[ctypes.CDLL], kinds: list[str], m: int, threads: int, rounds: int) -> dict[tuple[int, str], float]:
+def measure(libs: list[ctypes.CDLL], kinds: list[str], m: int, threads: int,
+            rounds: int) -> dict[tuple[int, str], float]:
     """Median seconds per step for each (library, dtype), all of them alternating round by round, so that ratios
     between libraries and between dtypes come from the same moments of a noisy host."""
     keep: list[object] = []
