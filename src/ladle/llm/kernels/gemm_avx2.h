@@ -234,7 +234,7 @@ static inline __attribute__((always_inline)) void tile_q8(const int16_t *x, int6
 #define LADLE_GEMM_Q8 1 /* this ISA has tile_rows_q8 and quantize_row_i16 (gemm.c's gemm_q8) */
 
 static NO_PRE void tile_rows_q8(const int16_t *x, int64_t ldx, const int8_t *w, int64_t pairs, const float *scale,
-                         const float *x_scale, float out[MR][TILE], int rows, struct ahead pf) {
+                                const float *x_scale, float out[MR][TILE], int rows, struct ahead pf) {
     switch (rows) {
         case 1: tile_q8(x, ldx, w, pairs, scale, x_scale, out, 1, pf); return;
         case 2: tile_q8(x, ldx, w, pairs, scale, x_scale, out, 2, pf); return;
@@ -303,9 +303,9 @@ static inline __attribute__((always_inline)) void tile_q4(const int16_t *x, int6
     }
 }
 
-static NO_PRE void tile_rows_q4(const int16_t *x, int64_t ldx, const float *xsum, const int32_t *xsum8, int64_t groups,
-                         const uint8_t *w, int64_t group_quads, const uint16_t *scale, const uint16_t *zero,
-                         const float *x_scale, float out[MR][TILE], int rows) {
+static NO_PRE void tile_rows_q4(const int16_t *x, int64_t ldx, const float *xsum, const int32_t *xsum8,
+                                int64_t groups, const uint8_t *w, int64_t group_quads, const uint16_t *scale,
+                                const uint16_t *zero, const float *x_scale, float out[MR][TILE], int rows) {
     switch (rows) {
         case 1: tile_q4(x, ldx, xsum, xsum8, groups, w, group_quads, scale, zero, x_scale, out, 1); return;
         case 2: tile_q4(x, ldx, xsum, xsum8, groups, w, group_quads, scale, zero, x_scale, out, 2); return;
