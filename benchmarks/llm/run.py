@@ -174,7 +174,8 @@ class Transformers:
     def run(self, concurrency: int) -> dict[str, Any]:
         """The very prompts `ladle bench serve` sent at this concurrency (same seed), one at a time for 1, else in
         static left-padded batches of `concurrency`; a short generate at that batch size first warms the kernels."""
-        prompts = [p.prompt for p in load_samples(bench_config(PORT, concurrency, self.model_dir, 0), self.bench_tok)]
+        config = bench_config(PORT, concurrency, self.model_dir, warmups=min(concurrency, 8))  # as the servers get
+        prompts = [p.prompt for p in load_samples(config, self.bench_tok)[:config.num_prompts]]
         assert all(len(ids) == INPUT_LEN for ids in self.tok(prompts)["input_ids"]), "prompts must be 128 tokens"
         label = "sequential" if concurrency == 1 else f"static batch {concurrency}"
         self._generate(prompts[:concurrency], 4)

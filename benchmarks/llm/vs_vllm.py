@@ -166,11 +166,12 @@ def process_tree(pid: int) -> list[int]:
 
 # -- runs --------------------------------------------------------------------------------------------------------
 def measure_one(spawned: Spawned, engine: str, dtype: str, concurrency: int, num_prompts: int,
-                warmups: int) -> dict[str, Any]:
-    """One `ladle bench serve` run; raises if any request failed."""
+                warmups: int, round_: int = 0) -> dict[str, Any]:
+    """One `ladle bench serve` run; raises if any request failed. Each round draws prompts of its own (seed
+    concurrency + 1000 x round): repeated prompts would be served from the prefix cache."""
     port = int(spawned.url.rsplit(":", 1)[1])
     config = dataclasses.replace(llm.bench_config(port, concurrency, llm.MODEL_DIR, warmups), base_url=spawned.url,
-                                 num_prompts=num_prompts)
+                                 num_prompts=num_prompts, seed=concurrency + 1000 * round_)
     print(f"{engine} {dtype}, concurrency {concurrency}: {num_prompts} prompts after {warmups} warm-up(s) ...",
           flush=True)
     with llm.foreign_cpu([os.getpid(), *process_tree(spawned.process.pid)]) as other:

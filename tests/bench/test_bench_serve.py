@@ -25,7 +25,7 @@ from ladle.bench.datasets import BenchTokenizer, sample_custom, sample_prefix, s
 from ladle.bench.serve import ServeBenchConfig, main, run
 from ladle.bench.serve_client import SSEDecoder, StreamFold
 from ladle.bench.serve_metrics import RequestRecord, parse_slo
-from ladle.bench.serve_runner import arrival_offsets
+from ladle.bench.serve_runner import arrival_offsets, load_samples
 from tests.fixtures.checkpoints import save_tiny_checkpoint
 from tests.fixtures.tiny_tokenizer import save_tiny_tokenizer
 from tests.server import ROOT, LadleServer
@@ -303,6 +303,17 @@ def test_synthetic_prompts_round_trip_to_the_requested_length(tmp_path, kind) ->
     assert {s.messages[0][1] for s in groups[0::3]} == {groups[0].messages[0][1]}
     assert len({s.messages[0][1] for s in groups}) == 3
     assert all(tok.count(s.messages[0][1]) == 40 and tok.count(s.messages[1][1]) == 6 for s in groups)
+
+
+def test_warm_ups_get_prompts_of_their_own(tmp_path) -> None:
+    """A warm-up that replayed a measured prompt would leave its prefix cached on the server: the measured request
+    would then skip its prefill. The measured prompts come first, the warm-ups' own after them."""
+    tokenizer = save_tiny_tokenizer(tmp_path / "tok", 512, "bytelevel")
+    config = ServeBenchConfig(base_url="http://127.0.0.1:1", tokenizer=tokenizer, random_input_len=32,
+                              random_output_len=4, num_prompts=5, num_warmups=3)
+    samples = load_samples(config, BenchTokenizer(tokenizer))
+    assert len(samples) == 8 and len({s.prompt for s in samples}) == 8
+    assert load_samples(config, BenchTokenizer(tokenizer)) == samples  # the same seed, the same workload
 
 
 def test_file_datasets_shuffle_filter_and_oversample(tmp_path, checkpoint, files) -> None:

@@ -52,7 +52,8 @@ class ServeBenchConfig:
     request_rate: float = option(math.inf, "requests/s, Poisson arrivals (gamma with --burstiness); inf: all at once")
     burstiness: float = option(1.0, "gamma shape of inter-arrival times: 1 is Poisson, < 1 burstier, > 1 steadier")
     max_concurrency: int | None = option(None, "most requests in flight (a closed loop when --request-rate is inf)")
-    num_warmups: int = option(0, "unmeasured requests sent first (the first prompts, at the same concurrency)")
+    num_warmups: int = option(0, "unmeasured requests sent first (at the same concurrency, prompts of their own: "
+                                 "none is measured again, so none primes the prefix cache for a measured one)")
     ignore_eos: bool = option(False, "send ignore_eos so every request generates exactly max_tokens tokens")
     temperature: float = option(0.0, "sampling temperature (0: greedy, as vLLM's bench)")
     extra_body: str | None = option(None, "JSON object merged into every request body")

@@ -72,7 +72,8 @@ def load_tokenizer(config: ServeBenchConfig) -> BenchTokenizer | None:
 
 
 def load_samples(config: ServeBenchConfig, tok: BenchTokenizer | None) -> list[SampleRequest]:
-    c, n = config, config.num_prompts
+    """The measured prompts (num_prompts), then the warm-ups' own (num_warmups)."""
+    c, n = config, config.num_prompts + config.num_warmups
     if c.dataset_name == "custom":
         return datasets.sample_custom(tok, c.dataset_path, n, c.custom_output_len, c.seed)
     assert tok is not None  # load_tokenizer insists on one for the other datasets
@@ -120,7 +121,10 @@ class LoadRunner:
         if not count:
             return
         limit = asyncio.Semaphore(min(count, self.config.max_concurrency or count))
-        records = await asyncio.gather(*(self._send(i, limit) for i in range(count)))
+        # prompts of their own, sampled after the measured ones: a warm-up that replayed a measured prompt would leave
+        # its prefix cached on the server, and that request's prefill would be skipped in the measurement
+        first = self.config.num_prompts
+        records = await asyncio.gather(*(self._send(first + i, limit) for i in range(count)))
         self.result.warmup_errors = [r.error for r in records if not r.success]
 
     async def measure(self) -> None:
