@@ -51,17 +51,8 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     return rows, servers
 
 
-def best(rows: list[dict]) -> dict[tuple[str, str, int], dict]:
-    out: dict[tuple[str, str, int], dict] = {}
-    for r in rows:
-        key = (r["engine"], r["dtype"], r["concurrency"])
-        if key not in out or r["output_tok_s"] > out[key]["output_tok_s"]:
-            out[key] = r
-    return out
-
-
 def markdown(rows: list[dict], servers: list[dict], doc: dict[str, Any]) -> str:
-    top, (first, second) = best(rows), doc["engines"]
+    top, (first, second) = quant.best_rounds(rows, "engine", "dtype", "concurrency"), doc["engines"]
     lines = [f"| dtype | c | {first} tok/s | {second} tok/s | {first} / {second} | {first} TPOT ms | {second} TPOT ms "
              f"| every round: {first} / {second} tok/s | other load |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for (engine, dtype, c), r in top.items():

@@ -281,8 +281,10 @@ def measure_server(cfg: ServerConfig, args: argparse.Namespace, clock: Clock) ->
     rows: list[dict] = []
     with contextlib.ExitStack() as stack:
         server, spawned = start_server(cfg, args, clock, stack, llm.PORT)
+        if spawned is None:
+            return server, rows
         try:
-            for c in args.concurrencies if spawned is not None else []:
+            for c in args.concurrencies:
                 clock.say(f"{cfg.name}: concurrency {c}, {max(4, args.num_prompts_factor * c)} requests ...")
                 rows.append(measure_once(cfg, c, args.num_prompts_factor, spawned.process.pid))
                 clock.say(f"{cfg.name}: c={c} {rows[-1]['output_tok_s']:.1f} tok/s")
@@ -297,10 +299,10 @@ def measure_server(cfg: ServerConfig, args: argparse.Namespace, clock: Clock) ->
 def measure_alternating(configs: list[ServerConfig], args: argparse.Namespace,
                         clock: Clock) -> tuple[list[dict], list[dict], list[dict]]:
     """--rounds N: every config's server up at once (one port each), each cell (concurrency x config) measured in
-    turn, N rounds; the better round per cell goes in the table, every round in `all_rows`. On a host that drifts by
-    10-30% within minutes, only cells measured side by side give a ratio (a sequential pair of runs here measured
-    int8 / float32 at 0.84x in one order and 1.13x in the other)."""
-    servers, best, all_rows = [], {}, []
+    turn, N rounds: (servers, every round's rows). On a host that drifts by 10-30% within minutes, only cells measured
+    side by side give a ratio (a sequential pair of runs here measured int8 / float32 at 0.84x in one order and 1.13x
+    in the other)."""
+    all_rows: list[dict] = []
     with contextlib.ExitStack() as stack:
         started = [start_server(cfg, args, clock, stack, llm.PORT + i) for i, cfg in enumerate(configs)]
         servers = [server for server, _ in started]
@@ -318,12 +320,20 @@ def measure_alternating(configs: list[ServerConfig], args: argparse.Namespace,
                             continue
                         all_rows.append({**row, "round": round_})
                         clock.say(f"round {round_ + 1}/{args.rounds}: {cfg.name} c={c} {row['output_tok_s']:.1f} tok/s")
-                        if (cfg.name, c) not in best or row["output_tok_s"] > best[cfg.name, c]["output_tok_s"]:
-                            best[cfg.name, c] = row
         finally:
             for server, spawned in started:
                 finish_server(server, spawned)
-    return servers, list(best.values()), all_rows
+    return servers, all_rows
+
+
+def best_rounds(rows: list[dict], *cell: str) -> dict[tuple, dict]:
+    """Each cell's (the values of the `cell` fields) row with the most output tok/s."""
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        key = tuple(row[field] for field in cell)
+        if key not in best or row["output_tok_s"] > best[key]["output_tok_s"]:
+            best[key] = row
+    return best
 
 
 def round_lines(all_rows: list[dict]) -> list[str]:
@@ -491,7 +501,8 @@ def main() -> None:
     clock.say(f"copy bandwidth {bandwidth:.1f} GB/s (read + write)")
     servers, rows, all_rows = [], [], []
     if args.rounds > 1:
-        servers, rows, all_rows = measure_alternating(configs, args, clock)
+        servers, all_rows = measure_alternating(configs, args, clock)
+        rows = list(best_rounds(all_rows, "config", "concurrency").values())
     else:
         for cfg in configs:
             server, measured = measure_server(cfg, args, clock)

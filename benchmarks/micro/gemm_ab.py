@@ -99,7 +99,7 @@ class Weights:
                 t = -(-columns // tile)
                 w.append(self._array(self._codes(kind, t, tile, k_len, rng)))
                 s.append(self._array(self._scales(kind, t, tile, k_len)))
-                z.append(self._array(np.zeros(max(1, t * tile * (k_len // GROUP)), np.uint16)))
+                z.append(self._array(np.zeros(t * tile * (k_len // GROUP) if kind == "int4" else 1, np.uint16)))
                 k.append(k_len)
                 tiles.append(t)
                 n_out.append(n if swiglu else columns)
@@ -131,22 +131,20 @@ class Weights:
         return np.zeros(1, np.float32)
 
 
-def step_args(lib: ctypes.CDLL, kind: str, m: int, threads: int, keep: list[object]) -> tuple:
-    """ctypes arguments of one step of `kind` at m rows (its buffers appended to `keep`)."""
-    weights = Weights(kind, lib.gemm_tile(), np.random.default_rng(0))
-    x = np.random.default_rng(1).standard_normal(m * weights.max_k, dtype=np.float32)
-    out = np.empty(m * weights.max_n * 2, np.float32)
-    keep += [weights, x, out]
+def step_args(kind: str, weights: Weights, x: np.ndarray, out: np.ndarray, m: int, threads: int) -> tuple:
+    """ctypes arguments of one step of `kind` at m rows (x and out big enough for every layer)."""
     return (KINDS[kind], x.ctypes.data, out.ctypes.data, weights.w, weights.s, weights.z, weights.k, weights.tiles,
             weights.n_out, weights.epi, weights.count, m, threads)
 
 
-def measure(libs: list[ctypes.CDLL], kinds: list[str], m: int, threads: int,
+def measure(libs: list[ctypes.CDLL], weights: dict[str, Weights], m: int, threads: int,
             rounds: int) -> dict[tuple[int, str], float]:
     """Median seconds per step for each (library, dtype), all of them alternating round by round, so that ratios
     between libraries and between dtypes come from the same moments of a noisy host."""
-    keep: list[object] = []
-    args = {kind: step_args(libs[0], kind, m, threads, keep) for kind in kinds}
+    kinds = list(weights)
+    x = np.random.default_rng(1).standard_normal(m * max(w.max_k for w in weights.values()), dtype=np.float32)
+    out = np.empty(m * max(w.max_n for w in weights.values()), np.float32)
+    args = {kind: step_args(kind, w, x, out, m, threads) for kind, w in weights.items()}
     for lib in libs:
         lib.step.argtypes = [ctypes.c_int, P, P, P, P, P, P, P, P, P, ctypes.c_int, I64, ctypes.c_int]
         for kind in kinds:
@@ -181,14 +179,16 @@ def main() -> None:
             kinds = [kind for kind in kinds if kind == "float32"]
         print("| dtype | M | a ms | b ms | b/a | a GFLOP/s | b GFLOP/s | b: float32 time / this |\n"
               "|---|---:|---:|---:|---:|---:|---:|---:|")
+        weights = {kind: Weights(kind, libs[0].gemm_tile(), np.random.default_rng(0)) for kind in kinds}
         for m in (int(v) for v in args.m.split(",")):
-            times = measure(libs, kinds, m, args.threads, args.rounds)
+            times = measure(libs, weights, m, args.threads, args.rounds)
             flops = 2 * m * LAYERS * sum(k * (2 * n if s else n) for k, n, s in SHAPES)
             for kind in kinds:
                 a, b = times[0, kind], times[1, kind]
                 vs = f"{times[1, 'float32'] / b:.2f}x" if "float32" in kinds else "-"
                 print(f"| {kind} | {m} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f} | {flops / a / 1e9:.1f} | "
                       f"{flops / b / 1e9:.1f} | {vs} |", flush=True)
+
 
 if __name__ == "__main__":
     main()
