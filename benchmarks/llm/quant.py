@@ -11,7 +11,8 @@ Writes out/quant.md and out/quant.json.
 
 Extra configs (not run by default): bf16 (bfloat16 full width, ladle's default on AVX2 hosts where its own GEMM runs
 bf16), int8-dynamic, int8-weight-only (the two int8 kernels explicitly), gguf-none
-(the GGUF dequantized to native full width: the fair baseline for the GGUF rows).
+(the GGUF dequantized to native full width: the fair baseline for the GGUF rows), native-f16kv and int8-f16kv (native
+and int8 over a float16 KV cache, --kv-cache-dtype float16).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class ServerConfig:
     model: str  # "random" (run.py's checkpoint) or "gguf" (the demo file)
     dtype: str
     quantization: str  # ladle's --quantization
+    kv_cache_dtype: str = "auto"  # ladle's --kv-cache-dtype
 
     @property
     def model_path(self) -> Path:
@@ -75,6 +77,9 @@ def all_configs(native: str) -> dict[str, ServerConfig]:
     configs += [ServerConfig(q, "random", native, q) for q in ("int8", "int8-dynamic", "int8-weight-only", "int4")]
     configs += [ServerConfig("gguf", "gguf", native, "auto"), ServerConfig("gguf-int8", "gguf", native, "int8"),
                 ServerConfig("gguf-none", "gguf", native, "none")]
+    # a float16 KV cache under the same weights: half the bytes each decode step's attention reads
+    configs += [ServerConfig("native-f16kv", "random", native, "none", "float16"),
+                ServerConfig("int8-f16kv", "random", native, "int8", "float16")]
     return {c.name: c for c in configs}
 
 
@@ -181,7 +186,7 @@ def server_command(cfg: ServerConfig, threads: int, max_num_seqs: int) -> list[s
     return [sys.executable, "-m", "ladle", "serve", "--model", str(cfg.model_path), "--served-model-name",
             llm.SERVED_NAME, "--dtype", cfg.dtype, "--quantization", cfg.quantization, "--num-threads", str(threads),
             "--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", "2048", "--max-model-len", "512",
-            "--kv-cache-memory", "512MiB", "--log-level", "info"]
+            "--kv-cache-memory", "512MiB", "--kv-cache-dtype", cfg.kv_cache_dtype, "--log-level", "info"]
 
 
 def shown(command: list[str]) -> str:

@@ -84,6 +84,12 @@ class LLMConfig:
         "auto", "compute and KV cache dtype; auto = the checkpoint's dtype on CUDA and on CPUs with native bfloat16 "
         "(avx512_bf16/AMX), float32 on CPUs without it", choices=("auto", "float32", "bfloat16", "float16")
     )
+    kv_cache_dtype: str = option(
+        "auto", "element type of the paged KV cache; auto = the compute dtype. bfloat16 or float16 under a float32 "
+        "model halve the cache's memory (twice the tokens in --kv-cache-memory) and the bytes each decode step's "
+        "attention reads, at the cost of keys/values rounded to 16 bits (float16 keeps 3 more mantissa bits, "
+        "bfloat16 float32's range)", choices=("auto", "float32", "bfloat16", "float16")
+    )
     quantization: str = option(
         "auto", "weight quantization of the linear layers: int8 (the faster of int8-dynamic and int8-weight-only "
         "on this host), int8-dynamic, int8-weight-only, int4 (group-wise), none; auto = a GGUF's own "

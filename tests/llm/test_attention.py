@@ -1,4 +1,5 @@
-"""paged_attention against a naive reference: per-sequence full causal attention over un-paged K/V."""
+"""paged_attention against a naive reference: per-sequence full causal attention over un-paged K/V; over a cache
+narrower than the model (--kv-cache-dtype) the same, up to the cache's rounding of K/V."""
 
 from __future__ import annotations
 
@@ -58,9 +59,11 @@ def make_problem(
     )
 
 
-def paged_cache(p: Problem, block_size: int, upto: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """K/V caches holding each sequence's tokens before start_pos (upto="context") or all of them ("all")."""
-    kv_heads, dtype = p.k[0].shape[1], p.k[0].dtype
+def paged_cache(p: Problem, block_size: int, upto: str, dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V caches (of `dtype`, default the problem's) holding each sequence's tokens before start_pos
+    (upto="context") or all of them ("all")."""
+    kv_heads, dtype = p.k[0].shape[1], dtype or p.k[0].dtype
     k_cache = torch.zeros(kv_heads, p.num_blocks, block_size, HEAD_DIM, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
     for (start, _), k, v, table in zip(p.seqs, p.k, p.v, p.tables, strict=True):
@@ -70,9 +73,10 @@ def paged_cache(p: Problem, block_size: int, upto: str) -> tuple[torch.Tensor, t
     return k_cache, v_cache
 
 
-def run_paged(p: Problem, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def run_paged(p: Problem, block_size: int, cache_dtype: torch.dtype | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """paged_attention over the problem as the runner would call it: (output, k_cache afterwards)."""
-    k_cache, v_cache = paged_cache(p, block_size, "context")
+    k_cache, v_cache = paged_cache(p, block_size, "context", cache_dtype)
     num_tokens = np.array([n for _, n in p.seqs])
     positions = np.concatenate([np.arange(s, s + n) for s, n in p.seqs])
     width = max(map(len, p.tables))
@@ -128,3 +132,15 @@ def test_bfloat16_within_rounding_of_float32_reference() -> None:
     assert out.dtype == torch.bfloat16
     # the reference runs in float32 on the same bf16-rounded inputs; bf16 keeps ~3 significant digits
     torch.testing.assert_close(out.float(), run_reference(problem), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+def test_a_float32_model_over_a_16_bit_cache(cache_dtype: torch.dtype) -> None:
+    problem = make_problem(CASES["mixed"], 8, 2, 16, torch.float32)
+    # K/V already on the cache's grid: what the cache stores is then exactly what the reference attends over
+    problem.k = [k.to(cache_dtype).float() for k in problem.k]
+    problem.v = [v.to(cache_dtype).float() for v in problem.v]
+    out, k_cache = run_paged(problem, 16, cache_dtype)
+    assert out.dtype == torch.float32 and k_cache.dtype == cache_dtype
+    torch.testing.assert_close(out, run_reference(problem), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_cache, paged_cache(problem, 16, "all", cache_dtype)[0])

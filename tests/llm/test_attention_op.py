@@ -1,7 +1,7 @@
 """The C++ attention operator (kernels/ops.cpp, `ladle::paged_attention`): a mixed step — decodes, a prompt from
-position 0, later chunks over consecutive and scattered blocks, GQA and MHA, float32 and bfloat16 — gives the torch
-path's output and leaves the same K/V in the cache; a malformed step description is refused with an error, not a
-crash; a traced call sees its shape function."""
+position 0, later chunks over consecutive and scattered blocks, GQA and MHA, float32 and bfloat16, and float32 over a
+16-bit cache (--kv-cache-dtype) — gives the torch path's output and leaves the same K/V in the cache; a malformed step
+description is refused with an error, not a crash; a traced call sees its shape function."""
 
 from __future__ import annotations
 
@@ -39,16 +39,18 @@ def op():
     return found
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dtype", "cache_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                    (torch.float32, torch.bfloat16), (torch.float32, torch.float16)])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32)])
-def test_a_mixed_step_matches_the_torch_path(op, dtype, heads, kv_heads, head_dim) -> None:
+def test_a_mixed_step_matches_the_torch_path(op, dtype, cache_dtype, heads, kv_heads, head_dim) -> None:
     generator = torch.Generator().manual_seed(heads + head_dim)
     num_blocks = 48
     positions, token_seq, num_tokens, table, decodes = mixed_step(num_blocks, generator)
     args = (positions, token_seq, num_tokens, table, decodes, (kv_heads, num_blocks, BLOCK), dtype, CPU)
     meta, step = build_attention_metadata(*args), build_attention_metadata(*args, operator=True).packed
     tokens = len(positions)
-    caches = [torch.randn(kv_heads, num_blocks, BLOCK, head_dim, generator=generator).to(dtype) for _ in range(2)]
+    caches = [torch.randn(kv_heads, num_blocks, BLOCK, head_dim, generator=generator).to(cache_dtype)
+              for _ in range(2)]
     qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=generator).to(dtype)
     q, k, v = qkv[:, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]  # strided, like the models
     expected_caches = [c.clone() for c in caches]

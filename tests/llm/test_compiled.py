@@ -123,17 +123,19 @@ def run_steps(runner: ModelRunner, compiled: bool) -> list[torch.Tensor]:
 # full width with generated Python: test_engine_parity, compiled. The C++ wrapper (the CPU's default outside tests,
 # compiled.cpp_wrapper) calls the same kernels from C++: ladle's C++ operators (int4: the tiled GEMM's int4 op and
 # paged attention, as full width and int8-weight-only call them) and the Python custom op (int8-dynamic's torch
-# kernels) must both be callable from there.
-@pytest.mark.parametrize(("quantization", "cpp"), [("int8", False), ("int4", False), ("int8-dynamic", True),
-                                                   ("int4", True)])
+# kernels) must both be callable from there. A float16 KV cache (--kv-cache-dtype): the operator rounds the new rows
+# into it and widens cached context back inside the graph.
+@pytest.mark.parametrize(("quantization", "cpp", "kv_cache_dtype"),
+                         [("int8", False, None), ("int4", False, None), ("int8-dynamic", True, None),
+                          ("int4", True, None), (None, True, torch.float16)])
 def test_compiled_steps_compute_what_eager_steps_compute(checkpoint, quantization: str | None, cpp: bool,
-                                                         monkeypatch) -> None:
+                                                         kv_cache_dtype: torch.dtype | None, monkeypatch) -> None:
     if quantization == "int4" and (why := int4_capable_cpu()) is not None:
         pytest.skip(f"int4 is refused here: {why}")
     monkeypatch.setenv("LADLE_CPP_WRAPPER", str(int(cpp)))
     scheme = None if quantization is None else resolve_scheme(quantization, torch.float32, torch.device("cpu"), 32)
     runner = ModelRunner(checkpoint, dtype=torch.float32, num_blocks=8, max_num_seqs=4, max_num_batched_tokens=64,
-                         compile=True, quantization=scheme)
+                         compile=True, quantization=scheme, kv_cache_dtype=kv_cache_dtype)
     runner.compile_decoder(background=False)
     assert runner.compile_state == "compiled"
     eager, compiled = run_steps(runner, False), run_steps(runner, True)

@@ -1,7 +1,8 @@
 """The compiled paged decode kernel (llm/kernels/): exact against a reference softmax attention over gathered K/V for
-scattered block tables, GQA groups, head sizes, context lengths (1, block boundaries, long), float32 and bfloat16; the
-engine's greedy tokens are the same with the kernel and with the torch (gather) path; a kernel that cannot be built
-leaves the torch path in place."""
+scattered block tables, GQA groups, head sizes, context lengths (1, block boundaries, long), float32 and bfloat16
+models, and float32 queries over 16-bit caches (--kv-cache-dtype bfloat16 / float16); the engine's greedy tokens are
+the same with the kernel and with the torch (gather) path; a kernel that cannot be built leaves the torch path in
+place."""
 
 from __future__ import annotations
 
@@ -34,24 +35,26 @@ def reference(q, k_cache, v_cache, tables, lens, scale):
 
 @pytest.fixture(scope="module")
 def kernels():
-    found = {dtype: paged_decode(dtype, CPU, 8, 1, 128) for dtype in (torch.float32, torch.bfloat16)}
+    found = {dtype: paged_decode(dtype, CPU, 8, 1, 128) for dtype in (torch.float32, torch.bfloat16, torch.float16)}
     if any(k is None for k in found.values()):
         pytest.skip("no C compiler here: the kernel is not built (the torch path serves)")
     return found
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# (queries, cache): a float32 or bfloat16 model with its own cache, or a float32 model over a 16-bit cache
+@pytest.mark.parametrize(("dtype", "cache_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                    (torch.float32, torch.bfloat16), (torch.float32, torch.float16)])
 # head_dim 80: the vector path's last 32-wide chunk of V is 16 wide; 20: not a multiple of 8, the plain loops;
 # group 7 and 8: heads register-blocked three at a time, with a remainder of 1 and 2
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"),
                          [(9, 3, 64), (4, 4, 32), (14, 2, 64), (8, 1, 128), (6, 2, 80), (4, 2, 20)])
 @pytest.mark.parametrize("block_size", [16, 5])  # 5: blocks end inside a group of eight rows
-def test_the_kernel_matches_attention_over_gathered_blocks(kernels, dtype, heads, kv_heads, head_dim, block_size
-                                                           ) -> None:
+def test_the_kernel_matches_attention_over_gathered_blocks(kernels, dtype, cache_dtype, heads, kv_heads, head_dim,
+                                                           block_size) -> None:
     generator = torch.Generator().manual_seed(heads * 100 + head_dim + block_size)
     num_blocks = 96 * 16 // block_size
-    k_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
-    v_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
+    k_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(cache_dtype)
+    v_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(cache_dtype)
     lens = torch.tensor([1, 15, 16, 17, 200, 33], dtype=torch.int64)
     max_blocks = int(-(-lens.max() // block_size))
     # scattered, non-consecutive blocks (as after preemption and prefix-cache reuse), padded with block 0
@@ -59,10 +62,10 @@ def test_the_kernel_matches_attention_over_gathered_blocks(kernels, dtype, heads
     for b, length in enumerate(lens.tolist()):
         tables[b, -(-length // block_size):] = 0
     q = torch.randn(len(lens), heads, head_dim, generator=generator).to(dtype)
-    out = kernels[dtype](q, k_cache, v_cache, tables.contiguous(), lens, int(lens.max()), head_dim**-0.5)
+    out = kernels[cache_dtype](q, k_cache, v_cache, tables.contiguous(), lens, int(lens.max()), head_dim**-0.5)
     assert out.shape == (len(lens), heads * head_dim) and out.dtype == dtype
     expected = reference(q, k_cache, v_cache, tables, lens, head_dim**-0.5)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding (the cache's is in both)
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
@@ -89,7 +92,7 @@ def test_shapes_beyond_the_kernels_buffers_keep_the_torch_path() -> None:
     assert paged_decode(torch.float32, CPU, 8, 8, 512) is None  # head_dim 512
     assert paged_decode(torch.float32, CPU, 9, 2, 64) is None  # heads not a multiple of KV heads
     assert paged_decode(torch.float32, CPU, 0, 2, 64) is None  # unknown head count
-    assert paged_decode(torch.float16, CPU, 8, 2, 64) is None
+    assert paged_decode(torch.float64, CPU, 8, 2, 64) is None
 
 
 def test_a_kernel_that_does_not_build_leaves_the_torch_path(tmp_path, monkeypatch, caplog) -> None:

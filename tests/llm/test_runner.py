@@ -162,3 +162,24 @@ def test_invalid_batches_are_refused(model_dirs: dict[str, Path]) -> None:
     for message, seq in bad.items():
         with pytest.raises(ValueError, match=message):
             runner.execute(SchedulerOutput([seq], seq.num_tokens))
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+def test_a_16_bit_kv_cache_holds_twice_the_tokens_and_keeps_the_tokens(model_dirs: dict[str, Path],
+                                                                       cache_dtype: torch.dtype) -> None:
+    """--kv-cache-dtype under a float32 model: half the bytes per block, K/V stored rounded, attention in float32."""
+    runner = ModelRunner(model_dirs["llama"], torch.float32, "cpu", 16, None, 1 << 20, 16, 512,
+                         kv_cache_dtype=cache_dtype)
+    assert runner.kv_cache.dtype == cache_dtype and runner.bytes_per_block == 4096
+    assert runner.num_blocks == (1 << 20) // 4096  # twice the float32 cache's blocks in the same memory
+    assert runner.graph_description()["kv_cache_dtype"] == str(cache_dtype)  # compiled graphs are kept apart
+    assert Driver(runner, chunk=16, shuffle_seed=1).generate(PROMPTS, 12, stagger=2) == hf_greedy(
+        model_dirs["llama"], PROMPTS, 12)
+    # a prompt read back from the cache chunk by chunk: logits within the cache's rounding of the float32 ones
+    prompt, blocks = [(7 * i + 3) % 500 for i in range(45)], [40, 3, 17, 9, 22, 5]
+    full = _prefill_logits(make_runner(model_dirs["llama"], block_size=8), prompt, 1000, blocks)
+    narrow = ModelRunner(model_dirs["llama"], torch.float32, "cpu", 8, 64, None, 16, 512, kv_cache_dtype=cache_dtype)
+    chunked = _prefill_logits(narrow, prompt, 13, blocks)
+    tolerance = 2e-2 if cache_dtype == torch.bfloat16 else 3e-3
+    torch.testing.assert_close(chunked, full, atol=tolerance, rtol=tolerance)
+    assert not torch.allclose(chunked, full, atol=1e-6, rtol=0)  # the cache really is narrower

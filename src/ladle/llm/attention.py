@@ -155,10 +155,11 @@ def _bias(allowed: np.ndarray, dtype: torch.dtype, device: torch.device) -> torc
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
 ) -> None:
-    """Store the step's keys/values ([T, kv_heads, head_dim]) at their cache slots."""
+    """Store the step's keys/values ([T, kv_heads, head_dim]) at their cache slots (rounded to the cache's dtype where
+    it is narrower than the model's: --kv-cache-dtype)."""
     kv_heads, _, _, head_dim = k_cache.shape
-    k_cache.view(kv_heads, -1, head_dim).index_copy_(1, slots, k.transpose(0, 1))
-    v_cache.view(kv_heads, -1, head_dim).index_copy_(1, slots, v.transpose(0, 1))
+    k_cache.view(kv_heads, -1, head_dim).index_copy_(1, slots, k.transpose(0, 1).to(k_cache.dtype))
+    v_cache.view(kv_heads, -1, head_dim).index_copy_(1, slots, v.transpose(0, 1).to(v_cache.dtype))
 
 
 def paged_attention(
@@ -214,6 +215,7 @@ def _decode(
     else:
         k = _gather(k_cache, meta.decode_block_ids).view(kv_heads * batch, -1, head_dim)
         v = _gather(v_cache, meta.decode_block_ids).view(kv_heads * batch, -1, head_dim)
+    k, v = k.to(q.dtype), v.to(q.dtype)  # a no-op unless the cache is narrower than the model
     if batch <= _SDPA_MAX_DECODES:  # 4-D, so SDPA takes its fused kernel: (kv_heads, B) act as (batch, heads)
         shape = (kv_heads, batch, -1, head_dim)
         bias = meta.decode_bias.view(kv_heads, batch, 1, -1)
@@ -243,7 +245,7 @@ def _prefill(
         v_seq = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
         out = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        k_seq, v_seq = _context(k_cache, span), _context(v_cache, span)
+        k_seq, v_seq = _context(k_cache, span).to(q.dtype), _context(v_cache, span).to(q.dtype)
         out = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, attn_mask=span.bias, scale=scale, enable_gqa=gqa)
     return out[0].transpose(0, 1).reshape(span.end - span.start, -1)
 

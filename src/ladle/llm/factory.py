@@ -23,7 +23,7 @@ try:  # the llm extra's packages: a core install is told which extra to add, not
     import torch
 
     from ladle.llm.async_engine import AsyncEngine
-    from ladle.llm.dtypes import resolve_dtype
+    from ladle.llm.dtypes import DTYPES, resolve_dtype
     from ladle.llm.engine import EngineCore
     from ladle.llm.models.gguf import GGUFCheckpoint
     from ladle.llm.models.linear import tiled_gemm_runs
@@ -77,10 +77,11 @@ def build_engine(config: LLMConfig, name: str, model_dir: Path, families: LLMMet
     engine = AsyncEngine(name, lambda: build_core(config, model_dir, tokenizer, checkpoint), tokenizer, metrics, config)
     runner = engine.core.runner
     log.info(
-        "LLM %s (%s, %s%s on %s) ready in %.1fs: context %d tokens, %d KV blocks of %d tokens",
+        "LLM %s (%s, %s%s on %s) ready in %.1fs: context %d tokens, %d KV blocks of %d tokens (%s)",
         name, runner.architecture, str(runner.dtype).removeprefix("torch."),
         f", {describe(runner.quantization)}" if runner.quantization else "", runner.device,
         time.monotonic() - started, engine.info.max_model_len, runner.num_blocks, config.block_size,
+        str(runner.kv_cache_dtype).removeprefix("torch."),
     )
     return engine
 
@@ -109,6 +110,7 @@ def build_core(
         kv_cache_memory=None if config.num_kv_blocks else parse_bytes(config.kv_cache_memory),
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         quantization=scheme, checkpoint=checkpoint, compile=not enforce_eager(config),
+        kv_cache_dtype=DTYPES.get(config.kv_cache_dtype),  # auto: None, the compute dtype
     )
     max_model_len = min(config.max_model_len or runner.max_model_len, runner.max_model_len)
     pool = BlockPool(runner.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)

@@ -60,14 +60,17 @@ class ModelRunner:
         compile: bool = False,
         quantization: QuantScheme | None = None,
         checkpoint: Checkpoint | None = None,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
         """`model_dir`: a checkpoint directory or GGUF file (`checkpoint`, when already opened). `prepack`: use
         oneDNN-prepacked weights where that is faster (bfloat16 on a bf16-capable CPU). `quantization`: the linear
         layers' weight format (None: full width); the output head is then int8 (llama.cpp too keeps the head wide).
-        `compile`: prepare for torch.compile (compiled.py): compile_decoder() then compiles."""
+        `compile`: prepare for torch.compile (compiled.py): compile_decoder() then compiles. `kv_cache_dtype`: the
+        cache's element type (None: the model's dtype); a narrower one stores keys/values rounded to it."""
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         self.dtype, self.block_size = dtype, block_size
+        self.kv_cache_dtype = kv_cache_dtype or dtype
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         if self.device.type == "cpu":
             tune_malloc_for_tensors()
@@ -97,7 +100,7 @@ class ModelRunner:
         m = self.model
         # One allocation for all layers, zeroed so that masked-out (padding) keys are finite: 0 * NaN poisons P @ V.
         shape = (m.num_layers, 2, m.num_kv_heads, self.cache_blocks, block_size, m.head_dim)
-        self.kv_cache = torch.empty(shape, dtype=dtype, device=self.device)
+        self.kv_cache = torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device)
         if self.device.type == "cpu":  # huge pages asked for before the zeroing touches them
             advise_huge_pages(self.kv_cache.data_ptr(), self.kv_cache.nbytes)
         self.kv_cache.zero_()
@@ -106,13 +109,13 @@ class ModelRunner:
         # latter, =gather the torch path alone (it copies each sequence's context per layer): for comparison.
         heads = int(self.config.get("num_attention_heads") or self.config.get("n_head") or 0)  # 0: unknown, no kernel
         mode = os.environ.get("LADLE_ATTENTION", "operator")
-        shape = (dtype, self.device, heads, m.num_kv_heads, m.head_dim)
+        shape = (self.kv_cache_dtype, self.device, heads, m.num_kv_heads, m.head_dim)
         self.attention_op = paged_attention_op(*shape) if mode == "operator" else None
         self.decode_kernel = paged_decode(*shape) if self.attention_op is None and mode != "gather" else None
         m.bind_kv_cache([(layer[0], layer[1]) for layer in self.kv_cache], self.attention_op)
         logger.info(
-            "%s: %d KV blocks of %d tokens (%.1f MB)", self.architecture, self.num_blocks, block_size,
-            self.kv_cache.numel() * self.kv_cache.element_size() / 1e6,
+            "%s: %d KV blocks of %d tokens (%.1f MB, %s)", self.architecture, self.num_blocks, block_size,
+            self.kv_cache.numel() * self.kv_cache.element_size() / 1e6, str(self.kv_cache_dtype).removeprefix("torch."),
         )
 
     def _quantized_head(self, scheme: QuantScheme) -> torch.nn.Module:
@@ -160,6 +163,7 @@ class ModelRunner:
         kinds = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in self.model.modules()})
         return {
             "architecture": self.architecture, "config": self.config, "dtype": str(self.dtype),
+            "kv_cache_dtype": str(self.kv_cache_dtype),
             "device": self.device.type, "quantization": repr(self.quantization), "prepacked": self.prepacked,
             "attention": (self.attention_op is not None, self.decode_kernel is not None), "modules": kinds,
             "cpp_wrapper": cpp_wrapper(self.device),
@@ -174,7 +178,7 @@ class ModelRunner:
     @property
     def bytes_per_block(self) -> int:
         m = self.model
-        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * self.kv_cache_dtype.itemsize
 
     def _resolve_num_blocks(self, num_blocks: int | None, kv_cache_memory: int | None) -> int:
         if num_blocks is None:

@@ -28,10 +28,14 @@ def llm_config_from_parameters(parameters: dict, model_dir: Path, where: str,
     """An LLMConfig from a `backend: llm` model's `parameters` (the CLI flags' names, underscored). Speculation
     options and batch_share it leaves unset come from the server's flags (`server`); a relative speculative_model is
     read from the model's directory (`where`)."""
-    known = {f.name for f in dataclasses.fields(LLMConfig)} - {"model"}
-    unknown = set(parameters) - known
+    fields = {f.name: f for f in dataclasses.fields(LLMConfig) if f.name != "model"}
+    unknown = set(parameters) - set(fields)
     if unknown:
-        raise ConfigError(where, f"parameters.{sorted(unknown)[0]}", f"one of {sorted(known)}")
+        raise ConfigError(where, f"parameters.{sorted(unknown)[0]}", f"one of {sorted(fields)}")
+    for name, value in parameters.items():  # the flags' choices bind a config file too
+        choices = fields[name].metadata.get("choices")
+        if choices is not None and value is not None and value not in choices:
+            raise ConfigError(where, f"parameters.{name}", f"one of {list(choices)}, not {value!r}")
     parameters = dict(parameters)
     draft = parameters.get("speculative_model")
     if draft and not Path(draft).expanduser().is_absolute():

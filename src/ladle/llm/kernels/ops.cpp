@@ -7,7 +7,8 @@
  *   one-token (decode) sequence attended in place through its block table (paged_decode.c's kernel), every
  *   multi-token span (prefill chunk, draft verification) through SDPA over its own k/v or its cached context.
  *   q [T, heads, D], k/v [T, kv_heads, D] (last dim contiguous); caches [kv_heads, num_blocks, block_size, D]
- *   contiguous; out [T, heads * D] in q's dtype. `meta` is the step's int64 description (attention.py,
+ *   contiguous, float32, bfloat16 or float16 (may be narrower than q: --kv-cache-dtype; new rows are then rounded into
+ *   the cache and cached context widened back for SDPA); out [T, heads * D] in q's dtype. `meta` is the step's int64 description (attention.py,
  *   pack_step), shared by every layer:
  *     [seqs, decodes, max_blocks, max_decode_len, tokens,
  *      query_start[seqs + 1], context[seqs], tables[seqs * max_blocks], slots[tokens]]
@@ -84,9 +85,12 @@ void check(const StepMeta& m, int64_t num_blocks, int64_t block_size) {
 }
 
 /* cache[h, slot] = rows[t, h] for every new token t (slot = block * block_size + offset). */
-void write_kv(const at::Tensor& rows, const at::Tensor& cache, const StepMeta& m) {
-    TORCH_CHECK(rows.dim() == 3 && rows.stride(2) == 1 && rows.scalar_type() == cache.scalar_type(),
-                "paged_attention: new k/v must be [T, kv_heads, D] in the cache's dtype, last dim contiguous");
+void write_kv(const at::Tensor& new_rows, const at::Tensor& cache, const StepMeta& m) {
+    // a cache narrower than the model (--kv-cache-dtype) stores the step's rows rounded to its dtype
+    const at::Tensor rows = new_rows.scalar_type() == cache.scalar_type() ? new_rows
+                                                                          : new_rows.to(cache.scalar_type());
+    TORCH_CHECK(rows.dim() == 3 && rows.stride(2) == 1,
+                "paged_attention: new k/v must be [T, kv_heads, D], last dim contiguous");
     const int64_t kv_heads = cache.size(0), per_head = cache.size(1) * cache.size(2), dim = cache.size(3);
     const size_t elem = cache.element_size(), row_bytes = dim * elem;
     char* dst = static_cast<char*>(cache.data_ptr());
@@ -108,17 +112,18 @@ at::Tensor decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     at::Tensor out = at::empty_like(q32);
     const int threads = at::get_num_threads();
     at::Tensor scratch = at::empty({threads * (heads / kv_heads) * m.max_decode_len}, q32.options());
-    const bool bf16 = k_cache.scalar_type() == at::kBFloat16;
-    const int failed = bf16 ? paged_decode_bf16(q32.data_ptr<float>(), static_cast<const uint16_t*>(k_cache.data_ptr()),
-                                                static_cast<const uint16_t*>(v_cache.data_ptr()), m.tables, m.context,
-                                                out.data_ptr<float>(), batch, heads, kv_heads, dim, k_cache.size(1),
-                                                k_cache.size(2), m.max_blocks, scale, threads,
-                                                scratch.data_ptr<float>(), m.max_decode_len)
-                            : paged_decode_f32(q32.data_ptr<float>(), k_cache.data_ptr<float>(),
-                                               v_cache.data_ptr<float>(), m.tables, m.context, out.data_ptr<float>(),
-                                               batch, heads, kv_heads, dim, k_cache.size(1), k_cache.size(2),
-                                               m.max_blocks, scale, threads, scratch.data_ptr<float>(),
-                                               m.max_decode_len);
+    // one kernel per cache dtype (paged_decode.c); q is float32 in all of them
+    const auto kernel = k_cache.scalar_type() == at::kFloat ? nullptr
+                        : k_cache.scalar_type() == at::kBFloat16 ? paged_decode_bf16 : paged_decode_f16;
+    const int failed =
+        kernel ? kernel(q32.data_ptr<float>(), static_cast<const uint16_t*>(k_cache.data_ptr()),
+                        static_cast<const uint16_t*>(v_cache.data_ptr()), m.tables, m.context, out.data_ptr<float>(),
+                        batch, heads, kv_heads, dim, k_cache.size(1), k_cache.size(2), m.max_blocks, scale, threads,
+                        scratch.data_ptr<float>(), m.max_decode_len)
+               : paged_decode_f32(q32.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                                  m.tables, m.context, out.data_ptr<float>(), batch, heads, kv_heads, dim,
+                                  k_cache.size(1), k_cache.size(2), m.max_blocks, scale, threads,
+                                  scratch.data_ptr<float>(), m.max_decode_len);
     TORCH_CHECK(!failed, "paged_attention: unsupported shape (heads ", heads, ", kv heads ", kv_heads, ", head_dim ",
                 dim, ")");
     return out.view({batch, heads * dim}).to(q.scalar_type());
@@ -140,6 +145,12 @@ at::Tensor context_of(const at::Tensor& cache, const int64_t* table, int64_t tok
     return gathered.reshape({cache.size(0), blocks * block_size, cache.size(3)}).narrow(1, 0, tokens).unsqueeze(0);
 }
 
+/* context_of in the queries' dtype (SDPA takes one dtype): a copy only where the cache is narrower than the model */
+at::Tensor context_as(const at::Tensor& cache, const int64_t* table, int64_t tokens, at::ScalarType dtype) {
+    at::Tensor context = context_of(cache, table, tokens);
+    return context.scalar_type() == dtype ? context : context.to(dtype);
+}
+
 /* Rows [start, start + n) of one multi-token sequence whose context holds `context` tokens after this step. */
 at::Tensor prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                    const at::Tensor& v_cache, const StepMeta& m, int64_t seq, double scale) {
@@ -154,7 +165,8 @@ at::Tensor prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         out = at::scaled_dot_product_attention(q_seq, k_seq, v_seq, {}, 0.0, true, scale, gqa);
     } else {  // a later chunk or a prefix-cache hit: read the context back, causal mask offset by start_pos
         const int64_t* table = m.tables + seq * m.max_blocks;
-        at::Tensor k_seq = context_of(k_cache, table, context), v_seq = context_of(v_cache, table, context);
+        at::Tensor k_seq = context_as(k_cache, table, context, q.scalar_type());
+        at::Tensor v_seq = context_as(v_cache, table, context, q.scalar_type());
         // query i sits at position start_pos + i and sees keys [0, start_pos + i]
         at::Tensor bias = at::empty({n, context}, at::TensorOptions().dtype(at::kFloat));
         float* row = bias.data_ptr<float>();
@@ -171,8 +183,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
                            const at::Tensor& v_cache, const at::Tensor& meta, double scale) {
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 && q.dim() == 3,
                 "paged_attention: caches must be contiguous [kv_heads, num_blocks, block_size, D], q [T, heads, D]");
-    TORCH_CHECK(k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16,
-                "paged_attention: float32 or bfloat16 caches only");
+    const at::ScalarType kv = k_cache.scalar_type();
+    TORCH_CHECK((kv == at::kFloat || kv == at::kBFloat16 || kv == at::kHalf) && v_cache.scalar_type() == kv,
+                "paged_attention: float32, bfloat16 or float16 caches only, K and V alike");
     const StepMeta m = parse(meta);
     check(m, k_cache.size(1), k_cache.size(2));
     TORCH_CHECK(q.size(0) == m.tokens && k.size(0) == m.tokens && v.size(0) == m.tokens, "paged_attention: meta "

@@ -5,7 +5,7 @@ dispatch) where torch's headers and a C++ compiler are at hand, else the C kerne
 attention.py does the rest in torch).
 
 Invariant: called only with the layout attention.py keeps (per layer [kv_heads, num_blocks, block_size, head_dim],
-contiguous, float32 or bfloat16, on the CPU); any other case is the caller's torch path.
+contiguous, float32, bfloat16 or float16, on the CPU); any other case is the caller's torch path.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int
 _L = ctypes.c_int64
 _ARGS = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _L, _I, _I, ctypes.c_float, _I, _P, _L]
-SUPPORTED = (torch.float32, torch.bfloat16)
+SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)  # cache dtypes
 MAX_GROUP, MAX_HEAD_DIM = 64, 256  # paged_decode.c's stack buffers
 
 
@@ -30,7 +30,8 @@ class PagedDecode:
     """out[b, h] = softmax(q[b, h] . K[b]^T * scale) V[b], K/V[b] the first lens[b] cached tokens of sequence b."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._kernels = {torch.float32: library.paged_decode_f32, torch.bfloat16: library.paged_decode_bf16}
+        self._kernels = {torch.float32: library.paged_decode_f32, torch.bfloat16: library.paged_decode_bf16,
+                         torch.float16: library.paged_decode_f16}
         for kernel in self._kernels.values():
             kernel.argtypes = _ARGS
             kernel.restype = ctypes.c_int
@@ -57,7 +58,7 @@ class PagedDecode:
 
 def paged_decode(dtype: torch.dtype, device: torch.device, heads: int, kv_heads: int, head_dim: int
                  ) -> PagedDecode | None:
-    """The kernel for this cache, or None where it does not apply (not CPU, another dtype, a shape beyond its
+    """The kernel for a cache of `dtype`, or None where it does not apply (not CPU, another dtype, a shape beyond its
     buffers, no compiler)."""
     shape_ok = heads > 0 and kv_heads > 0 and heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP
     if device.type != "cpu" or dtype not in SUPPORTED or not shape_ok or head_dim > MAX_HEAD_DIM:

@@ -1,8 +1,9 @@
 /* Paged decode attention on the CPU: one query token per sequence attends over its cached keys and values, read in
  * place through its block table (no gather of the context into a contiguous copy).
  *
- * Cache layout per layer: [kv_heads, num_blocks, block_size, head_dim] (attention.py). Queries [B, heads, head_dim]
- * float32; query head h reads KV head h / group. Output [B, heads, head_dim] float32. Work item = (sequence, KV
+ * Cache layout per layer: [kv_heads, num_blocks, block_size, head_dim] (attention.py), float32, bfloat16 or float16
+ * (the model's dtype, or --kv-cache-dtype: a 16-bit cache halves the bytes a decode step reads). Queries [B, heads,
+ * head_dim] float32; query head h reads KV head h / group. Output [B, heads, head_dim] float32. Work item = (sequence, KV
  * head): its `group` query heads share every K/V row it loads. Two passes per item: scores (then softmax) into
  * per-thread scratch, then the probability-weighted sum of V. Compiled at first use by kernels/build.py with
  * -O3 -march=native. On AVX2 (and AVX-512) hosts with head_dim a multiple of 8, decode_item_simd runs both passes in
@@ -19,6 +20,9 @@
 #define MAX_GROUP 64
 #define MAX_HEAD_DIM 256
 
+/* The cache's element types: float32, bfloat16 (the top half of a float32) or IEEE float16 (--kv-cache-dtype) */
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
+
 static inline float bf16_to_f32(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;
     float f;
@@ -26,19 +30,36 @@ static inline float bf16_to_f32(uint16_t x) {
     return f;
 }
 
-/* The cache row at element `base` as float32: a pointer into the cache (float32), or `buf` filled once (bfloat16),
- * so that a row is converted once for all the query heads of its group. */
+/* IEEE half to float in plain C, for the portable loops (the vector path converts with F16C) */
+static inline float f16_to_f32(uint16_t x) {
+    const uint32_t sign = (uint32_t)(x & 0x8000) << 16, exp = (x >> 10) & 0x1f, mant = x & 0x3ff;
+    uint32_t bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (mant << 13); /* inf / nan */
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (mant << 13); /* rebias 15 -> 127 */
+    } else {
+        float f = (float)mant * 5.9604644775390625e-8f; /* subnormal (or zero): mant x 2^-24 */
+        return sign ? -f : f;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* The cache row at element `base` as float32: a pointer into the cache (float32), or `buf` filled once (16-bit
+ * caches), so that a row is converted once for all the query heads of its group. */
 static inline __attribute__((always_inline)) const float *row_of(const void *cache, int64_t base, int head_dim,
-                                                                 float *buf, const int bf16) {
-    if (!bf16) return (const float *)cache + base;
+                                                                 float *buf, const int kind) {
+    if (kind == KV_F32) return (const float *)cache + base;
     const uint16_t *src = (const uint16_t *)cache + base;
-    for (int d = 0; d < head_dim; d++) buf[d] = bf16_to_f32(src[d]);
+    for (int d = 0; d < head_dim; d++) buf[d] = kind == KV_BF16 ? bf16_to_f32(src[d]) : f16_to_f32(src[d]);
     return buf;
 }
 
 static inline __attribute__((always_inline)) void decode_item(
     const float *q, const void *k_cache, const void *v_cache, const int64_t *table, int64_t len, float *out,
-    int group, int head_dim, int block_size, float scale, float *scores, const int bf16) {
+    int group, int head_dim, int block_size, float scale, float *scores, const int kind) {
     /* q/out: this item's `group` heads, [group, head_dim]; scores: [group, len] scratch; table: this sequence's
      * block ids. k/v_cache: this KV head's [num_blocks, block_size, head_dim]. */
     float maxes[MAX_GROUP], buf[MAX_HEAD_DIM];
@@ -48,7 +69,7 @@ static inline __attribute__((always_inline)) void decode_item(
         int64_t first = table[b] * block_size;
         int n = (int)((len - t) < block_size ? (len - t) : block_size);
         for (int j = 0; j < n; j++, t++) {
-            const float *k = row_of(k_cache, (first + j) * head_dim, head_dim, buf, bf16);
+            const float *k = row_of(k_cache, (first + j) * head_dim, head_dim, buf, kind);
             for (int g = 0; g < group; g++) {
                 const float *qg = q + g * head_dim;
                 float dot = 0.0f;
@@ -77,7 +98,7 @@ static inline __attribute__((always_inline)) void decode_item(
         int64_t first = table[b] * block_size;
         int n = (int)((len - t) < block_size ? (len - t) : block_size);
         for (int j = 0; j < n; j++, t++) {
-            const float *v = row_of(v_cache, (first + j) * head_dim, head_dim, buf, bf16);
+            const float *v = row_of(v_cache, (first + j) * head_dim, head_dim, buf, kind);
             for (int g = 0; g < group; g++) {
                 float p = scores[g * len + t];
                 float *a = acc + g * head_dim;
@@ -88,9 +109,15 @@ static inline __attribute__((always_inline)) void decode_item(
     memcpy(out, acc, sizeof(float) * group * head_dim);
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include "simd_avx2.h"
 #define DECODE_SIMD 1
+
+/* 8 cache values at p as float32 (F16C's conversion comes with every AVX2 CPU) */
+static inline __m256 load8_kv(const void *p, const int kind) {
+    if (kind == KV_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    return load8_full(p, kind == KV_BF16);
+}
 
 /* Both passes are register-blocked over the query heads of a group, up to HEADS_AT_ONCE at a time: every K/V vector
  * loaded feeds that many FMAs, so K and V are read once per item, not once per query head (the previous form read V
@@ -111,18 +138,18 @@ static inline __m128 sum_lanes4(__m256 a, __m256 b, __m256 c, __m256 d) {
  * consecutive rows at `rows` (`row_bytes` apart; rows past n repeat row n - 1, valid memory, their sums dropped) */
 static inline __attribute__((always_inline)) void k_scores(const float *qs, const char *rows, int n, size_t row_bytes,
                                                            int head_dim, float *scores, int64_t stride, const int nh,
-                                                           const int bf16) {
+                                                           const int kind) {
     const char *r[K_ROWS];
     for (int j = 0; j < K_ROWS; j++) r[j] = rows + (size_t)(j < n ? j : n - 1) * row_bytes;
     __m256 acc[K_ROWS][HEADS_AT_ONCE];
     for (int j = 0; j < K_ROWS; j++)
         for (int g = 0; g < nh; g++) acc[j][g] = _mm256_setzero_ps();
-    const size_t elem = bf16 ? 2 : 4;
+    const size_t elem = kind ? 2 : 4;
     for (int d = 0; d < head_dim; d += 8) {
         __m256 qv[HEADS_AT_ONCE];
         for (int g = 0; g < nh; g++) qv[g] = _mm256_loadu_ps(qs + g * head_dim + d);
         for (int j = 0; j < K_ROWS; j++) {
-            const __m256 kv = load8_full(r[j] + d * elem, bf16);
+            const __m256 kv = load8_kv(r[j] + d * elem, kind);
             for (int g = 0; g < nh; g++) acc[j][g] = _mm256_fmadd_ps(kv, qv[g], acc[j][g]);
         }
     }
@@ -139,10 +166,10 @@ static inline __attribute__((always_inline)) void k_scores(const float *qs, cons
 }
 
 static void k_scores_any(const float *qs, const char *rows, int n, size_t row_bytes, int head_dim, float *scores,
-                         int64_t stride, int nh, const int bf16) {
-    if (nh == 3) k_scores(qs, rows, n, row_bytes, head_dim, scores, stride, 3, bf16);
-    else if (nh == 2) k_scores(qs, rows, n, row_bytes, head_dim, scores, stride, 2, bf16);
-    else k_scores(qs, rows, n, row_bytes, head_dim, scores, stride, 1, bf16);
+                         int64_t stride, int nh, const int kind) {
+    if (nh == 3) k_scores(qs, rows, n, row_bytes, head_dim, scores, stride, 3, kind);
+    else if (nh == 2) k_scores(qs, rows, n, row_bytes, head_dim, scores, stride, 2, kind);
+    else k_scores(qs, rows, n, row_bytes, head_dim, scores, stride, 1, kind);
 }
 
 /* s[0, len) = exp(s - max s); returns their sum */
@@ -175,11 +202,11 @@ static inline float softmax_numerators(float *s, int64_t len) {
 static inline __attribute__((always_inline)) void weighted_v(const char *v_cache, const int64_t *table, int64_t len,
                                                              int block_size, size_t row_bytes, int dc, const float *p,
                                                              int64_t stride, const float *inv, float *out,
-                                                             int head_dim, const int nv, const int nh, const int bf16) {
+                                                             int head_dim, const int nv, const int nh, const int kind) {
     __m256 acc[HEADS_AT_ONCE][4];
     for (int g = 0; g < nh; g++)
         for (int i = 0; i < nv; i++) acc[g][i] = _mm256_setzero_ps();
-    const size_t elem = bf16 ? 2 : 4;
+    const size_t elem = kind ? 2 : 4;
     int64_t t = 0;
     for (int64_t b = 0; t < len; b++) {
         const char *row = v_cache + (size_t)table[b] * block_size * row_bytes + dc * elem;
@@ -188,7 +215,7 @@ static inline __attribute__((always_inline)) void weighted_v(const char *v_cache
             __m256 pv[HEADS_AT_ONCE];
             for (int g = 0; g < nh; g++) pv[g] = _mm256_broadcast_ss(p + g * stride + t);
             for (int i = 0; i < nv; i++) {
-                const __m256 vv = load8_full(row + i * 8 * elem, bf16);
+                const __m256 vv = load8_kv(row + i * 8 * elem, kind);
                 for (int g = 0; g < nh; g++) acc[g][i] = _mm256_fmadd_ps(vv, pv[g], acc[g][i]);
             }
         }
@@ -201,9 +228,9 @@ static inline __attribute__((always_inline)) void weighted_v(const char *v_cache
 
 static void weighted_v_any(const char *v_cache, const int64_t *table, int64_t len, int block_size, size_t row_bytes,
                            int dc, const float *p, int64_t stride, const float *inv, float *out, int head_dim, int nv,
-                           int nh, const int bf16) {
+                           int nh, const int kind) {
 #define WEIGHTED_V(NV, NH) \
-    weighted_v(v_cache, table, len, block_size, row_bytes, dc, p, stride, inv, out, head_dim, NV, NH, bf16)
+    weighted_v(v_cache, table, len, block_size, row_bytes, dc, p, stride, inv, out, head_dim, NV, NH, kind)
 #define BY_HEADS(NV) \
     if (nh == 3) WEIGHTED_V(NV, 3); else if (nh == 2) WEIGHTED_V(NV, 2); else WEIGHTED_V(NV, 1); return
     switch (nv) {
@@ -238,10 +265,10 @@ struct item_view {
  * applied to the output instead of to every probability. `next`: the item this thread runs next (NULL: none). */
 static inline __attribute__((always_inline)) void decode_item_simd(
     const float *q, const void *k_cache, const void *v_cache, const int64_t *table, int64_t len, float *out,
-    int group, int head_dim, int block_size, float scale, float *scores, const int bf16, const struct item_view *next) {
+    int group, int head_dim, int block_size, float scale, float *scores, const int kind, const struct item_view *next) {
     float qs[MAX_GROUP * MAX_HEAD_DIM], inv[MAX_GROUP];
     for (int i = 0; i < group * head_dim; i++) qs[i] = q[i] * scale;
-    const size_t row_bytes = (size_t)head_dim * (bf16 ? 2 : 4);
+    const size_t row_bytes = (size_t)head_dim * (kind ? 2 : 4);
     const size_t block_bytes = (size_t)block_size * row_bytes;
     const int64_t num_blocks = (len + block_size - 1) / block_size;
     for (int64_t b = 0; b < PREFETCH_BLOCKS && b < num_blocks; b++)
@@ -258,7 +285,7 @@ static inline __attribute__((always_inline)) void decode_item_simd(
             for (int g = 0; g < group; g += HEADS_AT_ONCE)
                 k_scores_any(qs + g * head_dim, block + j * row_bytes, rows, row_bytes, head_dim,
                              scores + g * len + t + j, len, group - g < HEADS_AT_ONCE ? group - g : HEADS_AT_ONCE,
-                             bf16);
+                             kind);
         }
         t += n;
     }
@@ -273,7 +300,7 @@ static inline __attribute__((always_inline)) void decode_item_simd(
         for (int dc = 0; dc < head_dim; dc += 32) {
             const int nv = (head_dim - dc < 32 ? head_dim - dc : 32) / 8;
             weighted_v_any((const char *)v_cache, table, len, block_size, row_bytes, dc, scores + g * len, len,
-                           inv + g, out + g * head_dim + dc, head_dim, nv, nh, bf16);
+                           inv + g, out + g * head_dim + dc, head_dim, nv, nh, kind);
         }
     }
 }
@@ -282,12 +309,12 @@ static inline __attribute__((always_inline)) void decode_item_simd(
 static inline __attribute__((always_inline)) int decode(
     const float *q, const void *k_cache, const void *v_cache, const int64_t *tables, const int64_t *lens, float *out,
     int batch, int heads, int kv_heads, int head_dim, int64_t num_blocks, int block_size, int max_blocks,
-    float scale, int threads, float *scratch, int64_t max_len, const int bf16) {
+    float scale, int threads, float *scratch, int64_t max_len, const int kind) {
     int group = heads / kv_heads;
     if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || heads % kv_heads) return 1;
     int64_t per_head = num_blocks * block_size * head_dim; /* elements of one KV head's cache */
     const int items = batch * kv_heads;
-    const size_t elem = bf16 ? 2 : 4;
+    const size_t elem = kind ? 2 : 4;
     int claimed = 0; /* items handed out: each thread claims its next item one ahead, to prefetch it */
 #pragma omp parallel num_threads(threads)
     {
@@ -316,11 +343,11 @@ static inline __attribute__((always_inline)) int decode(
                     p = &ahead;
                 }
                 decode_item_simd(q + off, kc, vc, table, lens[seq], out + off, group, head_dim, block_size, scale,
-                                 scores, bf16, p);
+                                 scores, kind, p);
             } else
 #endif
                 decode_item(q + off, kc, vc, table, lens[seq], out + off, group, head_dim, block_size, scale, scores,
-                            bf16);
+                            kind);
             item = next;
         }
     }
@@ -332,7 +359,7 @@ int paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
                      int64_t num_blocks, int block_size, int max_blocks, float scale, int threads, float *scratch,
                      int64_t max_len) {
     return decode(q, k_cache, v_cache, tables, lens, out, batch, heads, kv_heads, head_dim, num_blocks, block_size,
-                  max_blocks, scale, threads, scratch, max_len, 0);
+                  max_blocks, scale, threads, scratch, max_len, KV_F32);
 }
 
 int paged_decode_bf16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *tables,
@@ -340,5 +367,13 @@ int paged_decode_bf16(const float *q, const uint16_t *k_cache, const uint16_t *v
                       int64_t num_blocks, int block_size, int max_blocks, float scale, int threads, float *scratch,
                       int64_t max_len) {
     return decode(q, k_cache, v_cache, tables, lens, out, batch, heads, kv_heads, head_dim, num_blocks, block_size,
-                  max_blocks, scale, threads, scratch, max_len, 1);
+                  max_blocks, scale, threads, scratch, max_len, KV_BF16);
+}
+
+int paged_decode_f16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *tables,
+                     const int64_t *lens, float *out, int batch, int heads, int kv_heads, int head_dim,
+                     int64_t num_blocks, int block_size, int max_blocks, float scale, int threads, float *scratch,
+                     int64_t max_len) {
+    return decode(q, k_cache, v_cache, tables, lens, out, batch, heads, kv_heads, head_dim, num_blocks, block_size,
+                  max_blocks, scale, threads, scratch, max_len, KV_F16);
 }

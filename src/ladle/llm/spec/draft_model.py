@@ -69,6 +69,7 @@ class DraftModelDrafter:
             num_blocks=target.num_blocks, max_num_seqs=target.max_num_seqs,
             max_num_batched_tokens=target.max_num_batched_tokens,
             quantization=choose_quantization(config, checkpoint, target.dtype, target.device), checkpoint=checkpoint,
+            kv_cache_dtype=target.kv_cache_dtype,
         )
         log.info("draft model %s (%s): %d layers, KV cache %.1f MB beside the target's", path.name,
                  draft.architecture, draft.model.num_layers, draft.num_blocks * draft.bytes_per_block / 1e6)
