@@ -31,8 +31,8 @@ from ladle.llm.outputs import ScheduledSeq, SchedulerOutput  # noqa: E402
 from ladle.llm.runner import ModelRunner  # noqa: E402
 
 
-def make_runner(kv: str, num_blocks: int, max_seqs: int) -> ModelRunner:
-    runner = ModelRunner(llm.MODEL_DIR, torch.float32, "cpu", 16, num_blocks, None, max_seqs, 2048, compile=True,
+def make_runner(kv: str, num_blocks: int | None, memory: int | None, max_seqs: int) -> ModelRunner:
+    runner = ModelRunner(llm.MODEL_DIR, torch.float32, "cpu", 16, num_blocks, memory, max_seqs, 2048, compile=True,
                          kv_cache_dtype=DTYPES[kv])
     started = time.perf_counter()
     runner.compile_decoder(background=False)
@@ -63,25 +63,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv-cache-mib", type=int, default=0, help="size each cache in MiB as a server does (a 16-bit "
+                    "one then has twice the blocks) and draw the batch's blocks from all of it; 0: just enough blocks")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     llm.ensure_checkpoint()
     kvs, batches = args.kv.split(","), [int(b) for b in args.batches.split(",")]
-    num_blocks = max(batches) * -(-args.context // 16) + 8
+    needed = max(batches) * -(-args.context // 16) + 8
+    memory = args.kv_cache_mib << 20 or None
     print(describe_machine(machine()), flush=True)
-    runners = {kv: make_runner(kv, num_blocks, max(batches)) for kv in kvs}
+    runners = {kv: make_runner(kv, None if memory else needed, memory, max(batches)) for kv in kvs}
     print(f"\n| batch | {' | '.join(f'{kv} ms' for kv in kvs)} | {' | '.join(f'{kv} / {kvs[0]}' for kv in kvs[1:])} |")
     print("|---:|" + "---:|" * (2 * len(kvs) - 1))
     with torch.inference_mode():
         for batch in batches:
-            sched = decode_batch(batch, args.context, num_blocks, batch)
+            scheds = {kv: decode_batch(batch, args.context, runner.num_blocks, batch) for kv, runner in runners.items()}
             times: dict[str, list[float]] = {kv: [] for kv in kvs}
-            for runner in runners.values():
-                mean_ms(runner, sched, 2)  # warm: first-call allocations
+            for kv, runner in runners.items():
+                mean_ms(runner, scheds[kv], 2)  # warm: first-call allocations
             for round_ in range(args.rounds):
                 order = kvs if round_ % 2 == 0 else kvs[::-1]
                 for kv in order:
-                    times[kv].append(mean_ms(runners[kv], sched, args.steps))
+                    times[kv].append(mean_ms(runners[kv], scheds[kv], args.steps))
             med = {kv: statistics.median(t) for kv, t in times.items()}
             ratios = [statistics.median(b / a for a, b in zip(times[kvs[0]], times[kv], strict=True)) for kv in kvs[1:]]
             print(f"| {batch} | {' | '.join(f'{med[kv]:.2f}' for kv in kvs)} | "

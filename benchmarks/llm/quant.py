@@ -306,7 +306,9 @@ def measure_alternating(configs: list[ServerConfig], args: argparse.Namespace,
     """--rounds N: every config's server up at once (one port each), each cell (concurrency x config) measured in
     turn, N rounds: (servers, every round's rows). On a host that drifts by 10-30% within minutes, only cells measured
     side by side give a ratio (a sequential pair of runs here measured int8 / float32 at 0.84x in one order and 1.13x
-    in the other)."""
+    in the other). The order within a round reverses every other round (ABBA): measured in a fixed order, whichever
+    config ran first in each round was ~5% faster (a float16-KV server 0.88-0.98x float32's when second, 1.02-1.07x
+    when first)."""
     all_rows: list[dict] = []
     with contextlib.ExitStack() as stack:
         started = [start_server(cfg, args, clock, stack, llm.PORT + i) for i, cfg in enumerate(configs)]
@@ -314,7 +316,8 @@ def measure_alternating(configs: list[ServerConfig], args: argparse.Namespace,
         try:
             for round_ in range(args.rounds):
                 for c in args.concurrencies:
-                    for i, (cfg, (server, spawned)) in enumerate(zip(configs, started, strict=True)):
+                    for i in round_order(len(configs), round_):
+                        cfg, (server, spawned) = configs[i], started[i]
                         if spawned is None or "error" in server:
                             continue
                         try:
@@ -329,6 +332,13 @@ def measure_alternating(configs: list[ServerConfig], args: argparse.Namespace,
             for server, spawned in started:
                 finish_server(server, spawned)
     return servers, all_rows
+
+
+def round_order(n: int, round_: int) -> list[int]:
+    """The order of n alternated servers in a round: forward in even rounds, reversed in odd ones (ABBA), so that no
+    server always runs first, or always right after another."""
+    order = list(range(n))
+    return order if round_ % 2 == 0 else order[::-1]
 
 
 def best_rounds(rows: list[dict], *cell: str) -> dict[tuple, dict]:
