@@ -12,24 +12,15 @@ import sys
 import httpx
 import openai
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ladle.repository.config_errors import ConfigError
 from ladle.serving.builders import llm_config_from_parameters
+from tests.api.test_llm_repository import reference
 from tests.fixtures.checkpoints import save_tiny_checkpoint
 from tests.repos import write_model
 from tests.server import LadleServer
 
 ENGINE = ["--dtype", "float32", "--max-model-len", "128", "--kv-cache-memory", "256KiB"]
-
-
-def reference(model_dir, prompt: str, n: int) -> str:
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ids = tok(prompt)["input_ids"]
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
 def blocks_in_log(log: str, name: str) -> tuple[int, str]:

@@ -362,18 +362,13 @@ int paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
                   max_blocks, scale, threads, scratch, max_len, KV_F32);
 }
 
-int paged_decode_bf16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *tables,
-                      const int64_t *lens, float *out, int batch, int heads, int kv_heads, int head_dim,
-                      int64_t num_blocks, int block_size, int max_blocks, float scale, int threads, float *scratch,
-                      int64_t max_len) {
-    return decode(q, k_cache, v_cache, tables, lens, out, batch, heads, kv_heads, head_dim, num_blocks, block_size,
-                  max_blocks, scale, threads, scratch, max_len, KV_BF16);
-}
-
-int paged_decode_f16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *tables,
-                     const int64_t *lens, float *out, int batch, int heads, int kv_heads, int head_dim,
-                     int64_t num_blocks, int block_size, int max_blocks, float scale, int threads, float *scratch,
-                     int64_t max_len) {
-    return decode(q, k_cache, v_cache, tables, lens, out, batch, heads, kv_heads, head_dim, num_blocks, block_size,
-                  max_blocks, scale, threads, scratch, max_len, KV_F16);
-}
+/* The 16-bit caches' entry points: the same signature, K/V as uint16 */
+#define PAGED_DECODE_16(name, kind)                                                                                   \
+    int name(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *tables,                \
+             const int64_t *lens, float *out, int batch, int heads, int kv_heads, int head_dim, int64_t num_blocks,  \
+             int block_size, int max_blocks, float scale, int threads, float *scratch, int64_t max_len) {            \
+        return decode(q, k_cache, v_cache, tables, lens, out, batch, heads, kv_heads, head_dim, num_blocks,          \
+                      block_size, max_blocks, scale, threads, scratch, max_len, kind);                               \
+    }
+PAGED_DECODE_16(paged_decode_bf16, KV_BF16)
+PAGED_DECODE_16(paged_decode_f16, KV_F16)
