@@ -307,8 +307,8 @@ def measure_alternating(configs: list[ServerConfig], args: argparse.Namespace,
     turn, N rounds: (servers, every round's rows). On a host that drifts by 10-30% within minutes, only cells measured
     side by side give a ratio (a sequential pair of runs here measured int8 / float32 at 0.84x in one order and 1.13x
     in the other). The order within a round reverses every other round (ABBA): measured in a fixed order, whichever
-    config ran first in each round was ~5% faster (a float16-KV server 0.88-0.98x float32's when second, 1.02-1.07x
-    when first)."""
+    config ran first in each round came out ~5% ahead (a float16-KV server 0.85-0.99x float32's when listed third,
+    1.01-1.07x when listed first)."""
     all_rows: list[dict] = []
     with contextlib.ExitStack() as stack:
         started = [start_server(cfg, args, clock, stack, llm.PORT + i) for i, cfg in enumerate(configs)]

@@ -78,7 +78,11 @@ int sweep(const float *q, const void *cache, int64_t layer_stride, int64_t kv_st
                                       num_blocks, block_size, max_blocks, scale, threads, scratch, max_len);
         } else {
             const uint16_t *k = (const uint16_t *)cache + (c % layers) * layer_stride;
-            failed = (kind == 1 ? paged_decode_bf16 : paged_decode_f16)(
+            int (*kernel)(const float *, const uint16_t *, const uint16_t *, const int64_t *, const int64_t *,
+                          float *, int, int, int, int, int64_t, int, int, float, int, float *, int64_t) =
+                kind == 1 ? paged_decode_bf16 : paged_decode_f16;
+            if (!kernel) return 2; /* a kernel version without this entry point */
+            failed = kernel(
                 q, k, k + kv_stride, tables, lens, out, batch, heads, kv_heads, head_dim, num_blocks, block_size,
                 max_blocks, scale, threads, scratch, max_len);
         }
@@ -139,7 +143,8 @@ class Attention:
                            HEAD_DIM, I64(self.blocks), BLOCK, self.per_seq, F32(HEAD_DIM**-0.5), self.threads,
                            P(ptr(self.scratch)), I64(self.context), KINDS[dtype])
         if failed:
-            raise SystemExit("the kernel refused the shape")
+            raise SystemExit("this kernel version has no 16-bit entry point" if failed == 2
+                             else "the kernel refused the shape")
 
     def result(self, lib: ctypes.CDLL, dtype: str = "float32") -> np.ndarray:
         self.sweep(lib, dtype)

@@ -8,8 +8,8 @@
  *   multi-token span (prefill chunk, draft verification) through SDPA over its own k/v or its cached context.
  *   q [T, heads, D], k/v [T, kv_heads, D] (last dim contiguous); caches [kv_heads, num_blocks, block_size, D]
  *   contiguous, float32, bfloat16 or float16 (may be narrower than q: --kv-cache-dtype; new rows are then rounded into
- *   the cache and cached context widened back for SDPA); out [T, heads * D] in q's dtype. `meta` is the step's int64 description (attention.py,
- *   pack_step), shared by every layer:
+ *   the cache and cached context widened back for SDPA); out [T, heads * D] in q's dtype. `meta` is the step's int64
+ *   description (attention.py, pack_step), shared by every layer:
  *     [seqs, decodes, max_blocks, max_decode_len, tokens,
  *      query_start[seqs + 1], context[seqs], tables[seqs * max_blocks], slots[tokens]]
  *   Sequences [0, decodes) are the one-token ones (rows [0, decodes)); context = tokens in the cache after the step.

@@ -2,11 +2,11 @@
  * place through its block table (no gather of the context into a contiguous copy).
  *
  * Cache layout per layer: [kv_heads, num_blocks, block_size, head_dim] (attention.py), float32, bfloat16 or float16
- * (the model's dtype, or --kv-cache-dtype: a 16-bit cache halves the bytes a decode step reads). Queries [B, heads,
- * head_dim] float32; query head h reads KV head h / group. Output [B, heads, head_dim] float32. Work item = (sequence, KV
- * head): its `group` query heads share every K/V row it loads. Two passes per item: scores (then softmax) into
- * per-thread scratch, then the probability-weighted sum of V. Compiled at first use by kernels/build.py with
- * -O3 -march=native. On AVX2 (and AVX-512) hosts with head_dim a multiple of 8, decode_item_simd runs both passes in
+ * (the model's dtype, or --kv-cache-dtype: a 16-bit cache halves the bytes a decode step reads). Queries
+ * [B, heads, head_dim] float32; query head h reads KV head h / group. Output [B, heads, head_dim] float32. Work
+ * item = (sequence, KV head): its `group` query heads share every K/V row it loads. Two passes per item: scores
+ * (then softmax) into per-thread scratch, then the probability-weighted sum of V. Compiled at first use by
+ * kernels/build.py with -O3 -march=native. On AVX2 (and AVX-512) hosts with head_dim a multiple of 8, decode_item_simd runs both passes in
  * explicit vectors, register-blocked over rows and query heads (an earlier form, eight rows' dot products at a time,
  * ran 1.3-1.9x the plain loops below, which GCC vectorized one dot product at a time: one dependent FMA chain and a
  * horizontal sum per row; `#pragma omp simd` on them made code 6x slower in float32). The plain loops serve every
@@ -22,6 +22,8 @@
 
 /* The cache's element types: float32, bfloat16 (the top half of a float32) or IEEE float16 (--kv-cache-dtype) */
 enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
+
+static inline size_t kv_elem_bytes(const int kind) { return kind == KV_F32 ? 4 : 2; }
 
 static inline float bf16_to_f32(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;
@@ -144,7 +146,7 @@ static inline __attribute__((always_inline)) void k_scores(const float *qs, cons
     __m256 acc[K_ROWS][HEADS_AT_ONCE];
     for (int j = 0; j < K_ROWS; j++)
         for (int g = 0; g < nh; g++) acc[j][g] = _mm256_setzero_ps();
-    const size_t elem = kind ? 2 : 4;
+    const size_t elem = kv_elem_bytes(kind);
     for (int d = 0; d < head_dim; d += 8) {
         __m256 qv[HEADS_AT_ONCE];
         for (int g = 0; g < nh; g++) qv[g] = _mm256_loadu_ps(qs + g * head_dim + d);
@@ -206,7 +208,7 @@ static inline __attribute__((always_inline)) void weighted_v(const char *v_cache
     __m256 acc[HEADS_AT_ONCE][4];
     for (int g = 0; g < nh; g++)
         for (int i = 0; i < nv; i++) acc[g][i] = _mm256_setzero_ps();
-    const size_t elem = kind ? 2 : 4;
+    const size_t elem = kv_elem_bytes(kind);
     int64_t t = 0;
     for (int64_t b = 0; t < len; b++) {
         const char *row = v_cache + (size_t)table[b] * block_size * row_bytes + dc * elem;
@@ -268,7 +270,7 @@ static inline __attribute__((always_inline)) void decode_item_simd(
     int group, int head_dim, int block_size, float scale, float *scores, const int kind, const struct item_view *next) {
     float qs[MAX_GROUP * MAX_HEAD_DIM], inv[MAX_GROUP];
     for (int i = 0; i < group * head_dim; i++) qs[i] = q[i] * scale;
-    const size_t row_bytes = (size_t)head_dim * (kind ? 2 : 4);
+    const size_t row_bytes = (size_t)head_dim * (kv_elem_bytes(kind));
     const size_t block_bytes = (size_t)block_size * row_bytes;
     const int64_t num_blocks = (len + block_size - 1) / block_size;
     for (int64_t b = 0; b < PREFETCH_BLOCKS && b < num_blocks; b++)
@@ -314,7 +316,7 @@ static inline __attribute__((always_inline)) int decode(
     if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || heads % kv_heads) return 1;
     int64_t per_head = num_blocks * block_size * head_dim; /* elements of one KV head's cache */
     const int items = batch * kv_heads;
-    const size_t elem = kind ? 2 : 4;
+    const size_t elem = kv_elem_bytes(kind);
     int claimed = 0; /* items handed out: each thread claims its next item one ahead, to prefetch it */
 #pragma omp parallel num_threads(threads)
     {
