@@ -2,15 +2,15 @@
  * place through its block table (no gather of the context into a contiguous copy).
  *
  * Cache layout per layer: [kv_heads, num_blocks, block_size, head_dim] (attention.py), float32, bfloat16 or float16
- * (the model's dtype, or --kv-cache-dtype: a 16-bit cache halves the bytes a decode step reads). Queries
- * [B, heads, head_dim] float32; query head h reads KV head h / group. Output [B, heads, head_dim] float32. Work
- * item = (sequence, KV head): its `group` query heads share every K/V row it loads. Two passes per item: scores
- * (then softmax) into per-thread scratch, then the probability-weighted sum of V. Compiled at first use by
- * kernels/build.py with -O3 -march=native. On AVX2 (and AVX-512) hosts with head_dim a multiple of 8, decode_item_simd runs both passes in
+ * (the model's dtype, or --kv-cache-dtype: a 16-bit cache halves the bytes a decode step reads). Queries [B, heads,
+ * head_dim] float32; query head h reads KV head h / group. Output [B, heads, head_dim] float32. Work item = (sequence,
+ * KV head): its `group` query heads share every K/V row it loads. Two passes per item: scores (then softmax) into
+ * per-thread scratch, then the probability-weighted sum of V. Compiled at first use by kernels/build.py with -O3
+ * -march=native. On AVX2 (and AVX-512) hosts with head_dim a multiple of 8, decode_item_simd runs both passes in
  * explicit vectors, register-blocked over rows and query heads (an earlier form, eight rows' dot products at a time,
  * ran 1.3-1.9x the plain loops below, which GCC vectorized one dot product at a time: one dependent FMA chain and a
- * horizontal sum per row; `#pragma omp simd` on them made code 6x slower in float32). The plain loops serve every
- * other case.
+ * horizontal sum per row; `#pragma omp simd` on them made code 6x slower in float32). The plain loops serve every other
+ * case.
  */
 #include <float.h>
 #include <math.h>
