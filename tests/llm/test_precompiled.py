@@ -161,3 +161,15 @@ def test_a_step_the_graphs_were_not_built_for_runs_eagerly(checkpoints, own_cach
         model.compiled = None
         want = model(step.input_ids, step.positions, step.meta)
     torch.testing.assert_close(got, want)
+
+
+def test_a_torch_without_ahead_of_time_compilation_compiles_just_in_time_and_saves_nothing(
+        checkpoints, own_cache, monkeypatch, caplog) -> None:
+    """torch 2.11 (the CUDA machine's) has no `aot_compile`: the decoder is still compiled, in this process."""
+    monkeypatch.setattr(precompiled, "aot_available", lambda compiled: False)
+    runner = runner_for(checkpoints[1])
+    text = compile_logged(runner, caplog)
+    assert "cannot compile ahead of time" in text and "decoder graphs compiled in" in text
+    assert not list(artifact_dir().glob("*.bin"))
+    assert isinstance(runner.model.compiled.one, precompiled.JitGraph)
+    assert_same(steps(runner), eager_steps(runner))

@@ -111,7 +111,7 @@ def build(model: torch.nn.Module, description: dict[str, Any], probe: Callable[[
     graphs, origins = {}, set()
     with _lock:
         for bucket in BUCKETS:
-            graphs[bucket], origin = _graph(key, bucket, (model, *probe(bucket).args), use_cpp_wrapper)
+            graphs[bucket], origin = _graph(key, bucket, model, probe(bucket), use_cpp_wrapper)
             origins.add(origin)
     for bucket in BUCKETS:  # outside the lock: another engine's install need not wait for these steps
         step = probe(bucket)
@@ -121,8 +121,10 @@ def build(model: torch.nn.Module, description: dict[str, Any], probe: Callable[[
     return Decoder(graphs), origin
 
 
-def _graph(key: str, bucket: int, args: tuple, use_cpp_wrapper: bool) -> tuple[Any, str]:
-    """One bucket's graph whose guards pass for `args` (the model and a probe step)."""
+def _graph(key: str, bucket: int, model: torch.nn.Module, step: ProbeStep, use_cpp_wrapper: bool
+           ) -> tuple[Any, str]:
+    """One bucket's graph whose guards pass for the model and a probe step."""
+    args = (model, *step.args)
     graph = _graphs.get((key, bucket))
     if graph is not None and graph.guard_check(*args):
         return graph, "memory"
@@ -130,7 +132,7 @@ def _graph(key: str, bucket: int, args: tuple, use_cpp_wrapper: bool) -> tuple[A
     graph = _load(path, args)
     origin = "cache"
     if graph is None:
-        graph, origin = _compile(path, args, use_cpp_wrapper), "compiled"
+        graph, origin = _compile(path, step, args, use_cpp_wrapper), "compiled"
     _graphs[(key, bucket)] = graph
     return graph, origin
 
@@ -156,11 +158,32 @@ def _load(path: Path, args: tuple) -> Any | None:
     return None
 
 
-def _compile(path: Path, args: tuple, use_cpp_wrapper: bool) -> Any:
+class JitGraph:
+    """torch.compile's ordinary (just-in-time) graph, for a torch whose compiled functions have no `aot_compile`
+    (2.11 has none; the pinned 2.13 has it): traced in this process, guarded by dynamo on every call, never saved."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+        self.fn = fn
+
+    def guard_check(self, *args: Any) -> bool:
+        return True  # dynamo checks its own guards at each call and retraces when they fail
+
+
+def aot_available(compiled: Callable[..., Any]) -> bool:
+    return hasattr(compiled, "aot_compile")
+
+
+def _compile(path: Path, step: ProbeStep, args: tuple, use_cpp_wrapper: bool) -> Any:
     """Compile one bucket's graph for `args` and save it (atomically: a half-written file is never read)."""
     model = args[0]
     started = time.perf_counter()
     compiled = torch.compile(type(model).hidden_states, dynamic=True, fullgraph=True)
+    if not aot_available(compiled):
+        logger.warning("torch %s cannot compile ahead of time (no aot_compile): the decoder is compiled at every "
+                       "start, not saved (torch 2.13 saves it)", torch.__version__)
+        with compile_settings(use_cpp_wrapper), step_metadata(step.meta):
+            compiled(*args)  # traced (and run) now, not in a request's step
+        return JitGraph(compiled)
     with compile_settings(use_cpp_wrapper):
         graph = compiled.aot_compile((args, {}))
     logger.info("compiled graph %s in %.1fs", path.name, time.perf_counter() - started)
