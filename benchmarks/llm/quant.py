@@ -12,7 +12,8 @@ Writes out/quant.md and out/quant.json.
 Extra configs (not run by default): bf16 (bfloat16 full width, ladle's default on AVX2 hosts where its own GEMM runs
 bf16), int8-dynamic, int8-weight-only (the two int8 kernels explicitly), gguf-none
 (the GGUF dequantized to native full width: the fair baseline for the GGUF rows), native-f16kv and int8-f16kv (native
-and int8 over a float16 KV cache, --kv-cache-dtype float16).
+and int8 over a float16 KV cache, --kv-cache-dtype float16; int8's own default on a CPU computing in float32), and
+int8-f32kv (int8 over an exact float32 cache).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def all_configs(native: str) -> dict[str, ServerConfig]:
                 ServerConfig("gguf-none", "gguf", native, "none")]
     # a float16 KV cache under the same weights: half the bytes each decode step's attention reads
     configs += [ServerConfig("native-f16kv", "random", native, "none", "float16"),
-                ServerConfig("int8-f16kv", "random", native, "int8", "float16")]
+                ServerConfig("int8-f16kv", "random", native, "int8", "float16"),
+                ServerConfig("int8-f32kv", "random", native, "int8", "float32")]
     return {c.name: c for c in configs}
 
 

@@ -1,6 +1,7 @@
 """--kv-cache-dtype (and `kv_cache_dtype` in a repository LLM's parameters): a float32 model over a 16-bit KV cache
-serves the same greedy text as transformers, with twice the blocks in the same memory; a value outside the choices is
-refused, on the command line and in a config file, naming the field."""
+serves the same greedy text as transformers, with twice the blocks in the same memory; auto is float16 under int8
+weights computing in float32; a value outside the choices is refused, on the command line and in a config file,
+naming the field."""
 
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ def repo(tmp_path_factory):
     write_model(repo, "bf16-cache", {"backend": "llm", "parameters": {
         "dtype": "float32", "kv_cache_dtype": "bfloat16", "num_kv_blocks": 24, "max_model_len": 128}})
     save_tiny_checkpoint(repo / "bf16-cache" / "1", "qwen2")
+    for name, kv in (("int8-auto", {}), ("int8-exact", {"kv_cache_dtype": "float32"})):
+        write_model(repo, name, {"backend": "llm", "parameters": {
+            "dtype": "float32", "quantization": "int8", "num_kv_blocks": 24, "max_model_len": 128, **kv}})
+        save_tiny_checkpoint(repo / name / "1", "llama")
     return repo
 
 
@@ -62,6 +67,12 @@ def test_16_bit_caches_serve_what_transformers_generates(repo, tmp_path) -> None
         # float16: 2 bytes an element, so 256 KiB holds twice the blocks a float32 cache would
         assert dtype == "float16" and blocks == 256 * 1024 // (16 * bytes_per_token(checkpoint, 2))
         assert blocks_in_log(server.log(), "bf16-cache") == (24, "bfloat16")
+        # auto under int8 weights computing in float32: a float16 cache (llama.cpp's default), unless asked otherwise
+        assert blocks_in_log(server.log(), "int8-auto") == (24, "float16")
+        assert blocks_in_log(server.log(), "int8-exact") == (24, "float32")
+        for name in ("int8-auto", "int8-exact"):
+            assert client.completions.create(model=name, prompt="hi", max_tokens=4, temperature=0,
+                                             extra_body={"ignore_eos": True}).usage.completion_tokens == 4
         # a repository LLM whose config names a dtype the cache cannot take is refused, naming the field
         write_model(repo, "bad-cache", {"backend": "llm", "parameters": {"kv_cache_dtype": "int3"}})
         save_tiny_checkpoint(repo / "bad-cache" / "1", "llama")

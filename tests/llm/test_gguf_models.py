@@ -247,3 +247,21 @@ def test_auto_dtype_of_a_bfloat16_checkpoint_here(root: Path, tmp_path: Path) ->
     int8 = build_core(LLMConfig(model=str(path), dtype="auto", quantization="int8", num_kv_blocks=16,
                                 max_model_len=128), path)
     assert int8.runner.dtype == (torch.bfloat16 if native else torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("requested", "dtype", "quantized", "device", "expected"),
+    [
+        ("auto", torch.float32, False, "cpu", torch.float32),  # full width: an exact cache (transformers parity)
+        ("auto", torch.float32, True, "cpu", torch.float16),  # int8/int4 on a CPU: llama.cpp's default width
+        ("auto", torch.bfloat16, True, "cpu", torch.bfloat16),  # 16 bits already
+        ("auto", torch.bfloat16, False, "cuda", torch.bfloat16),
+        ("float32", torch.float32, True, "cpu", torch.float32),  # asked for: kept
+        ("bfloat16", torch.float32, False, "cpu", torch.bfloat16),
+    ],
+)
+def test_kv_cache_dtype_auto_is_16_bit_only_under_quantized_weights(
+        requested: str, dtype: torch.dtype, quantized: bool, device: str, expected: torch.dtype) -> None:
+    chosen, why = dtypes.resolve_kv_cache_dtype(requested, dtype, quantized, torch.device(device))
+    assert chosen == expected
+    assert why.startswith("auto" if requested == "auto" else "asked for")

@@ -67,3 +67,17 @@ def resolve_dtype(
     if saved == "float16":  # CPUs add float16 in software; bfloat16 keeps the range and runs at full speed
         return torch.bfloat16, f"auto: float16 checkpoint on a CPU (float16 is emulated); {why}"
     return DTYPES[saved], f"auto: the checkpoint's {saved}; {why}"
+
+
+def resolve_kv_cache_dtype(
+    requested: str, dtype: torch.dtype, quantized: bool, device: torch.device
+) -> tuple[torch.dtype, str]:
+    """(KV-cache dtype, why) for `--kv-cache-dtype requested` under a model computing in `dtype`. auto is the compute
+    dtype, except float16 under int8/int4 weights computing in float32 on a CPU: llama.cpp's default cache width, for
+    weights that are approximate already, and the decode kernel reads half the bytes (its attention is a larger share
+    of a quantized step: benchmarks/RESULTS.md). Full-width models keep an exact cache (transformers parity)."""
+    if requested != "auto":
+        return DTYPES[requested], "asked for with --kv-cache-dtype"
+    if quantized and dtype == torch.float32 and device.type == "cpu":
+        return torch.float16, "auto: float16 under quantized weights on a CPU (--kv-cache-dtype float32 for exact)"
+    return dtype, "auto: the compute dtype"

@@ -23,7 +23,7 @@ try:  # the llm extra's packages: a core install is told which extra to add, not
     import torch
 
     from ladle.llm.async_engine import AsyncEngine
-    from ladle.llm.dtypes import DTYPES, resolve_dtype
+    from ladle.llm.dtypes import resolve_dtype, resolve_kv_cache_dtype
     from ladle.llm.engine import EngineCore
     from ladle.llm.models.gguf import GGUFCheckpoint
     from ladle.llm.models.linear import tiled_gemm_runs
@@ -104,13 +104,16 @@ def build_core(
     dtype, why = resolve_dtype(config.dtype, checkpoint.config, device, checkpoint.quantized, bf16_gemm)
     log.info("dtype %s (%s)", str(dtype).removeprefix("torch."), why)
     scheme = choose_quantization(config, checkpoint, dtype, device)
+    kv_dtype, kv_why = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, scheme is not None, device)
+    if kv_dtype != dtype:
+        log.info("KV cache %s (%s)", str(kv_dtype).removeprefix("torch."), kv_why)
     runner = ModelRunner(
         model_dir, dtype=dtype, device=str(device), block_size=config.block_size,
         num_blocks=config.num_kv_blocks,
         kv_cache_memory=None if config.num_kv_blocks else parse_bytes(config.kv_cache_memory),
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         quantization=scheme, checkpoint=checkpoint, compile=not enforce_eager(config),
-        kv_cache_dtype=DTYPES.get(config.kv_cache_dtype),  # auto: None, the compute dtype
+        kv_cache_dtype=kv_dtype,
     )
     max_model_len = min(config.max_model_len or runner.max_model_len, runner.max_model_len)
     pool = BlockPool(runner.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
