@@ -85,9 +85,9 @@ class LLMConfig:
         "(avx512_bf16/AMX), float32 on CPUs without it", choices=("auto", "float32", "bfloat16", "float16")
     )
     kv_cache_dtype: str = option(
-        "auto", "element type of the paged KV cache; auto = the compute dtype (float16 under int8/int4 weights computing "
-        "in float32 on a CPU, as llama.cpp's default cache). bfloat16 or float16 under a float32 "
-        "model halve the cache's memory (twice the tokens in --kv-cache-memory) and the bytes each decode step's "
+        "auto", "element type of the paged KV cache; auto = the compute dtype (float16 under int8/int4 weights "
+        "computing in float32 on a CPU, as llama.cpp's default cache). bfloat16 or float16 under a float32 model "
+        "halve the cache's memory (twice the tokens in --kv-cache-memory) and the bytes each decode step's "
         "attention reads, at the cost of keys/values rounded to 16 bits (float16 keeps 3 more mantissa bits, "
         "bfloat16 float32's range)", choices=("auto", "float32", "bfloat16", "float16")
     )
