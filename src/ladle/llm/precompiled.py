@@ -174,7 +174,8 @@ def aot_available(compiled: Callable[..., Any]) -> bool:
 
 
 def _compile(path: Path, step: ProbeStep, args: tuple, use_cpp_wrapper: bool) -> Any:
-    """Compile one bucket's graph for `args` and save it (atomically: a half-written file is never read)."""
+    """Compile one bucket's graph for `args` and save it (atomically: a half-written file is never read); on a torch
+    without `aot_compile`, a JitGraph traced now on the probe `step` (its attention metadata set) and not saved."""
     model = args[0]
     started = time.perf_counter()
     compiled = torch.compile(type(model).hidden_states, dynamic=True, fullgraph=True)
