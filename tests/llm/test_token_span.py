@@ -15,7 +15,7 @@ from tokenizers import models, normalizers, pre_tokenizers
 
 from ladle.llm.token_span import max_chars_per_token
 from ladle.llm.tokenizer import Tokenizer
-from tests.fixtures.tiny_tokenizer import save_tiny_tokenizer
+from tests.fixtures.tiny_tokenizer import CORPUS, save_tiny_tokenizer
 
 # the corpus's words, runs of spaces and marks, other scripts, and what the added tokens spell
 PIECES = ["the", " quick", "  ", "\n", "é", "e\u0301", "\u0301\u0302\u0323", "Ω", "ᾇ", "α\u0314\u0342\u0345", "中文",
@@ -89,7 +89,10 @@ def test_models_that_map_unknown_words_to_one_token_give_no_bound() -> None:
 def test_a_bpe_that_drops_or_fuses_unknown_characters_gives_no_bound(tmp_path: Path) -> None:
     tok = Tokenizer.from_dir(save_tiny_tokenizer(tmp_path, kind="metaspace"))
     fused = variant(tok, lambda s: s["model"].update(byte_fallback=False))  # fuse_unk: one <unk> for a run
-    assert len(fused.encode("😀" * 50, add_special_tokens=False).ids) <= 2
+    # a character the training corpus lacks: "😀" is in it, and training kept it or not from run to run (ties in
+    # limit_alphabet's character counts), so this test failed one run in three
+    assert "🧪" not in "".join(CORPUS)
+    assert len(fused.encode("🧪" * 50, add_special_tokens=False).ids) <= 2
     assert max_chars_per_token(fused) is None
     dropping = Backend(models.BPE({"a": 0, "b": 1}, []))  # no unk token: unknown characters vanish
     assert dropping.encode("a" + "z" * 50).ids == [0]
