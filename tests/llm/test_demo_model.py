@@ -106,29 +106,28 @@ def decoded_logits(model_runner: ModelRunner, text: list[int], start: int) -> to
     return torch.stack(rows)
 
 
+def decoded_agreement(model_runner: ModelRunner, reference) -> float:
+    """Top-1 agreement with the full-width model over every answer position, decoded through the cache."""
+    texts, full_logits, starts = reference
+    agree = [decoded_logits(model_runner, text, start).argmax(-1) == full[start:-1].argmax(-1)
+             for text, full, start in zip(texts, full_logits, starts, strict=True)]
+    return float(torch.cat(agree).float().mean())
+
+
 @pytest.mark.parametrize("kv_cache_dtype", list(KV_AGREEMENT))
 def test_a_16_bit_kv_cache_agrees_with_full_width_on_real_text(reference, kv_cache_dtype: str) -> None:
-    texts, full_logits, starts = reference
     model = ModelRunner(DEMO_GGUF, torch.float32, "cpu", 16, 16, None, 4, 512,
                         checkpoint=open_checkpoint(DEMO_GGUF), kv_cache_dtype=DTYPES[kv_cache_dtype])
-    agree = []
-    for text, full, start in zip(texts, full_logits, starts, strict=True):
-        agree.append(decoded_logits(model, text, start).argmax(-1) == full[start:-1].argmax(-1))
-    rate = float(torch.cat(agree).float().mean())
+    rate = decoded_agreement(model, reference)
     assert rate >= KV_AGREEMENT[kv_cache_dtype], f"{kv_cache_dtype} cache: top-1 agreement {rate:.3f}"
 
 
 def test_int8_over_its_default_float16_cache_agrees_with_full_width_on_real_text(reference) -> None:
     """`--quantization int8` on a CPU computing in float32 takes a float16 KV cache by default (dtypes.py): the two
     roundings together, decoding token by token through the cache, against the full-width float32 model."""
-    texts, full_logits, starts = reference
     config = LLMConfig(model=str(DEMO_GGUF), dtype="float32", quantization="int8-weight-only", num_kv_blocks=16,
                        max_model_len=256, enforce_eager=True)
     model = build_core(config, DEMO_GGUF).runner
     assert model.kv_cache_dtype == torch.float16
-    agree = []
-    for text, full, start in zip(texts, full_logits, starts, strict=True):
-        agree.append(decoded_logits(model, text, start).argmax(-1) == full[start:-1].argmax(-1))
-    rate = float(torch.cat(agree).float().mean())
-    print(f"int8 over a float16 cache: top-1 agreement {rate:.3f} over {sum(len(a) for a in agree)} positions")
-    assert rate >= AGREEMENT["int8-weight-only"], f"top-1 agreement {rate:.3f}"
+    rate = decoded_agreement(model, reference)  # measured 0.986 over 144 positions
+    assert rate >= AGREEMENT["int8-weight-only"], f"int8 over a float16 cache: top-1 agreement {rate:.3f}"
