@@ -69,6 +69,31 @@ def test_the_kernel_matches_attention_over_gathered_blocks(kernels, dtype, cache
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
+# few items for the threads: each sequence's context is cut into block-aligned spans, merged by their softmax maxima
+# (paged_decode.c splits_for); a 1-token sequence beside a long one leaves one of its spans empty
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize(("lens", "kv_heads", "cache_dtype"),
+                         [([300], 3, torch.float32), ([129], 1, torch.float32), ([1, 250, 64], 1, torch.float32),
+                          ([257, 7], 1, torch.float16), ([190], 3, torch.bfloat16)])
+def test_contexts_split_over_the_threads_match_the_reference(kernels, threads, lens, kv_heads, cache_dtype) -> None:
+    heads, head_dim, block_size, num_blocks = 3 * kv_heads, 64, 16, 64
+    generator = torch.Generator().manual_seed(sum(lens) + threads)
+    k_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(cache_dtype)
+    v_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(cache_dtype)
+    lengths = torch.tensor(lens, dtype=torch.int64)
+    max_blocks = int(-(-lengths.max() // block_size))
+    tables = torch.randperm(num_blocks, generator=generator)[: len(lens) * max_blocks].view(len(lens), max_blocks)
+    q = torch.randn(len(lens), heads, head_dim, generator=generator)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = kernels[cache_dtype](q, k_cache, v_cache, tables.contiguous(), lengths, int(lengths.max()), 0.125)
+    finally:
+        torch.set_num_threads(before)
+    expected = reference(q, k_cache, v_cache, tables, lengths, 0.125)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("batch", [1, 5])
 def test_the_kernel_and_the_torch_path_agree_in_the_attention_layer(kernels, batch) -> None:
     kv_heads, num_blocks, block_size, head_dim, heads = 3, 64, 16, 64, 9
