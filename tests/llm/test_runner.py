@@ -183,3 +183,16 @@ def test_a_16_bit_kv_cache_holds_twice_the_tokens_and_keeps_the_tokens(model_dir
     tolerance = 2e-2 if cache_dtype == torch.bfloat16 else 3e-3
     torch.testing.assert_close(chunked, full, atol=tolerance, rtol=tolerance)
     assert not torch.allclose(chunked, full, atol=1e-6, rtol=0)  # the cache really is narrower
+
+
+def test_each_layer_binds_its_cache_as_a_tensor_of_its_own_over_the_one_allocation(model_dirs: dict[str, Path]
+                                                                                    ) -> None:
+    """Storage offset 0 for every layer's K and V (a view's offset becomes a compiled graph input, read and passed on
+    every call), the memory still the runner's one KV allocation."""
+    runner = make_runner(model_dirs["llama"], block_size=8)
+    for i, layer in enumerate(runner.model.layers):
+        for j, cache in enumerate((layer.self_attn.k_cache, layer.self_attn.v_cache)):
+            assert cache.storage_offset() == 0
+            assert cache.data_ptr() == runner.kv_cache[i, j].data_ptr() and cache.shape == runner.kv_cache[i, j].shape
+    runner.kv_cache[1, 0].fill_(3.0)
+    assert bool((runner.model.layers[1].self_attn.k_cache == 3.0).all())

@@ -112,7 +112,11 @@ class ModelRunner:
         shape = (self.kv_cache_dtype, self.device, heads, m.num_kv_heads, m.head_dim)
         self.attention_op = paged_attention_op(*shape) if mode == "operator" else None
         self.decode_kernel = paged_decode(*shape) if self.attention_op is None and mode != "gather" else None
-        m.bind_kv_cache([(layer[0], layer[1]) for layer in self.kv_cache], self.attention_op)
+        # each layer's K and V as a tensor of its own over the same memory (storage offset 0): as views into the one
+        # allocation they carry 2 x layers storage offsets, which the compiled graphs (dynamic=True) take as inputs,
+        # read in Python and passed as tensors on every call: ~0.5 ms of a batch-1 step (benchmarks/RESULTS.md)
+        own = torch.from_dlpack
+        m.bind_kv_cache([(own(layer[0]), own(layer[1])) for layer in self.kv_cache], self.attention_op)
         logger.info(
             "%s: %d KV blocks of %d tokens (%.1f MB, %s)", self.architecture, self.num_blocks, block_size,
             self.kv_cache.numel() * self.kv_cache.element_size() / 1e6, str(self.kv_cache_dtype).removeprefix("torch."),
