@@ -356,13 +356,11 @@ struct decode_job {
     float scale;
 };
 
-static inline __attribute__((always_inline)) void unit_span(const struct decode_job *j, int unit, const int kind,
-                                                            struct span *s) {
+static inline __attribute__((always_inline)) void unit_span(const struct decode_job *j, int unit, struct span *s) {
     const int item = unit / j->splits, part = unit % j->splits, seq = item / j->kv_heads, h = item % j->kv_heads;
     const int64_t len = j->lens[seq], blocks = (len + j->block_size - 1) / j->block_size;
     const int64_t lo = blocks * part / j->splits, hi = blocks * (part + 1) / j->splits;
     const int64_t end = hi * j->block_size < len ? hi * j->block_size : len;
-    (void)kind;
     s->k = j->k_cache + (size_t)h * j->per_head_bytes;
     s->v = j->v_cache + (size_t)h * j->per_head_bytes;
     s->table = j->tables + (int64_t)seq * j->max_blocks + lo;
@@ -383,11 +381,11 @@ static inline __attribute__((always_inline)) void run_units(const struct decode_
         const int item = unit / j->splits, seq = item / j->kv_heads, h = item % j->kv_heads;
         const int64_t off = ((int64_t)seq * j->heads + (int64_t)h * j->group) * j->head_dim;
         struct span s;
-        unit_span(j, unit, kind, &s);
+        unit_span(j, unit, &s);
 #ifdef DECODE_SIMD
         if (j->head_dim % 8 == 0) {
             struct span ahead;
-            if (next < j->units) unit_span(j, next, kind, &ahead);
+            if (next < j->units) unit_span(j, next, &ahead);
             const int64_t stride = (int64_t)j->group * (j->head_dim + 2);
             float *part = j->splits > 1 ? j->partial + (int64_t)unit * stride : NULL;
             if (part == NULL || s.len > 0)
