@@ -125,8 +125,8 @@ static inline __m256 load8_kv(const void *p, const int kind) {
 /* Both passes are register-blocked over up to HEADS_AT_ONCE query heads of a group: every K/V vector loaded feeds that
  * many FMAs, so K and V are read once per item, not once per query head. 4 rows x 3 heads (K) and 4 vectors x 3 heads
  * (V) hold 12 independent accumulators; 2 heads take 4 x 2, one head 8 x 1 (at least 8 chains: the FMA latency times
- * its two ports). Measured against 3 x 3 (fewer registers in use), 4 x 4 ran ~10% faster on L2-resident data
- * (benchmarks/micro/kernel_ab.py --layers 1). */
+ * its two ports). 3 rows x 3 heads and 3 vectors x 3 heads (fewer registers in use) ran ~10% slower on L2-resident
+ * data (benchmarks/micro/kernel_ab.py --layers 1). */
 #define HEADS_AT_ONCE 3
 /* Keeps a loaded K/V vector in its register. With 12 accumulators, 3 query vectors and the K vector in all 16
  * registers GCC folded the load into each FMA that used it instead (three loads of one vector, 15 loads per 12 FMAs,
@@ -294,7 +294,8 @@ static inline __attribute__((always_inline)) void v_pass(const struct span *s, c
             const int nv = (head_dim - dc) / 8 < most ? (head_dim - dc) / 8 : most;
             float *o = out + g * head_dim + dc;
             if (nh == 3) {
-                if (nv == 4) WEIGHTED_V(4, 3); else if (nv == 3) WEIGHTED_V(3, 3); else if (nv == 2) WEIGHTED_V(2, 3); else WEIGHTED_V(1, 3);
+                if (nv == 4) WEIGHTED_V(4, 3); else if (nv == 3) WEIGHTED_V(3, 3);
+                else if (nv == 2) WEIGHTED_V(2, 3); else WEIGHTED_V(1, 3);
             } else if (nh == 2) {
                 if (nv == 4) WEIGHTED_V(4, 2); else if (nv == 3) WEIGHTED_V(3, 2);
                 else if (nv == 2) WEIGHTED_V(2, 2); else WEIGHTED_V(1, 2);
