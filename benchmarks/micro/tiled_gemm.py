@@ -6,7 +6,8 @@ The workload walks 30 layers the way a step does — qkv (576->960), o (576->576
 SwiGLU), down (1536->576, + residual) — plus the 576->49152 output head: 121 calls over 249 MB (bfloat16) or 498 MB
 (float32) of weights, far beyond the caches. Both run ladle's own modules with their fused epilogues. Configurations
 alternate round by round (this box drifts 10-25% within minutes); the fastest round is reported, with the weight
-bandwidth and GEMM throughput it implies.
+bandwidth and GEMM throughput it implies. Where bfloat16 runs on AMX tiles (kernels/gemm_amx.h), the tiled GEMM is
+also measured with AMX turned off (`vdpbf16ps`: the AVX-512-BF16 kernels), the same weights, alternating too.
 
     .venv/bin/python benchmarks/micro/tiled_gemm.py [--m 1,2,4,8,16,32,128,512] [--rounds 5] [--dtype bfloat16,float32]
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ladle.llm.kernels.ops import gemm_available
+from ladle.llm.kernels.ops import gemm_amx, gemm_available, use_amx
 from ladle.llm.models.linear import (
     GateUpLinear,
     Linear,
@@ -72,20 +73,25 @@ def baseline(dtype: torch.dtype) -> str:
 
 def measure(dtype: torch.dtype, m_values: list[int], rounds: int) -> dict[tuple[str, int], float]:
     configs = {name: [build(kind, n, k, dtype, name == "tiled") for kind, n, k in SMOL] for name in ("base", "tiled")}
+    if dtype == torch.bfloat16 and gemm_amx():
+        configs["vdpbf16ps"] = configs["tiled"]  # the same modules with AMX off
     best: dict[tuple[str, int], float] = {}
     for m in m_values:
         xs = {k: torch.randn(m, k).to(dtype) for k in (576, 1536)} | {("out", 576): torch.randn(m, 576).to(dtype)}
         with torch.inference_mode():
             for r in range(rounds + 1):  # round 0 warms up
                 for name, calls in configs.items():
+                    use_amx(name != "vdpbf16ps")
                     started = time.perf_counter()
                     for call in calls:
                         call(xs)
                     if r:
                         elapsed = time.perf_counter() - started
                         best[name, m] = min(best.get((name, m), elapsed), elapsed)
-        base, tiled = best["base", m] * 1e3, best["tiled", m] * 1e3
-        print(f"  {dtype} M={m}: {baseline(dtype)} {base:.2f} ms, tiled {tiled:.2f} ms", flush=True)
+        use_amx(True)
+        shown = ", ".join(f"{baseline(dtype) if name == 'base' else name} {best[name, m] * 1e3:.2f} ms"
+                          for name in configs)
+        print(f"  {dtype} M={m}: {shown}", flush=True)
     return best
 
 
@@ -116,6 +122,15 @@ def main() -> None:
             flops = 2 * m * weights
             print(f"| {m} | {one * 1e3:.2f} | {tiled * 1e3:.2f} | {one / tiled:.2f}x | {size / one / 1e9:.1f} | "
                   f"{size / tiled / 1e9:.1f} | {flops / one / 1e9:.0f} | {flops / tiled / 1e9:.0f} |")
+        if ("vdpbf16ps", m_values[0]) in best:
+            print("\nAMX tiles against vdpbf16ps (the same tiled weights, AMX off):\n")
+            print("| rows | vdpbf16ps ms | AMX ms | AMX / vdpbf16ps (time) | vdpbf16ps GFLOP/s | AMX GFLOP/s |")
+            print("|---:|---:|---:|---:|---:|---:|")
+            for m in m_values:
+                off, on = best["vdpbf16ps", m], best["tiled", m]
+                flops = 2 * m * weights
+                print(f"| {m} | {off * 1e3:.2f} | {on * 1e3:.2f} | {on / off:.2f}x | {flops / off / 1e9:.0f} | "
+                      f"{flops / on / 1e9:.0f} |")
 
 
 if __name__ == "__main__":

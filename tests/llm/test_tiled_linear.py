@@ -4,11 +4,16 @@ from 0 rows to past the kernel's row blocking, float32 and bfloat16; traced by t
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ladle.llm.kernels.ops import gemm_available
+from ladle.llm.dtypes import cpu_flags
+from ladle.llm.kernels.ops import gemm_amx, gemm_available, use_amx
 from ladle.llm.models.linear import GateUpLinear, Linear, PackedLinear, TiledLinear, packed_linear
 
 CPU = torch.device("cpu")
@@ -63,6 +68,68 @@ def test_swiglu_matches_silu_gate_times_up(dtype, inter, bias) -> None:
     got = TiledLinear.of(layer).swiglu(x)
     assert got.shape == (2, 3, inter)
     torch.testing.assert_close(got.float(), F.silu(gate) * up, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("rows", [15, 16, 31, 127, 128, 161])  # AMX: 16-row blocks, a padded tail, 32-row pairs
+@pytest.mark.parametrize(("k", "swiglu"), [(96, False), (576, True), (1536, False)])
+def test_bfloat16_row_blocks_of_the_amx_path_match_torch(rows, k, swiglu) -> None:
+    """Where the CPU has AMX, bfloat16 runs on tile registers (kernels/gemm_amx.h) in blocks of 16 rows, 32 from 128
+    rows on, the last block read from a zero-padded copy; elsewhere these rows take the vdpbf16ps/AVX2 kernels."""
+    needs(torch.bfloat16)
+    torch.manual_seed(rows + k)
+    layer = linear(2 * 200 if swiglu else 200, k, torch.bfloat16, True, GateUpLinear if swiglu else Linear)
+    tiled = TiledLinear.of(layer)
+    x = torch.randn(rows, k + 32).to(torch.bfloat16)[:, :k]  # rows k + 32 apart: tile loads take x's own stride
+    want = reference(x, layer)
+    if swiglu:
+        gate, up = want.chunk(2, dim=-1)
+        torch.testing.assert_close(tiled.swiglu(x).float(), F.silu(gate) * up, **TOLERANCE[torch.bfloat16])
+    else:
+        other = torch.randn(rows, 200).to(torch.bfloat16)
+        torch.testing.assert_close(tiled.add(x, other).float(), want + other.float(), **TOLERANCE[torch.bfloat16])
+
+
+def test_amx_is_used_where_the_cpu_has_it() -> None:
+    needs(torch.bfloat16)
+    if "amx_bf16" not in cpu_flags():
+        assert not gemm_amx()
+        pytest.skip("no AMX on this CPU: bfloat16 runs on vdpbf16ps (AVX-512-BF16) or AVX2")
+    assert gemm_amx()  # Linux >= 5.16 grants the tile registers on request
+    torch.manual_seed(5)
+    tiled = TiledLinear.of(linear(128, 64, torch.bfloat16, True))
+    x = torch.randn(40, 64).to(torch.bfloat16)
+    on = tiled(x)
+    try:
+        assert not use_amx(False) and not gemm_amx()
+        off = tiled(x)  # vdpbf16ps: the same weights, another summation order
+    finally:
+        assert use_amx(True)
+    torch.testing.assert_close(on.float(), off.float(), **TOLERANCE[torch.bfloat16])
+    code = "from ladle.llm.kernels.ops import gemm_amx; print(gemm_amx())"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LADLE_AMX": "0"}, capture_output=True,
+                          text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_amx_calls_leave_torchs_own_amx_kernels_intact() -> None:
+    """The tile registers are per thread and shared with oneDNN's AMX GEMMs and torch's bfloat16 flash attention in
+    the same OpenMP threads: ladle's kernel configures them on entry and releases them on exit, and torch's must keep
+    giving the same results around it (a stale configuration would fault or compute garbage)."""
+    needs(torch.bfloat16)
+    if not gemm_amx():
+        pytest.skip("bfloat16 does not run on AMX tiles here")
+    torch.manual_seed(9)
+    q, k, v = (torch.randn(1, 8, 256, 64).to(torch.bfloat16) for _ in range(3))
+    attention = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    weight = (torch.randn(512, 256) * 0.05).to(torch.bfloat16)
+    onednn, tiled = PackedLinear(weight), TiledLinear(weight)
+    x = torch.randn(48, 256).to(torch.bfloat16)
+    by_onednn, by_tiled = onednn(x), tiled(x)
+    for _ in range(3):
+        assert torch.equal(tiled(x), by_tiled)
+        assert torch.equal(F.scaled_dot_product_attention(q, k, v, is_causal=True), attention)
+        assert torch.equal(tiled(x), by_tiled)
+        assert torch.equal(onednn(x), by_onednn)
 
 
 def test_gelu_and_a_strided_input() -> None:

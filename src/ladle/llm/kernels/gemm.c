@@ -175,6 +175,23 @@ static void tile_streamed(const struct gemm_job *j, int64_t t) {
     }
 }
 
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+#include "gemm_amx.h"
+#else
+static int amx_runs(int bf16, int64_t k_len) { return 0; }
+static int gemm_amx(const struct gemm_job *j, int threads) { return 1; }
+static void amx_set(int on) {}
+#endif
+
+/* whether bfloat16 layers (with K a multiple of 32) run on AMX tiles here */
+int gemm_amx_available(void) { return amx_runs(1, 32); }
+
+/* AMX on or off for later calls (where it runs at all); returns gemm_amx_available() */
+int gemm_use_amx(int on) {
+    amx_set(on);
+    return gemm_amx_available();
+}
+
 /* x [M, K] (row stride ldx), packed weight of `tiles` tiles, bias [tiles * TILE] in packed column order (or NULL),
  * other [M, n_out] (row stride ldo; EPI_ADD), out [M, n_out] (row stride ldout), weights of x's dtype. Returns
  * nonzero when this build cannot run the dtype (1) or memory ran out (2). */
@@ -191,6 +208,7 @@ static int gemm_run(const void *x, int64_t ldx, const void *w, const float *bias
         .elem = elem, .w = w, .bias = bias, .other = other, .ldo = ldo, .out = out, .ldout = ldout, .m_len = m_len,
         .k_len = k_len, .n_out = n_out, .tiles = tiles, .tile_bytes = k_len * TILE * (int64_t)elem,
         .chunks = (m_len + chunk - 1) / chunk, .chunk = chunk, .kind = kind, .bf16 = bf16};
+    if (amx_runs(bf16, k_len)) return gemm_amx(&job, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) tile_streamed(&job, t);
     free(wide);
@@ -312,6 +330,10 @@ int gemm_q4(const void *x, int64_t ldx, const uint8_t *w, const uint16_t *scales
 }
 
 #else  /* no AVX-512 or AVX2: callers keep oneDNN */
+
+int gemm_amx_available(void) { return 0; }
+
+int gemm_use_amx(int on) { return 0; }
 
 int gemm(const void *x, int64_t ldx, const void *w, const float *bias, const void *other, int64_t ldo, void *out,
          int64_t ldout, int64_t m_len, int64_t k_len, int64_t tiles, int64_t n_out, int kind, int bf16, int threads) {

@@ -27,6 +27,9 @@
  * ladle::gemm_tile() -> int: the output columns per packed tile in this build (64 on AVX-512, 16 on AVX2).
  * ladle::gemm_available(bool bf16) -> bool: whether this build's gemm.c runs that dtype (AVX-512 / AVX-512-BF16 /
  *   AVX2 + FMA).
+ * ladle::gemm_amx() -> bool: whether bfloat16 layers run on AMX tiles here (gemm_amx.h: an AMX build, and Linux
+ *   granted the process the tile registers, and neither LADLE_AMX=0 nor gemm_use_amx(False) turned it off).
+ * ladle::gemm_use_amx(bool on) -> bool: AMX on or off for later calls (benchmarks); returns gemm_amx().
  */
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -310,6 +313,10 @@ int64_t tile() { return gemm_tile(); }
 
 bool q8_available() { return gemm_q8_available(); }
 
+bool amx() { return gemm_amx_available(); }
+
+bool use_amx(bool on) { return gemm_use_amx(on); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ladle, lib) {
@@ -319,6 +326,8 @@ TORCH_LIBRARY_FRAGMENT(ladle, lib) {
     lib.def("tiled_linear_q8(Tensor x, Tensor weight, Tensor scales, Tensor? bias, Tensor? other, int n_out, "
             "int kind) -> Tensor");
     lib.def("gemm_q8_available() -> bool", &q8_available);
+    lib.def("gemm_amx() -> bool", &amx);
+    lib.def("gemm_use_amx(bool on) -> bool", &use_amx);
     lib.def("tiled_linear_q4(Tensor x, Tensor weight, Tensor scales, Tensor zeros, int group, Tensor? bias, "
             "Tensor? other, int n_out, int kind) -> Tensor");
     lib.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor k_cache, Tensor v_cache, Tensor meta, float scale) "

@@ -59,6 +59,17 @@ def gemm_q8_available() -> bool:
     return operators() and bool(torch.ops.ladle.gemm_q8_available())
 
 
+def gemm_amx() -> bool:
+    """Whether `ladle::tiled_linear` runs bfloat16 layers on AMX tiles here (kernels/gemm_amx.h; LADLE_AMX=0 says
+    no)."""
+    return operators() and bool(torch.ops.ladle.gemm_amx())
+
+
+def use_amx(on: bool) -> bool:
+    """AMX on or off for later bfloat16 calls (a benchmark's A/B in one process). Returns gemm_amx()."""
+    return operators() and bool(torch.ops.ladle.gemm_use_amx(on))
+
+
 @functools.cache
 def gemm_tile() -> int:
     """Output columns per packed weight tile in this host's build of gemm.c (64 on AVX-512, 16 on AVX2)."""
