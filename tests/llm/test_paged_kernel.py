@@ -44,10 +44,12 @@ def kernels():
 # (queries, cache): a float32 or bfloat16 model with its own cache, or a float32 model over a 16-bit cache
 @pytest.mark.parametrize(("dtype", "cache_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                     (torch.float32, torch.bfloat16), (torch.float32, torch.float16)])
-# head_dim 80: the vector path's last 32-wide chunk of V is 16 wide; 20: not a multiple of 8, the plain loops;
+# head_dim 80: the vector path's last chunk of V is narrower than the others; 20: not a multiple of 8, the plain loops;
+# 24: three 8-lane vectors a row; 256: V in several chunks at one head;
 # group 7 and 8: heads register-blocked three at a time, with a remainder of 1 and 2
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"),
-                         [(9, 3, 64), (4, 4, 32), (14, 2, 64), (8, 1, 128), (6, 2, 80), (4, 2, 20)])
+                         [(9, 3, 64), (4, 4, 32), (14, 2, 64), (8, 1, 128), (6, 2, 80), (4, 2, 20), (4, 2, 24),
+                          (2, 2, 256)])
 @pytest.mark.parametrize("block_size", [16, 5])  # 5: blocks end inside a group of eight rows
 def test_the_kernel_matches_attention_over_gathered_blocks(kernels, dtype, cache_dtype, heads, kv_heads, head_dim,
                                                            block_size) -> None:

@@ -365,6 +365,9 @@ def test_defaults_without_probing(no_probe: None, monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize(("ladle_int8_gemm", "int8"), [(True, "int8-weight-only"), (False, "int8-dynamic")])
 def test_int8_is_weight_only_where_ladles_int8_gemm_runs(no_probe: None, monkeypatch: pytest.MonkeyPatch,
                                                          ladle_int8_gemm: bool, int8: str) -> None:
+    if ladle_int8_gemm and not quant.gemm_q8_available():
+        # weight-only then runs on ladle's kernel, which this build lacks (AVX-512 hosts keep fbgemm and torch)
+        pytest.skip("ladle's int8 GEMM is not built here (an AVX2 build's kernel)")
     monkeypatch.setattr(quant, "gemm_q8_available", lambda: ladle_int8_gemm)
     quant.kernel_available.cache_clear()
     try:
