@@ -72,12 +72,13 @@ def test_swiglu_matches_silu_gate_times_up(dtype, inter, bias) -> None:
 
 @pytest.mark.parametrize("rows", [15, 16, 31, 127, 128, 161])  # AMX: 16-row blocks, a padded tail, 32-row pairs
 @pytest.mark.parametrize(("k", "swiglu"), [(96, False), (576, True), (1536, False)])
-def test_bfloat16_row_blocks_of_the_amx_path_match_torch(rows, k, swiglu) -> None:
+@pytest.mark.parametrize("n", [200, 560])  # 560: 9 tiles (an odd count, as o_proj's), the last one part-filled
+def test_bfloat16_row_blocks_of_the_amx_path_match_torch(rows, k, swiglu, n) -> None:
     """Where the CPU has AMX, bfloat16 runs on tile registers (kernels/gemm_amx.h) in blocks of 16 rows, 32 from 128
     rows on, the last block read from a zero-padded copy; elsewhere these rows take the vdpbf16ps/AVX2 kernels."""
     needs(torch.bfloat16)
     torch.manual_seed(rows + k)
-    layer = linear(2 * 200 if swiglu else 200, k, torch.bfloat16, True, GateUpLinear if swiglu else Linear)
+    layer = linear(2 * n if swiglu else n, k, torch.bfloat16, True, GateUpLinear if swiglu else Linear)
     tiled = TiledLinear.of(layer)
     x = torch.randn(rows, k + 32).to(torch.bfloat16)[:, :k]  # rows k + 32 apart: tile loads take x's own stride
     want = reference(x, layer)
@@ -85,7 +86,7 @@ def test_bfloat16_row_blocks_of_the_amx_path_match_torch(rows, k, swiglu) -> Non
         gate, up = want.chunk(2, dim=-1)
         torch.testing.assert_close(tiled.swiglu(x).float(), F.silu(gate) * up, **TOLERANCE[torch.bfloat16])
     else:
-        other = torch.randn(rows, 200).to(torch.bfloat16)
+        other = torch.randn(rows, n).to(torch.bfloat16)
         torch.testing.assert_close(tiled.add(x, other).float(), want + other.float(), **TOLERANCE[torch.bfloat16])
 
 
