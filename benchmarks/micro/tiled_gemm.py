@@ -113,25 +113,25 @@ def main() -> None:
         size = weights * dtype.itemsize
         print(f"\n### {dtype}: one SmolLM-135M step's GEMMs ({size / 1e6:.0f} MB of weights), best of {args.rounds} "
               "rounds")
-        base = baseline(dtype)
-        print(f"| rows | {base} ms | tiled ms | tiled / {base} | {base} GB/s | tiled GB/s | {base} GFLOP/s "
-              "| tiled GFLOP/s |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for m in m_values:
-            one, tiled = best["base", m], best["tiled", m]
-            flops = 2 * m * weights
-            print(f"| {m} | {one * 1e3:.2f} | {tiled * 1e3:.2f} | {one / tiled:.2f}x | {size / one / 1e9:.1f} | "
-                  f"{size / tiled / 1e9:.1f} | {flops / one / 1e9:.0f} | {flops / tiled / 1e9:.0f} |")
+        comparison(best, ("base", baseline(dtype)), ("tiled", "tiled"), m_values, weights, size)
         if ("vdpbf16ps", m_values[0]) in best:
             print("\nAMX tiles against vdpbf16ps (the same tiled weights, AMX off):\n")
-            print("| rows | vdpbf16ps ms | AMX ms | AMX / vdpbf16ps (time) | vdpbf16ps GFLOP/s | AMX GFLOP/s |")
-            print("|---:|---:|---:|---:|---:|---:|")
-            for m in m_values:
-                off, on = best["vdpbf16ps", m], best["tiled", m]
-                flops = 2 * m * weights
-                print(f"| {m} | {off * 1e3:.2f} | {on * 1e3:.2f} | {on / off:.2f}x | {flops / off / 1e9:.0f} | "
-                      f"{flops / on / 1e9:.0f} |")
+            comparison(best, ("vdpbf16ps", "vdpbf16ps"), ("tiled", "AMX"), m_values, weights, size)
 
+
+def comparison(best: dict[tuple[str, int], float], first: tuple[str, str], second: tuple[str, str],
+               m_values: list[int], weights: int, size: int) -> None:
+    """A markdown table of two configurations' best times: (key in `best`, name) each; `second / first` is the
+    speed-up of the second."""
+    (a, a_name), (b, b_name) = first, second
+    print(f"| rows | {a_name} ms | {b_name} ms | {b_name} / {a_name} | {a_name} GB/s | {b_name} GB/s | "
+          f"{a_name} GFLOP/s | {b_name} GFLOP/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for m in m_values:
+        one, two = best[a, m], best[b, m]
+        flops = 2 * m * weights
+        print(f"| {m} | {one * 1e3:.2f} | {two * 1e3:.2f} | {one / two:.2f}x | {size / one / 1e9:.1f} | "
+              f"{size / two / 1e9:.1f} | {flops / one / 1e9:.0f} | {flops / two / 1e9:.0f} |")
 
 if __name__ == "__main__":
     main()
