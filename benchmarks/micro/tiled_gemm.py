@@ -133,5 +133,6 @@ def comparison(best: dict[tuple[str, int], float], first: tuple[str, str], secon
         print(f"| {m} | {one * 1e3:.2f} | {two * 1e3:.2f} | {one / two:.2f}x | {size / one / 1e9:.1f} | "
               f"{size / two / 1e9:.1f} | {flops / one / 1e9:.0f} | {flops / two / 1e9:.0f} |")
 
+
 if __name__ == "__main__":
     main()

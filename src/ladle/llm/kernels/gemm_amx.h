@@ -36,14 +36,18 @@ static int amx_permitted(void) {
 
 /* LADLE_AMX=0 keeps the vdpbf16ps kernels (for comparison), read at the first call; gemm_use_amx() sets it (a
  * benchmark alternating both in one process) */
-static int amx_mode = -1;
+static int amx_mode = -1; /* -1: not read yet; atomic loads and stores (calls may come from several threads) */
 
 static int amx_wanted(void) {
-    if (amx_mode < 0) amx_mode = !(getenv("LADLE_AMX") && strcmp(getenv("LADLE_AMX"), "0") == 0);
-    return amx_mode;
+    int mode = __atomic_load_n(&amx_mode, __ATOMIC_RELAXED);
+    if (mode < 0) {
+        mode = !(getenv("LADLE_AMX") && strcmp(getenv("LADLE_AMX"), "0") == 0);
+        __atomic_store_n(&amx_mode, mode, __ATOMIC_RELAXED);
+    }
+    return mode;
 }
 
-static void amx_set(int on) { amx_mode = on; }
+static void amx_set(int on) { __atomic_store_n(&amx_mode, on, __ATOMIC_RELAXED); }
 
 static int amx_runs(int bf16, int64_t k_len) {
     return bf16 && k_len % AMX_K == 0 && amx_wanted() && amx_permitted();
