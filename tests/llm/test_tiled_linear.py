@@ -70,12 +70,14 @@ def test_swiglu_matches_silu_gate_times_up(dtype, inter, bias) -> None:
     torch.testing.assert_close(got.float(), F.silu(gate) * up, **TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("rows", [15, 16, 31, 127, 128, 161])  # AMX: 16-row blocks, a padded tail, 32-row pairs
+# AMX: 15 rows: tiles configured with 15 rows; 16: one full block; 31, 127, 161: a padded last block; 128+: 32-row pairs
+@pytest.mark.parametrize("rows", [15, 16, 31, 127, 128, 161])
 @pytest.mark.parametrize(("k", "swiglu"), [(96, False), (576, True), (1536, False)])
 @pytest.mark.parametrize("n", [200, 560])  # 560: 9 tiles (an odd count, as o_proj's), the last one part-filled
 def test_bfloat16_row_blocks_of_the_amx_path_match_torch(rows, k, swiglu, n) -> None:
-    """Where the CPU has AMX, bfloat16 runs on tile registers (kernels/gemm_amx.h) in blocks of 16 rows, 32 from 128
-    rows on, the last block read from a zero-padded copy; elsewhere these rows take the vdpbf16ps/AVX2 kernels."""
+    """Where the CPU has AMX, bfloat16 runs on tile registers (kernels/gemm_amx.h): under 16 rows in tiles of M rows,
+    above in blocks of 16 (32 from 128 rows on) with a partial last block read from a zero-padded copy; elsewhere these
+    rows take the vdpbf16ps/AVX2 kernels."""
     needs(torch.bfloat16)
     torch.manual_seed(rows + k)
     layer = linear(2 * n if swiglu else n, k, torch.bfloat16, True, GateUpLinear if swiglu else Linear)
