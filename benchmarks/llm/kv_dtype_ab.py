@@ -1,11 +1,11 @@
-"""Decode-step time by KV-cache dtype (--kv-cache-dtype), in one process, alternating: the same float32 model (the
-random SmolLM-135M-shaped checkpoint of run.py) in one compiled ModelRunner per cache dtype, every runner stepping the
-same server-shaped batch in turn (sequences of --context tokens over 16-token blocks in a shuffled order, as a busy
-pool hands them out). Alternating in one process is the comparison this noisy host allows (a server pair drifts
-10-30% between runs).
+"""Decode-step time by KV-cache dtype (--kv-cache-dtype), in one process, alternating: the same model (the random
+SmolLM-135M-shaped checkpoint of run.py, float32 or --dtype) in one compiled ModelRunner per cache dtype, every runner
+stepping the same server-shaped batch in turn (sequences of --context tokens over 16-token blocks in a shuffled order,
+as a busy pool hands them out). Alternating in one process is the comparison this noisy host allows (a server pair
+drifts 10-30% between runs).
 
-    .venv/bin/python benchmarks/llm/kv_dtype_ab.py [--kv float32,float16,bfloat16] [--batches 1,8,32]
-        [--context 192] [--rounds 9] [--steps 8] [--threads 2]
+    .venv/bin/python benchmarks/llm/kv_dtype_ab.py [--dtype float32] [--kv float32,float16,bfloat16,fp8]
+        [--batches 1,8,32] [--context 192] [--rounds 9] [--steps 8] [--threads 2]
 
 Prints, per batch, each dtype's median step time (ms) over the rounds and its ratio to the first dtype's.
 """
@@ -26,14 +26,14 @@ sys.path[:0] = [str(HERE)]
 import run as llm  # noqa: E402  (the benchmark checkpoint)
 from quant import describe_machine, machine  # noqa: E402
 
-from ladle.llm.dtypes import DTYPES  # noqa: E402
+from ladle.llm.dtypes import DTYPES, KV_DTYPES  # noqa: E402
 from ladle.llm.outputs import ScheduledSeq, SchedulerOutput  # noqa: E402
 from ladle.llm.runner import ModelRunner  # noqa: E402
 
 
-def make_runner(kv: str, num_blocks: int | None, memory: int | None, max_seqs: int) -> ModelRunner:
-    runner = ModelRunner(llm.MODEL_DIR, torch.float32, "cpu", 16, num_blocks, memory, max_seqs, 2048, compile=True,
-                         kv_cache_dtype=DTYPES[kv])
+def make_runner(dtype: str, kv: str, num_blocks: int | None, memory: int | None, max_seqs: int) -> ModelRunner:
+    runner = ModelRunner(llm.MODEL_DIR, DTYPES[dtype], "cpu", 16, num_blocks, memory, max_seqs, 2048, compile=True,
+                         kv_cache_dtype=KV_DTYPES[kv])
     started = time.perf_counter()
     runner.compile_decoder(background=False)
     print(f"{kv} cache: decoder {runner.compile_state} in {time.perf_counter() - started:.1f} s", flush=True)
@@ -57,7 +57,9 @@ def mean_ms(runner: ModelRunner, sched: SchedulerOutput, steps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kv", default="float32,float16,bfloat16", help="cache dtypes; ratios are to the first")
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the model's compute dtype")
+    ap.add_argument("--kv", default="float32,float16,bfloat16", help="cache dtypes (--kv-cache-dtype's names, e.g. "
+                    "fp8); ratios are to the first")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--context", type=int, default=192)
     ap.add_argument("--rounds", type=int, default=9)
@@ -72,7 +74,8 @@ def main() -> None:
     needed = max(batches) * -(-args.context // 16) + 8
     memory = args.kv_cache_mib << 20 or None
     print(describe_machine(machine()), flush=True)
-    runners = {kv: make_runner(kv, None if memory else needed, memory, max(batches)) for kv in kvs}
+    print(f"a {args.dtype} model", flush=True)
+    runners = {kv: make_runner(args.dtype, kv, None if memory else needed, memory, max(batches)) for kv in kvs}
     print(f"\n| batch | {' | '.join(f'{kv} ms' for kv in kvs)} | {' | '.join(f'{kv} / {kvs[0]}' for kv in kvs[1:])} |")
     print("|---:|" + "---:|" * (2 * len(kvs) - 1))
     with torch.inference_mode():

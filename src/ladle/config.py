@@ -89,7 +89,9 @@ class LLMConfig:
         "computing in float32 on a CPU, as llama.cpp's default cache). bfloat16 or float16 under a float32 model "
         "halve the cache's memory (twice the tokens in --kv-cache-memory) and the bytes each decode step's "
         "attention reads, at the cost of keys/values rounded to 16 bits (float16 keeps 3 more mantissa bits, "
-        "bfloat16 float32's range)", choices=("auto", "float32", "bfloat16", "float16")
+        "bfloat16 float32's range); fp8 (= fp8_e4m3) or fp8_e5m2 store 8-bit floats, a quarter of float32's bytes "
+        "and half of bfloat16's, values clamped to the type's range (no scales: vLLM's unscaled fp8)",
+        choices=("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")
     )
     quantization: str = option(
         "auto", "weight quantization of the linear layers: int8 (the faster of int8-dynamic and int8-weight-only "

@@ -1,5 +1,6 @@
 """--kv-cache-dtype (and `kv_cache_dtype` in a repository LLM's parameters): a float32 model over a 16-bit KV cache
-serves the same greedy text as transformers, with twice the blocks in the same memory; auto is float16 under int8
+serves the same greedy text as transformers, with twice the blocks in the same memory (an 8-bit one serves, with four
+times the blocks); auto is float16 under int8
 weights computing in float32; a value outside the choices is refused, on the command line and in a config file,
 naming the field."""
 
@@ -79,6 +80,25 @@ def test_16_bit_caches_serve_what_transformers_generates(repo, tmp_path) -> None
         refused = httpx.post(server.url + "/v2/repository/models/bad-cache/load", timeout=60)
         assert refused.status_code == 400 and "kv_cache_dtype" in refused.json()["error"], refused.text
         assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].text is not None
+
+
+@pytest.mark.parametrize(("flag", "dtype"), [("fp8", "float8_e4m3fn"), ("fp8_e5m2", "float8_e5m2")])
+def test_an_8_bit_cache_holds_four_times_the_tokens_and_serves(tmp_path, flag, dtype) -> None:
+    """vLLM's names: fp8 is e4m3. A quarter of float32's bytes per token; greedy text is not transformers' exactly
+    (keys and values keep 3 or 2 mantissa bits), but every token and logprob comes back, streamed or not."""
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny", "llama")
+    args = ["--model", checkpoint, "--served-model-name", "tiny", *ENGINE, "--kv-cache-dtype", flag]
+    with LadleServer(args) as server:
+        blocks, cache = blocks_in_log(server.log(), "tiny")
+        assert cache == dtype and blocks == 256 * 1024 // (16 * bytes_per_token(checkpoint, 1))
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        r = client.completions.create(model="tiny", prompt="Tell me a story", max_tokens=40, temperature=0, logprobs=1,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 40
+        assert all(lp is not None and lp <= 0.0 and lp > -1e4 for lp in r.choices[0].logprobs.token_logprobs)
+        stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=6, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
 
 def test_a_value_outside_the_choices_is_refused(tmp_path) -> None:

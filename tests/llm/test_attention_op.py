@@ -40,7 +40,9 @@ def op():
 
 
 @pytest.mark.parametrize(("dtype", "cache_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                                    (torch.float32, torch.bfloat16), (torch.float32, torch.float16)])
+                                                    (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                                    (torch.float32, torch.float8_e4m3fn),
+                                                    (torch.bfloat16, torch.float8_e5m2)])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32)])
 def test_a_mixed_step_matches_the_torch_path(op, dtype, cache_dtype, heads, kv_heads, head_dim) -> None:
     generator = torch.Generator().manual_seed(heads + head_dim)
@@ -59,8 +61,8 @@ def test_a_mixed_step_matches_the_torch_path(op, dtype, cache_dtype, heads, kv_h
     assert out.shape == (tokens, heads * head_dim) and out.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
-    for got, want in zip(caches, expected_caches, strict=True):
-        assert torch.equal(got, want)  # every new token's K/V at its slot, nothing else touched
+    for got, want in zip(caches, expected_caches, strict=True):  # (compared as bytes: 8-bit floats have no eq)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # every new token's K/V at its slot only
 
 
 def test_only_decodes_and_only_one_prompt(op) -> None:
@@ -124,3 +126,50 @@ def test_tracing_uses_its_shape_function(op) -> None:
     step, caches, (q, k, v) = small_step(5)
     compiled = torch.compile(lambda *a: op(*a, 0.125) * 2, fullgraph=True, dynamic=True)
     torch.testing.assert_close(compiled(q, k, v, *caches, step), op(q, k, v, *caches, step, 0.125) * 2)
+
+
+@pytest.mark.parametrize(("cache_dtype", "most"), [(torch.float8_e4m3fn, 448.0), (torch.float8_e5m2, 57344.0)])
+def test_keys_and_values_beyond_an_8_bit_cache_saturate(op, cache_dtype, most) -> None:
+    """torch's own conversion makes e4m3's out-of-range values NaN and e5m2's infinite; the cache stores the largest
+    finite value instead (as vLLM's saturating conversion does), in both the operator and the torch path."""
+    heads = kv_heads = 2
+    positions, token_seq, num_tokens, table, decodes = np.array([0]), np.array([0]), np.array([1]), np.array([[0]]), 1
+    args = (positions, token_seq, num_tokens, table, decodes, (kv_heads, 4, BLOCK), torch.float32, CPU)
+    q = torch.ones(1, heads, 64)
+    k = torch.full((1, kv_heads, 64), 1e6)
+    v = torch.full((1, kv_heads, 64), -1e6)
+    for attend, meta in ((op, build_attention_metadata(*args, operator=True).packed),
+                         (paged_attention, build_attention_metadata(*args))):
+        caches = [torch.zeros(kv_heads, 4, BLOCK, 64).to(cache_dtype) for _ in range(2)]
+        out = attend(q, k, v, *caches, meta, 0.125)
+        assert caches[0][:, 0, 0].float().eq(most).all() and caches[1][:, 0, 0].float().eq(-most).all()
+        torch.testing.assert_close(out, torch.full((1, heads * 64), -most))
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_rows_round_into_an_8_bit_cache_as_torch_rounds_them(op, cache_dtype) -> None:
+    """The operator converts rows itself (round to nearest even, saturating): byte for byte what the torch path's clamp
+    and conversion store, over every code's value, the midpoints between neighbours (ties go to even), just beside
+    them, subnormals, zeros of both signs and magnitudes from 1e-9 to 1e9."""
+    codes = torch.arange(256, dtype=torch.uint8).view(cache_dtype).float()
+    codes = codes[codes.isfinite()].unique()
+    mids = (codes[1:] + codes[:-1]) / 2
+    generator = torch.Generator().manual_seed(3)
+    spread = torch.logspace(-9, 9, 2000) * torch.randint(0, 2, (2000,), generator=generator).mul(2).sub(1)
+    values = torch.cat([codes, mids, mids.nextafter(codes[1:]), mids.nextafter(codes[:-1]), spread,
+                        torch.tensor([0.0, -0.0, 1e-45, -3e-40])])
+    tokens, kv_heads, head_dim = 64, 2, 64
+    rows = torch.zeros(tokens * kv_heads * head_dim)
+    rows[: len(values)] = values
+    k = rows.view(tokens, kv_heads, head_dim)
+    for dtype in (torch.float32, torch.bfloat16):
+        args = (np.arange(tokens), np.zeros(tokens, np.int64), np.array([tokens]), np.array([[0, 1, 2, 3]]), 0,
+                (kv_heads, 4, BLOCK), dtype, CPU)
+        q = torch.zeros(tokens, kv_heads, head_dim, dtype=dtype)
+        caches = {}
+        for name, attend, meta in (("op", op, build_attention_metadata(*args, operator=True).packed),
+                                   ("torch", paged_attention, build_attention_metadata(*args))):
+            caches[name] = [torch.zeros(kv_heads, 4, BLOCK, head_dim).to(cache_dtype) for _ in range(2)]
+            attend(q, k.to(dtype), k.to(dtype), *caches[name], meta, 0.125)
+        for got, want in zip(caches["op"], caches["torch"], strict=True):
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), dtype

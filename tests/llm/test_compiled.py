@@ -127,7 +127,7 @@ def run_steps(runner: ModelRunner, compiled: bool) -> list[torch.Tensor]:
 # into it and widens cached context back inside the graph.
 @pytest.mark.parametrize(("quantization", "cpp", "kv_cache_dtype"),
                          [("int8", False, None), ("int4", False, None), ("int8-dynamic", True, None),
-                          ("int4", True, None), (None, True, torch.float16)])
+                          ("int4", True, None), (None, True, torch.float16), (None, True, torch.float8_e4m3fn)])
 def test_compiled_steps_compute_what_eager_steps_compute(checkpoint, quantization: str | None, cpp: bool,
                                                          kv_cache_dtype: torch.dtype | None, monkeypatch) -> None:
     if quantization == "int4" and (why := int4_capable_cpu()) is not None:

@@ -1,8 +1,9 @@
 """The compiled paged decode kernel (llm/kernels/): exact against a reference softmax attention over gathered K/V for
 scattered block tables, GQA groups, head sizes, context lengths (1, block boundaries, long), float32 and bfloat16
-models, and float32 queries over 16-bit caches (--kv-cache-dtype bfloat16 / float16); the engine's greedy tokens are
-the same with the kernel and with the torch (gather) path; a kernel that cannot be built leaves the torch path in
-place."""
+models, and float32 queries over 16-bit caches (--kv-cache-dtype bfloat16 / float16) and either model over 8-bit
+ones (fp8_e4m3 / fp8_e5m2: the same attention over the cache's own values, subnormals included); the engine's greedy
+tokens are the same with the kernel and with the torch (gather) path; a kernel that cannot be built leaves the torch
+path in place."""
 
 from __future__ import annotations
 
@@ -35,15 +36,19 @@ def reference(q, k_cache, v_cache, tables, lens, scale):
 
 @pytest.fixture(scope="module")
 def kernels():
-    found = {dtype: paged_decode(dtype, CPU, 8, 1, 128) for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)
+    found = {dtype: paged_decode(dtype, CPU, 8, 1, 128) for dtype in dtypes}
     if any(k is None for k in found.values()):
         pytest.skip("no C compiler here: the kernel is not built (the torch path serves)")
     return found
 
 
-# (queries, cache): a float32 or bfloat16 model with its own cache, or a float32 model over a 16-bit cache
+# (queries, cache): a float32 or bfloat16 model with its own cache, or over a 16-bit or an 8-bit cache
 @pytest.mark.parametrize(("dtype", "cache_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                                    (torch.float32, torch.bfloat16), (torch.float32, torch.float16)])
+                                                    (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                                    (torch.float32, torch.float8_e4m3fn),
+                                                    (torch.bfloat16, torch.float8_e4m3fn),
+                                                    (torch.float32, torch.float8_e5m2)])
 # head_dim 80: the vector path's last chunk of V is narrower than the others; 20: not a multiple of 8, the plain loops;
 # 24: three 8-lane vectors a row; 256: V in several chunks at one head;
 # group 7 and 8: heads register-blocked three at a time, with a remainder of 1 and 2
@@ -76,7 +81,8 @@ def test_the_kernel_matches_attention_over_gathered_blocks(kernels, dtype, cache
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize(("lens", "kv_heads", "cache_dtype"),
                          [([300], 3, torch.float32), ([129], 1, torch.float32), ([1, 250, 64], 1, torch.float32),
-                          ([257, 7], 1, torch.float16), ([190], 3, torch.bfloat16)])
+                          ([257, 7], 1, torch.float16), ([190], 3, torch.bfloat16),
+                          ([70, 190], 3, torch.float8_e4m3fn)])
 def test_contexts_split_over_the_threads_match_the_reference(kernels, threads, lens, kv_heads, cache_dtype) -> None:
     heads, head_dim, block_size, num_blocks = 3 * kv_heads, 64, 16, 64
     generator = torch.Generator().manual_seed(sum(lens) + threads)

@@ -185,6 +185,26 @@ def test_a_16_bit_kv_cache_holds_twice_the_tokens_and_keeps_the_tokens(model_dir
     assert not torch.allclose(chunked, full, atol=1e-6, rtol=0)  # the cache really is narrower
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_an_8_bit_kv_cache_holds_four_times_the_tokens_within_its_rounding(model_dirs: dict[str, Path],
+                                                                          cache_dtype: torch.dtype) -> None:
+    """--kv-cache-dtype fp8 / fp8_e5m2 under a float32 model: a quarter of the bytes per block; the prompt's logits read
+    back from the cache chunk by chunk stay within the 8-bit rounding of the float32 cache's (e4m3 keeps a mantissa
+    bit more than e5m2), and generation runs through the decode kernel to the requested length."""
+    runner = ModelRunner(model_dirs["llama"], torch.float32, "cpu", 16, None, 1 << 20, 16, 512,
+                         kv_cache_dtype=cache_dtype)
+    assert runner.kv_cache.dtype == cache_dtype and runner.bytes_per_block == 2048
+    assert runner.num_blocks == (1 << 20) // 2048  # four times the float32 cache's blocks in the same memory
+    tokens = Driver(runner, chunk=16, shuffle_seed=1).generate(PROMPTS, 12, stagger=2)
+    assert [len(t) for t in tokens] == [12] * len(PROMPTS)
+    prompt, blocks = [(7 * i + 3) % 500 for i in range(45)], [40, 3, 17, 9, 22, 5]
+    full = _prefill_logits(make_runner(model_dirs["llama"], block_size=8), prompt, 1000, blocks)
+    narrow = ModelRunner(model_dirs["llama"], torch.float32, "cpu", 8, 64, None, 16, 512, kv_cache_dtype=cache_dtype)
+    chunked = _prefill_logits(narrow, prompt, 13, blocks)
+    error = (chunked - full).abs().max().item()  # measured 0.09 (e4m3) and 0.18 (e5m2) on logits of magnitude ~2.3
+    assert torch.isfinite(chunked).all() and 1e-6 < error < (0.2 if cache_dtype == torch.float8_e4m3fn else 0.4)
+
+
 def test_each_layer_binds_its_cache_as_a_tensor_of_its_own_over_the_one_allocation(model_dirs: dict[str, Path]
                                                                                     ) -> None:
     """Storage offset 0 for every layer's K and V (a view's offset becomes a compiled graph input, read and passed on

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ladle.llm.dtypes import FP8_MAX
+
 if TYPE_CHECKING:
     from ladle.llm.kernels.paged import PagedDecode
 
@@ -156,10 +158,14 @@ def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
 ) -> None:
     """Store the step's keys/values ([T, kv_heads, head_dim]) at their cache slots (rounded to the cache's dtype where
-    it is narrower than the model's: --kv-cache-dtype)."""
+    it is narrower than the model's: --kv-cache-dtype; an 8-bit float saturates, as vLLM's conversion does)."""
     kv_heads, _, _, head_dim = k_cache.shape
-    k_cache.view(kv_heads, -1, head_dim).index_copy_(1, slots, k.transpose(0, 1).to(k_cache.dtype))
-    v_cache.view(kv_heads, -1, head_dim).index_copy_(1, slots, v.transpose(0, 1).to(v_cache.dtype))
+    for rows, cache in ((k, k_cache), (v, v_cache)):
+        rows = rows.transpose(0, 1)
+        most = FP8_MAX.get(cache.dtype)
+        if most is not None:  # torch has no index_copy_ of 8-bit floats: their bytes are copied
+            rows, cache = rows.clamp(-most, most).to(cache.dtype).view(torch.uint8), cache.view(torch.uint8)
+        cache.view(kv_heads, -1, head_dim).index_copy_(1, slots, rows.to(cache.dtype))
 
 
 def paged_attention(

@@ -16,6 +16,13 @@ from pathlib import Path
 import torch
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: --kv-cache-dtype's names: the model dtypes and vLLM's 8-bit floats ("fp8" is e4m3, as in vLLM: a mantissa bit more
+#: than e5m2, for the smaller range keys and values need)
+KV_DTYPES: dict[str, torch.dtype] = {**DTYPES, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+                                     "fp8_e5m2": torch.float8_e5m2}
+#: The largest finite value of each 8-bit cache dtype: rows are clamped to it before they are rounded into the cache
+#: (vLLM's conversion saturates; torch's turns e4m3's out-of-range values into NaN and e5m2's into infinities)
+FP8_MAX: dict[torch.dtype, float] = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -77,7 +84,7 @@ def resolve_kv_cache_dtype(
     weights that are approximate already, and the decode kernel reads half the bytes (its attention is a larger share
     of a quantized step: benchmarks/RESULTS.md). Full-width models keep an exact cache (transformers parity)."""
     if requested != "auto":
-        return DTYPES[requested], "asked for with --kv-cache-dtype"
+        return KV_DTYPES[requested], "asked for with --kv-cache-dtype"
     if quantized and dtype == torch.float32 and device.type == "cpu":
         return torch.float16, "auto: float16 under quantized weights on a CPU (--kv-cache-dtype float32 for exact)"
     return dtype, "auto: the compute dtype"

@@ -7,8 +7,9 @@
  *   one-token (decode) sequence attended in place through its block table (paged_decode.c's kernel), every
  *   multi-token span (prefill chunk, draft verification) through SDPA over its own k/v or its cached context.
  *   q [T, heads, D], k/v [T, kv_heads, D] (last dim contiguous); caches [kv_heads, num_blocks, block_size, D]
- *   contiguous, float32, bfloat16 or float16 (may be narrower than q: --kv-cache-dtype; new rows are then rounded into
- *   the cache and cached context widened back for SDPA); out [T, heads * D] in q's dtype. `meta` is the step's int64
+ *   contiguous, float32, bfloat16, float16, float8_e4m3fn or float8_e5m2 (may be narrower than q: --kv-cache-dtype;
+ *   new rows are then rounded into the cache — an 8-bit float saturating at its largest finite value, as vLLM's
+ *   conversion does — and cached context widened back for SDPA); out [T, heads * D] in q's dtype. `meta` is the step's int64
  *   description (attention.py, pack_step), shared by every layer:
  *     [seqs, decodes, max_blocks, max_decode_len, tokens,
  *      query_start[seqs + 1], context[seqs], tables[seqs * max_blocks], slots[tokens]]
@@ -87,11 +88,57 @@ void check(const StepMeta& m, int64_t num_blocks, int64_t block_size) {
     }
 }
 
+/* x as an 8-bit float (e4m3fn, else e5m2), rounded to nearest even and saturated at the largest finite value: what
+ * clamping to that value and torch's conversion give (attention.py's write_kv; tests compare the bytes). Done here,
+ * row by row, rather than as a clamp and a conversion over the step's rows: no temporary tensors per layer. */
+inline uint8_t to_fp8(float x, bool e4m3) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    const uint8_t sign = (bits >> 24) & 0x80;
+    bits &= 0x7fffffffu;
+    if (bits > 0x7f800000u) return sign | 0x7f;  // NaN
+    const int mantissa = e4m3 ? 3 : 2, bias = e4m3 ? 7 : 15, most = e4m3 ? 0x7e : 0x7b;
+    float a;
+    std::memcpy(&a, &bits, sizeof a);
+    if (a < (e4m3 ? 0x1p-6f : 0x1p-14f))  // subnormal: a multiple of the smallest step (2^mantissa of them is normal)
+        return sign | static_cast<uint8_t>(std::lrint(a * (e4m3 ? 0x1p9f : 0x1p16f)));
+    const int shift = 23 - mantissa;  // round float32's mantissa to `mantissa` bits; a carry moves into the exponent
+    const uint32_t rounded = (bits + (1u << (shift - 1)) - 1 + ((bits >> shift) & 1)) >> shift;
+    const int64_t code = static_cast<int64_t>(rounded) - (static_cast<int64_t>(127 - bias) << mantissa);
+    return sign | static_cast<uint8_t>(code > most ? most : code);  // infinities and overflow saturate
+}
+
+/* The step's rows (float32 or bfloat16) into an 8-bit cache: cache[h, slot] = to_fp8(rows[t, h]) */
+void write_fp8(const at::Tensor& rows, const at::Tensor& cache, const StepMeta& m) {
+    const bool e4m3 = cache.scalar_type() == at::kFloat8_e4m3fn, bf16 = rows.scalar_type() == at::kBFloat16;
+    const int64_t kv_heads = cache.size(0), per_head = cache.size(1) * cache.size(2), dim = cache.size(3);
+    uint8_t* dst = static_cast<uint8_t*>(cache.data_ptr());
+    for (int64_t t = 0; t < m.tokens; t++) {
+        const int64_t slot = m.slots[t];
+        TORCH_CHECK(slot >= 0 && slot < per_head, "paged_attention: slot ", slot, " outside the cache");
+        for (int64_t h = 0; h < kv_heads; h++) {
+            uint8_t* out = dst + (h * per_head + slot) * dim;
+            const int64_t at = t * rows.stride(0) + h * rows.stride(1);
+            if (bf16) {
+                const uint16_t* in = static_cast<const uint16_t*>(rows.data_ptr()) + at;
+                for (int64_t d = 0; d < dim; d++) out[d] = to_fp8(bf16_to_f32(in[d]), e4m3);
+            } else {
+                const float* in = rows.data_ptr<float>() + at;
+                for (int64_t d = 0; d < dim; d++) out[d] = to_fp8(in[d], e4m3);
+            }
+        }
+    }
+}
+
 /* cache[h, slot] = rows[t, h] for every new token t (slot = block * block_size + offset). */
 void write_kv(const at::Tensor& new_rows, const at::Tensor& cache, const StepMeta& m) {
+    TORCH_CHECK(new_rows.dim() == 3 && new_rows.stride(2) == 1,
+                "paged_attention: new k/v must be [T, kv_heads, D], last dim contiguous");
+    const at::ScalarType kind = cache.scalar_type(), from = new_rows.scalar_type();
+    if ((kind == at::kFloat8_e4m3fn || kind == at::kFloat8_e5m2) && (from == at::kFloat || from == at::kBFloat16))
+        return write_fp8(new_rows, cache, m);
     // a cache narrower than the model (--kv-cache-dtype) stores the step's rows rounded to its dtype
-    const at::Tensor rows = new_rows.scalar_type() == cache.scalar_type() ? new_rows
-                                                                          : new_rows.to(cache.scalar_type());
+    const at::Tensor rows = from == kind ? new_rows : new_rows.to(kind);
     TORCH_CHECK(rows.dim() == 3 && rows.stride(2) == 1,
                 "paged_attention: new k/v must be [T, kv_heads, D], last dim contiguous");
     const int64_t kv_heads = cache.size(0), per_head = cache.size(1) * cache.size(2), dim = cache.size(3);
@@ -118,6 +165,17 @@ at::Tensor decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     // one kernel per cache dtype (paged_decode.c); q is float32 in all of them
     const auto kernel = k_cache.scalar_type() == at::kFloat ? nullptr
                         : k_cache.scalar_type() == at::kBFloat16 ? paged_decode_bf16 : paged_decode_f16;
+    const at::ScalarType kv = k_cache.scalar_type();
+    if (kv == at::kFloat8_e4m3fn || kv == at::kFloat8_e5m2) {  // the 8-bit caches: bytes
+        const int failed = (kv == at::kFloat8_e4m3fn ? paged_decode_e4m3 : paged_decode_e5m2)(
+            q32.data_ptr<float>(), static_cast<const uint8_t*>(k_cache.data_ptr()),
+            static_cast<const uint8_t*>(v_cache.data_ptr()), m.tables, m.context, out.data_ptr<float>(), batch, heads,
+            kv_heads, dim, k_cache.size(1), k_cache.size(2), m.max_blocks, scale, threads, scratch.data_ptr<float>(),
+            m.max_decode_len);
+        TORCH_CHECK(!failed, "paged_attention: unsupported shape (heads ", heads, ", kv heads ", kv_heads,
+                    ", head_dim ", dim, ")");
+        return out.view({batch, heads * dim}).to(q.scalar_type());
+    }
     const int failed =
         kernel ? kernel(q32.data_ptr<float>(), static_cast<const uint16_t*>(k_cache.data_ptr()),
                         static_cast<const uint16_t*>(v_cache.data_ptr()), m.tables, m.context, out.data_ptr<float>(),
@@ -187,8 +245,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 && q.dim() == 3,
                 "paged_attention: caches must be contiguous [kv_heads, num_blocks, block_size, D], q [T, heads, D]");
     const at::ScalarType kv = k_cache.scalar_type();
-    TORCH_CHECK((kv == at::kFloat || kv == at::kBFloat16 || kv == at::kHalf) && v_cache.scalar_type() == kv,
-                "paged_attention: float32, bfloat16 or float16 caches only, K and V alike");
+    TORCH_CHECK((kv == at::kFloat || kv == at::kBFloat16 || kv == at::kHalf || kv == at::kFloat8_e4m3fn ||
+                 kv == at::kFloat8_e5m2) && v_cache.scalar_type() == kv,
+                "paged_attention: float32, bfloat16, float16 or 8-bit float caches only, K and V alike");
     const StepMeta m = parse(meta);
     check(m, k_cache.size(1), k_cache.size(2));
     TORCH_CHECK(q.size(0) == m.tokens && k.size(0) == m.tokens && v.size(0) == m.tokens, "paged_attention: meta "

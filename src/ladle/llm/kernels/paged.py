@@ -22,7 +22,7 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int
 _L = ctypes.c_int64
 _ARGS = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _L, _I, _I, ctypes.c_float, _I, _P, _L]
-SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)  # cache dtypes
+SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)  # cache dtypes
 MAX_GROUP, MAX_HEAD_DIM = 64, 256  # paged_decode.c's stack buffers
 
 
@@ -31,7 +31,8 @@ class PagedDecode:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._kernels = {torch.float32: library.paged_decode_f32, torch.bfloat16: library.paged_decode_bf16,
-                         torch.float16: library.paged_decode_f16}
+                         torch.float16: library.paged_decode_f16, torch.float8_e4m3fn: library.paged_decode_e4m3,
+                         torch.float8_e5m2: library.paged_decode_e5m2}
         for kernel in self._kernels.values():
             kernel.argtypes = _ARGS
             kernel.restype = ctypes.c_int

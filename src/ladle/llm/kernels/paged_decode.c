@@ -2,7 +2,8 @@
  * place through its block table (no gather of the context into a contiguous copy).
  *
  * Cache layout per layer: [kv_heads, num_blocks, block_size, head_dim] (attention.py), float32, bfloat16 or float16
- * (the model's dtype, or --kv-cache-dtype: a 16-bit cache halves the bytes a decode step reads). Queries [B, heads,
+ * (the model's dtype, or --kv-cache-dtype: a 16-bit cache halves the bytes a decode step reads), or an 8-bit float
+ * (--kv-cache-dtype fp8 / fp8_e4m3 / fp8_e5m2: a quarter of float32's bytes, read through float16). Queries [B, heads,
  * head_dim] float32; query head h reads KV head h / group. Output [B, heads, head_dim] float32. Work item = (sequence,
  * KV head): its `group` query heads share every K/V row it loads. Two passes per item: scores (then softmax) into
  * per-thread scratch, then the probability-weighted sum of V. Compiled at first use by kernels/build.py with -O3
@@ -21,10 +22,23 @@
 #define MAX_GROUP 64
 #define MAX_HEAD_DIM 256
 
-/* The cache's element types: float32, bfloat16 (the top half of a float32) or IEEE float16 (--kv-cache-dtype) */
-enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
+/* The cache's element types: float32, bfloat16 (the top half of a float32), IEEE float16, or the 8-bit floats of
+ * --kv-cache-dtype fp8: e4m3 (OCP's e4m3fn: 4 exponent bits, bias 7, 3 mantissa bits, no infinities) and e5m2 (the
+ * top byte of a float16) */
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_E4M3 = 3, KV_E5M2 = 4 };
 
-static inline size_t kv_elem_bytes(const int kind) { return kind == KV_F32 ? 4 : 2; }
+static inline size_t kv_elem_bytes(const int kind) { return kind == KV_F32 ? 4 : kind >= KV_E4M3 ? 1 : 2; }
+
+/* An 8-bit value as a float16's bits, times a factor the caller undoes once: e5m2 is a float16's top byte (exact); an
+ * e4m3 value v is stored as the float16 of v / 256 — its exponent and mantissa bits moved into float16's places (the
+ * biases differ by 8), so e4m3's subnormals land on float16's and nothing needs a case. */
+static inline uint16_t fp8_to_f16_bits(uint8_t x, const int kind) {
+    if (kind == KV_E5M2) return (uint16_t)(x << 8);
+    return (uint16_t)(((x & 0x80) << 8) | ((x & 0x7f) << 7));
+}
+
+/* What the float16 values of an e4m3 cache must be multiplied by (2^8), else 1 */
+static inline float kv_factor(const int kind) { return kind == KV_E4M3 ? 256.0f : 1.0f; }
 
 static inline float bf16_to_f32(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;
@@ -55,6 +69,11 @@ static inline float f16_to_f32(uint16_t x) {
 static inline __attribute__((always_inline)) const float *row_of(const void *cache, int64_t base, int head_dim,
                                                                  float *buf, const int kind) {
     if (kind == KV_F32) return (const float *)cache + base;
+    if (kind >= KV_E4M3) {
+        const uint8_t *src8 = (const uint8_t *)cache + base;
+        for (int d = 0; d < head_dim; d++) buf[d] = f16_to_f32(fp8_to_f16_bits(src8[d], kind)) * kv_factor(kind);
+        return buf;
+    }
     const uint16_t *src = (const uint16_t *)cache + base;
     for (int d = 0; d < head_dim; d++) buf[d] = kind == KV_BF16 ? bf16_to_f32(src[d]) : f16_to_f32(src[d]);
     return buf;
@@ -116,9 +135,16 @@ static inline __attribute__((always_inline)) void decode_item(
 #include "simd_avx2.h"
 #define DECODE_SIMD 1
 
-/* 8 cache values at p as float32 (F16C's conversion comes with every AVX2 CPU) */
+/* 8 cache values at p as float32 (F16C's conversion comes with every AVX2 CPU); e4m3's come out kv_factor() too small
+ * (fp8_to_f16_bits): the caller scales q and the output instead of every value */
 static inline __m256 load8_kv(const void *p, const int kind) {
     if (kind == KV_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    if (kind == KV_E5M2) /* a float16's top byte */
+        return _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p)), 8));
+    if (kind == KV_E4M3) { /* sign-extended, then shifted by 7: eeeemmm in float16's bits 13-7, the sign in 15 and 14 */
+        const __m128i wide = _mm_slli_epi16(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)p)), 7);
+        return _mm256_cvtph_ps(_mm_and_si128(wide, _mm_set1_epi16((short)0xbfff))); /* bit 14 cleared */
+    }
     return load8_full(p, kind == KV_BF16);
 }
 
@@ -326,13 +352,14 @@ static inline __attribute__((always_inline)) void decode_span_simd(const struct 
                                                                    float scale, float *scores, const int kind,
                                                                    const struct span *next) {
     float qs[group * head_dim], inv[MAX_GROUP];
-    for (int i = 0; i < group * head_dim; i++) qs[i] = q[i] * scale;
+    const float factor = kv_factor(kind); /* K and V values load8_kv leaves that many times too small */
+    for (int i = 0; i < group * head_dim; i++) qs[i] = q[i] * scale * factor;
     k_pass(s, qs, group, head_dim, block_size, scores, kind);
     for (int g = 0; g < group; g++) {
         float max;
         const float sum = softmax_numerators(scores + g * s->len, s->len, &max);
-        if (ml) ml[2 * g] = max, ml[2 * g + 1] = sum, inv[g] = 1.0f;
-        else inv[g] = 1.0f / sum;
+        if (ml) ml[2 * g] = max, ml[2 * g + 1] = sum, inv[g] = factor;
+        else inv[g] = factor / sum;
     }
     if (next != NULL && next->len > 0) {
         const size_t block_bytes = (size_t)block_size * head_dim * kv_elem_bytes(kind);
@@ -476,6 +503,14 @@ static int decode(const float *q, const void *k_cache, const void *v_cache, cons
 #pragma omp parallel num_threads(threads)
             run_units(&j, &claimed, KV_BF16);
             break;
+        case KV_E4M3:
+#pragma omp parallel num_threads(threads)
+            run_units(&j, &claimed, KV_E4M3);
+            break;
+        case KV_E5M2:
+#pragma omp parallel num_threads(threads)
+            run_units(&j, &claimed, KV_E5M2);
+            break;
         default:
 #pragma omp parallel num_threads(threads)
             run_units(&j, &claimed, KV_F16);
@@ -505,3 +540,14 @@ int paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
     }
 PAGED_DECODE_16(paged_decode_bf16, KV_BF16)
 PAGED_DECODE_16(paged_decode_f16, KV_F16)
+
+/* The 8-bit caches' entry points (--kv-cache-dtype fp8_e4m3 / fp8_e5m2): K/V as bytes */
+#define PAGED_DECODE_8(name, kind)                                                                                    \
+    int name(const float *q, const uint8_t *k_cache, const uint8_t *v_cache, const int64_t *tables,                  \
+             const int64_t *lens, float *out, int batch, int heads, int kv_heads, int head_dim, int64_t num_blocks,  \
+             int block_size, int max_blocks, float scale, int threads, float *scratch, int64_t max_len) {            \
+        return decode(q, k_cache, v_cache, tables, lens, out, batch, heads, kv_heads, head_dim, num_blocks,          \
+                      block_size, max_blocks, scale, threads, scratch, max_len, kind);                               \
+    }
+PAGED_DECODE_8(paged_decode_e4m3, KV_E4M3)
+PAGED_DECODE_8(paged_decode_e5m2, KV_E5M2)
