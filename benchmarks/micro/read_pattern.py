@@ -63,7 +63,6 @@ static double read_rate(size_t chunk, const size_t *idx, size_t n, int ways, int
     }
     return (double)(n / ways * ways) * chunk / best / 1e9;
 }
-#define R(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 int main(int argc, char **argv) {
     sweep = (size_t)atol(argv[1]) << 20;
     const int threads = atoi(argv[2]);
@@ -83,48 +82,32 @@ int main(int argc, char **argv) {
     for (int ways = 2; ways <= 8; ways *= 2)
         printf("chunk 2048 %d %.2f\n", ways, read_rate(2048, idx, n, ways, threads));
     const long iters = 100000000;
-    {
-        __m256 p = _mm256_set1_ps(1.0001f), q = _mm256_set1_ps(0.999f);
-#define D(i) __m256 y##i = _mm256_set1_ps(i);
-        R(D)
-        double t0 = now();
-        for (long i = 0; i < iters; i++) {
-#define U(i) y##i = _mm256_fmadd_ps(y##i, p, q);
-            R(U)
-        }
-        double t = now() - t0;
-#define S(i) +y##i[0]
-        printf("rate vfmadd-256 %.2f %g\n", iters * 12 / t / 1e9, 0 R(S));
+    /* `label`: 12 independent chains of `op` on vectors of type T (12 per loop: past any latency x ports) */
+#define RATE(label, T, init, op)                                                                                    \
+    {                                                                                                               \
+        T v0 = init, v1 = init, v2 = init, v3 = init, v4 = init, v5 = init, v6 = init, v7 = init, v8 = init,        \
+          v9 = init, v10 = init, v11 = init;                                                                        \
+        double t0 = now();                                                                                          \
+        for (long i = 0; i < iters; i++) {                                                                          \
+            v0 = op(v0); v1 = op(v1); v2 = op(v2); v3 = op(v3); v4 = op(v4); v5 = op(v5);                           \
+            v6 = op(v6); v7 = op(v7); v8 = op(v8); v9 = op(v9); v10 = op(v10); v11 = op(v11);                       \
+            /* whole registers live: else the compiler computes only the lanes printed below, in scalars */         \
+            __asm__("" : "+v"(v0), "+v"(v1), "+v"(v2), "+v"(v3), "+v"(v4), "+v"(v5));                               \
+            __asm__("" : "+v"(v6), "+v"(v7), "+v"(v8), "+v"(v9), "+v"(v10), "+v"(v11));                             \
+        }                                                                                                           \
+        double t = now() - t0;                                                                                      \
+        printf("rate %s %.2f %g\n", label, iters * 12 / t / 1e9,                                                    \
+               v0[0] + v1[0] + v2[0] + v3[0] + v4[0] + v5[0] + v6[0] + v7[0] + v8[0] + v9[0] + v10[0] + v11[0]);   \
     }
+#define FMA256(v) _mm256_fmadd_ps(v, _mm256_set1_ps(1.0001f), _mm256_set1_ps(0.999f))
+    RATE("vfmadd-256", __m256, _mm256_set1_ps(1.0f), FMA256)
 #if defined(__AVX512F__)
-    {
-        __m512 p = _mm512_set1_ps(1.0001f), q = _mm512_set1_ps(0.999f);
-#define D2(i) __m512 z##i = _mm512_set1_ps(i);
-        R(D2)
-        double t0 = now();
-        for (long i = 0; i < iters; i++) {
-#define U2(i) z##i = _mm512_fmadd_ps(z##i, p, q);
-            R(U2)
-        }
-        double t = now() - t0;
-#define S2(i) +z##i[0]
-        printf("rate vfmadd-512 %.2f %g\n", iters * 12 / t / 1e9, 0 R(S2));
-    }
+#define FMA512(v) _mm512_fmadd_ps(v, _mm512_set1_ps(1.0001f), _mm512_set1_ps(0.999f))
+    RATE("vfmadd-512", __m512, _mm512_set1_ps(1.0f), FMA512)
 #endif
 #if defined(__AVX512BF16__)
-    {
-        __m512bh x = (__m512bh)_mm512_set1_epi32(0x3f803f80), w = (__m512bh)_mm512_set1_epi32(0x3f003f00);
-#define D3(i) __m512 d##i = _mm512_set1_ps(i);
-        R(D3)
-        double t0 = now();
-        for (long i = 0; i < iters; i++) {
-#define U3(i) d##i = _mm512_dpbf16_ps(d##i, x, w);
-            R(U3)
-        }
-        double t = now() - t0;
-#define S3(i) +d##i[0]
-        printf("rate vdpbf16ps-512 %.2f %g\n", iters * 12 / t / 1e9, 0 R(S3));
-    }
+#define DPBF16(v) _mm512_dpbf16_ps(v, (__m512bh)_mm512_set1_epi32(0x3f803f80), (__m512bh)_mm512_set1_epi32(0x3f003f00))
+    RATE("vdpbf16ps-512", __m512, _mm512_set1_ps(1.0f), DPBF16)
 #endif
     return 0;
 }

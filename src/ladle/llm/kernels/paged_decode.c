@@ -494,27 +494,17 @@ static int decode(const float *q, const void *k_cache, const void *v_cache, cons
     int claimed = 0;
     /* one parallel region per cache dtype, so that each outlined body is compiled for its `kind` (a region inside
      * one shared function kept `kind` a runtime value in every inner loop) */
+#define RUN_UNITS(KIND)                                                                                               \
+    _Pragma("omp parallel num_threads(threads)") run_units(&j, &claimed, KIND);                                       \
+    break
     switch (kind) {
-        case KV_F32:
-#pragma omp parallel num_threads(threads)
-            run_units(&j, &claimed, KV_F32);
-            break;
-        case KV_BF16:
-#pragma omp parallel num_threads(threads)
-            run_units(&j, &claimed, KV_BF16);
-            break;
-        case KV_E4M3:
-#pragma omp parallel num_threads(threads)
-            run_units(&j, &claimed, KV_E4M3);
-            break;
-        case KV_E5M2:
-#pragma omp parallel num_threads(threads)
-            run_units(&j, &claimed, KV_E5M2);
-            break;
-        default:
-#pragma omp parallel num_threads(threads)
-            run_units(&j, &claimed, KV_F16);
+        case KV_F32: RUN_UNITS(KV_F32);
+        case KV_BF16: RUN_UNITS(KV_BF16);
+        case KV_E4M3: RUN_UNITS(KV_E4M3);
+        case KV_E5M2: RUN_UNITS(KV_E5M2);
+        default: RUN_UNITS(KV_F16);
     }
+#undef RUN_UNITS
     if (j.partial != NULL) {
         merge_splits(&j);
         free(j.partial);
@@ -530,24 +520,16 @@ int paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
                   max_blocks, scale, threads, scratch, max_len, KV_F32);
 }
 
-/* The 16-bit caches' entry points: the same signature, K/V as uint16 */
-#define PAGED_DECODE_16(name, kind)                                                                                   \
-    int name(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *tables,                \
-             const int64_t *lens, float *out, int batch, int heads, int kv_heads, int head_dim, int64_t num_blocks,  \
-             int block_size, int max_blocks, float scale, int threads, float *scratch, int64_t max_len) {            \
+/* The narrower caches' entry points: the same signature, K/V as uint16 (16-bit floats) or bytes (--kv-cache-dtype
+ * fp8_e4m3 / fp8_e5m2) */
+#define PAGED_DECODE_NARROW(name, elem, kind)                                                                         \
+    int name(const float *q, const elem *k_cache, const elem *v_cache, const int64_t *tables, const int64_t *lens,   \
+             float *out, int batch, int heads, int kv_heads, int head_dim, int64_t num_blocks, int block_size,       \
+             int max_blocks, float scale, int threads, float *scratch, int64_t max_len) {                            \
         return decode(q, k_cache, v_cache, tables, lens, out, batch, heads, kv_heads, head_dim, num_blocks,          \
                       block_size, max_blocks, scale, threads, scratch, max_len, kind);                               \
     }
-PAGED_DECODE_16(paged_decode_bf16, KV_BF16)
-PAGED_DECODE_16(paged_decode_f16, KV_F16)
-
-/* The 8-bit caches' entry points (--kv-cache-dtype fp8_e4m3 / fp8_e5m2): K/V as bytes */
-#define PAGED_DECODE_8(name, kind)                                                                                    \
-    int name(const float *q, const uint8_t *k_cache, const uint8_t *v_cache, const int64_t *tables,                  \
-             const int64_t *lens, float *out, int batch, int heads, int kv_heads, int head_dim, int64_t num_blocks,  \
-             int block_size, int max_blocks, float scale, int threads, float *scratch, int64_t max_len) {            \
-        return decode(q, k_cache, v_cache, tables, lens, out, batch, heads, kv_heads, head_dim, num_blocks,          \
-                      block_size, max_blocks, scale, threads, scratch, max_len, kind);                               \
-    }
-PAGED_DECODE_8(paged_decode_e4m3, KV_E4M3)
-PAGED_DECODE_8(paged_decode_e5m2, KV_E5M2)
+PAGED_DECODE_NARROW(paged_decode_bf16, uint16_t, KV_BF16)
+PAGED_DECODE_NARROW(paged_decode_f16, uint16_t, KV_F16)
+PAGED_DECODE_NARROW(paged_decode_e4m3, uint8_t, KV_E4M3)
+PAGED_DECODE_NARROW(paged_decode_e5m2, uint8_t, KV_E5M2)
