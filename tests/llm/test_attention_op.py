@@ -42,7 +42,8 @@ def op():
 @pytest.mark.parametrize(("dtype", "cache_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                     (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
                                                     (torch.float32, torch.float8_e4m3fn),
-                                                    (torch.bfloat16, torch.float8_e5m2)])
+                                                    (torch.bfloat16, torch.float8_e5m2),
+                                                    (torch.float16, torch.float8_e4m3fn)])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 32)])
 def test_a_mixed_step_matches_the_torch_path(op, dtype, cache_dtype, heads, kv_heads, head_dim) -> None:
     generator = torch.Generator().manual_seed(heads + head_dim)

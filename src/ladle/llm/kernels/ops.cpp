@@ -9,8 +9,8 @@
  *   q [T, heads, D], k/v [T, kv_heads, D] (last dim contiguous); caches [kv_heads, num_blocks, block_size, D]
  *   contiguous, float32, bfloat16, float16, float8_e4m3fn or float8_e5m2 (may be narrower than q: --kv-cache-dtype;
  *   new rows are then rounded into the cache — an 8-bit float saturating at its largest finite value, as vLLM's
- *   conversion does — and cached context widened back for SDPA); out [T, heads * D] in q's dtype. `meta` is the step's int64
- *   description (attention.py, pack_step), shared by every layer:
+ *   conversion does — and cached context widened back for SDPA); out [T, heads * D] in q's dtype. `meta` is the
+ *   step's int64 description (attention.py, pack_step), shared by every layer:
  *     [seqs, decodes, max_blocks, max_decode_len, tokens,
  *      query_start[seqs + 1], context[seqs], tables[seqs * max_blocks], slots[tokens]]
  *   Sequences [0, decodes) are the one-token ones (rows [0, decodes)); context = tokens in the cache after the step.
@@ -108,8 +108,11 @@ inline uint8_t to_fp8(float x, bool e4m3) {
     return sign | static_cast<uint8_t>(code > most ? most : code);  // infinities and overflow saturate
 }
 
-/* The step's rows (float32 or bfloat16) into an 8-bit cache: cache[h, slot] = to_fp8(rows[t, h]) */
-void write_fp8(const at::Tensor& rows, const at::Tensor& cache, const StepMeta& m) {
+/* The step's rows (float32 or bfloat16; others are widened first) into an 8-bit cache: cache[h, slot] =
+ * to_fp8(rows[t, h]) */
+void write_fp8(const at::Tensor& new_rows, const at::Tensor& cache, const StepMeta& m) {
+    const at::ScalarType from = new_rows.scalar_type();
+    const at::Tensor rows = from == at::kFloat || from == at::kBFloat16 ? new_rows : new_rows.to(at::kFloat);
     const bool e4m3 = cache.scalar_type() == at::kFloat8_e4m3fn, bf16 = rows.scalar_type() == at::kBFloat16;
     const int64_t kv_heads = cache.size(0), per_head = cache.size(1) * cache.size(2), dim = cache.size(3);
     uint8_t* dst = static_cast<uint8_t*>(cache.data_ptr());
@@ -135,8 +138,7 @@ void write_kv(const at::Tensor& new_rows, const at::Tensor& cache, const StepMet
     TORCH_CHECK(new_rows.dim() == 3 && new_rows.stride(2) == 1,
                 "paged_attention: new k/v must be [T, kv_heads, D], last dim contiguous");
     const at::ScalarType kind = cache.scalar_type(), from = new_rows.scalar_type();
-    if ((kind == at::kFloat8_e4m3fn || kind == at::kFloat8_e5m2) && (from == at::kFloat || from == at::kBFloat16))
-        return write_fp8(new_rows, cache, m);
+    if (kind == at::kFloat8_e4m3fn || kind == at::kFloat8_e5m2) return write_fp8(new_rows, cache, m);
     // a cache narrower than the model (--kv-cache-dtype) stores the step's rows rounded to its dtype
     const at::Tensor rows = from == kind ? new_rows : new_rows.to(kind);
     TORCH_CHECK(rows.dim() == 3 && rows.stride(2) == 1,
