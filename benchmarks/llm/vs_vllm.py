@@ -51,6 +51,8 @@ from ladle.bench.serve import run as bench_run  # noqa: E402
 # ladle: torch.compile'd (waited for), ladle-eager: --enforce-eager, ladle-no-amx: compiled, bfloat16 GEMMs on
 # vdpbf16ps instead of AMX tiles (LADLE_AMX=0; the same where the CPU has no AMX)
 ENGINES = ("ladle", "ladle-eager", "ladle-no-amx", "vllm")
+#: --kv-cache-dtype for both servers (their own names: auto, fp8, fp8_e4m3, fp8_e5m2, ...); auto: each one's default
+KV_CACHE_DTYPE = "auto"
 MAX_NUM_SEQS, MAX_MODEL_LEN, MAX_BATCHED_TOKENS, KV_CACHE_GIB = 32, 512, 2048, 1
 
 
@@ -66,14 +68,15 @@ def ladle_command(dtype: str, eager: bool = False) -> list[str]:
             "--model", str(llm.MODEL_DIR), "--served-model-name", llm.SERVED_NAME, "--dtype", dtype, "--grpc-port", "0",
             "--num-threads", str(len(os.sched_getaffinity(0))),
             "--max-num-seqs", str(MAX_NUM_SEQS), "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
-            "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", f"{KV_CACHE_GIB}GiB", "--log-level", "warning"]
+            "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", f"{KV_CACHE_GIB}GiB", "--log-level", "warning",
+            "--kv-cache-dtype", KV_CACHE_DTYPE]
 
 
 def vllm_command(venv: Path, dtype: str, port: int | str) -> list[str]:
     return [str(venv / "bin/python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(llm.MODEL_DIR),
             "--served-model-name", llm.SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
             "--max-num-seqs", str(MAX_NUM_SEQS), "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
-            "--max-model-len", str(MAX_MODEL_LEN)]
+            "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-dtype", KV_CACHE_DTYPE]
 
 
 def vllm_env() -> dict[str, str]:
