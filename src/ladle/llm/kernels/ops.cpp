@@ -40,6 +40,7 @@
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -88,49 +89,40 @@ void check(const StepMeta& m, int64_t num_blocks, int64_t block_size) {
     }
 }
 
-/* x as an 8-bit float (e4m3fn, else e5m2), rounded to nearest even and saturated at the largest finite value: what
- * clamping to that value and torch's conversion give (attention.py's write_kv; tests compare the bytes). Done here,
- * row by row, rather than as a clamp and a conversion over the step's rows: no temporary tensors per layer. */
+/* x as an 8-bit float (e4m3fn, else e5m2): torch's own conversion (round to nearest even) of x clamped to the type's
+ * largest finite value — what attention.py's write_kv stores (std::clamp keeps NaN a NaN) */
 inline uint8_t to_fp8(float x, bool e4m3) {
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    const uint8_t sign = (bits >> 24) & 0x80;
-    bits &= 0x7fffffffu;
-    if (bits > 0x7f800000u) return sign | 0x7f;  // NaN
-    const int mantissa = e4m3 ? 3 : 2, bias = e4m3 ? 7 : 15, most = e4m3 ? 0x7e : 0x7b;
-    float a;
-    std::memcpy(&a, &bits, sizeof a);
-    if (a < (e4m3 ? 0x1p-6f : 0x1p-14f))  // subnormal: a multiple of the smallest step (2^mantissa of them is normal)
-        return sign | static_cast<uint8_t>(std::lrint(a * (e4m3 ? 0x1p9f : 0x1p16f)));
-    const int shift = 23 - mantissa;  // round float32's mantissa to `mantissa` bits; a carry moves into the exponent
-    const uint32_t rounded = (bits + (1u << (shift - 1)) - 1 + ((bits >> shift) & 1)) >> shift;
-    const int64_t code = static_cast<int64_t>(rounded) - (static_cast<int64_t>(127 - bias) << mantissa);
-    return sign | static_cast<uint8_t>(code > most ? most : code);  // infinities and overflow saturate
+    return e4m3 ? c10::Float8_e4m3fn(std::clamp(x, -448.0f, 448.0f)).x
+                : c10::Float8_e5m2(std::clamp(x, -57344.0f, 57344.0f)).x;
 }
 
 /* The step's rows (float32 or bfloat16; others are widened first) into an 8-bit cache: cache[h, slot] =
- * to_fp8(rows[t, h]) */
+ * to_fp8(rows[t, h]), converted here rather than as a clamp and a conversion over the step's rows (no temporary
+ * tensors per layer), tokens split over the threads (a long prefill chunk converts ~1 M values a layer) */
 void write_fp8(const at::Tensor& new_rows, const at::Tensor& cache, const StepMeta& m) {
     const at::ScalarType from = new_rows.scalar_type();
     const at::Tensor rows = from == at::kFloat || from == at::kBFloat16 ? new_rows : new_rows.to(at::kFloat);
     const bool e4m3 = cache.scalar_type() == at::kFloat8_e4m3fn, bf16 = rows.scalar_type() == at::kBFloat16;
     const int64_t kv_heads = cache.size(0), per_head = cache.size(1) * cache.size(2), dim = cache.size(3);
+    for (int64_t t = 0; t < m.tokens; t++)  // (checked before the threads: an error cannot leave a worker)
+        TORCH_CHECK(m.slots[t] >= 0 && m.slots[t] < per_head, "paged_attention: slot ", m.slots[t],
+                    " outside the cache");
     uint8_t* dst = static_cast<uint8_t*>(cache.data_ptr());
-    for (int64_t t = 0; t < m.tokens; t++) {
-        const int64_t slot = m.slots[t];
-        TORCH_CHECK(slot >= 0 && slot < per_head, "paged_attention: slot ", slot, " outside the cache");
-        for (int64_t h = 0; h < kv_heads; h++) {
-            uint8_t* out = dst + (h * per_head + slot) * dim;
-            const int64_t at = t * rows.stride(0) + h * rows.stride(1);
-            if (bf16) {
-                const uint16_t* in = static_cast<const uint16_t*>(rows.data_ptr()) + at;
-                for (int64_t d = 0; d < dim; d++) out[d] = to_fp8(bf16_to_f32(in[d]), e4m3);
-            } else {
-                const float* in = rows.data_ptr<float>() + at;
-                for (int64_t d = 0; d < dim; d++) out[d] = to_fp8(in[d], e4m3);
+    at::parallel_for(0, m.tokens, 64, [&](int64_t first, int64_t last) {
+        for (int64_t t = first; t < last; t++) {
+            for (int64_t h = 0; h < kv_heads; h++) {
+                uint8_t* out = dst + (h * per_head + m.slots[t]) * dim;
+                const int64_t at = t * rows.stride(0) + h * rows.stride(1);
+                if (bf16) {
+                    const uint16_t* in = static_cast<const uint16_t*>(rows.data_ptr()) + at;
+                    for (int64_t d = 0; d < dim; d++) out[d] = to_fp8(bf16_to_f32(in[d]), e4m3);
+                } else {
+                    const float* in = rows.data_ptr<float>() + at;
+                    for (int64_t d = 0; d < dim; d++) out[d] = to_fp8(in[d], e4m3);
+                }
             }
         }
-    }
+    });
 }
 
 /* cache[h, slot] = rows[t, h] for every new token t (slot = block * block_size + offset). */
