@@ -163,9 +163,11 @@ def write_kv(
     for rows, cache in ((k, k_cache), (v, v_cache)):
         rows = rows.transpose(0, 1)
         most = FP8_MAX.get(cache.dtype)
-        if most is not None:  # torch has no index_copy_ of 8-bit floats: their bytes are copied
+        if most is None:
+            rows = rows.to(cache.dtype)
+        else:  # torch has no index_copy_ of 8-bit floats: their bytes are copied
             rows, cache = rows.clamp(-most, most).to(cache.dtype).view(torch.uint8), cache.view(torch.uint8)
-        cache.view(kv_heads, -1, head_dim).index_copy_(1, slots, rows.to(cache.dtype))
+        cache.view(kv_heads, -1, head_dim).index_copy_(1, slots, rows)
 
 
 def paged_attention(

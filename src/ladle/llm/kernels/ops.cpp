@@ -156,29 +156,22 @@ at::Tensor decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     at::Tensor out = at::empty_like(q32);
     const int threads = at::get_num_threads();
     at::Tensor scratch = at::empty({threads * (heads / kv_heads) * m.max_decode_len}, q32.options());
-    // one kernel per cache dtype (paged_decode.c); q is float32 in all of them
-    const auto kernel = k_cache.scalar_type() == at::kFloat ? nullptr
-                        : k_cache.scalar_type() == at::kBFloat16 ? paged_decode_bf16 : paged_decode_f16;
+    // one kernel per cache dtype (paged_decode.c), K/V as its elements (floats, 16-bit words or bytes); q is float32
+    // in all of them
+    const auto call = [&](auto kernel, const auto* k, const auto* v) {
+        return kernel(q32.data_ptr<float>(), k, v, m.tables, m.context, out.data_ptr<float>(), batch, heads, kv_heads,
+                      dim, k_cache.size(1), k_cache.size(2), m.max_blocks, scale, threads, scratch.data_ptr<float>(),
+                      m.max_decode_len);
+    };
+    const auto words = [](const at::Tensor& t) { return static_cast<const uint16_t*>(t.data_ptr()); };
+    const auto bytes = [](const at::Tensor& t) { return static_cast<const uint8_t*>(t.data_ptr()); };
     const at::ScalarType kv = k_cache.scalar_type();
-    if (kv == at::kFloat8_e4m3fn || kv == at::kFloat8_e5m2) {  // the 8-bit caches: bytes
-        const int failed = (kv == at::kFloat8_e4m3fn ? paged_decode_e4m3 : paged_decode_e5m2)(
-            q32.data_ptr<float>(), static_cast<const uint8_t*>(k_cache.data_ptr()),
-            static_cast<const uint8_t*>(v_cache.data_ptr()), m.tables, m.context, out.data_ptr<float>(), batch, heads,
-            kv_heads, dim, k_cache.size(1), k_cache.size(2), m.max_blocks, scale, threads, scratch.data_ptr<float>(),
-            m.max_decode_len);
-        TORCH_CHECK(!failed, "paged_attention: unsupported shape (heads ", heads, ", kv heads ", kv_heads,
-                    ", head_dim ", dim, ")");
-        return out.view({batch, heads * dim}).to(q.scalar_type());
-    }
     const int failed =
-        kernel ? kernel(q32.data_ptr<float>(), static_cast<const uint16_t*>(k_cache.data_ptr()),
-                        static_cast<const uint16_t*>(v_cache.data_ptr()), m.tables, m.context, out.data_ptr<float>(),
-                        batch, heads, kv_heads, dim, k_cache.size(1), k_cache.size(2), m.max_blocks, scale, threads,
-                        scratch.data_ptr<float>(), m.max_decode_len)
-               : paged_decode_f32(q32.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                                  m.tables, m.context, out.data_ptr<float>(), batch, heads, kv_heads, dim,
-                                  k_cache.size(1), k_cache.size(2), m.max_blocks, scale, threads,
-                                  scratch.data_ptr<float>(), m.max_decode_len);
+        kv == at::kFloat           ? call(paged_decode_f32, k_cache.data_ptr<float>(), v_cache.data_ptr<float>())
+        : kv == at::kBFloat16      ? call(paged_decode_bf16, words(k_cache), words(v_cache))
+        : kv == at::kHalf          ? call(paged_decode_f16, words(k_cache), words(v_cache))
+        : kv == at::kFloat8_e4m3fn ? call(paged_decode_e4m3, bytes(k_cache), bytes(v_cache))
+                                   : call(paged_decode_e5m2, bytes(k_cache), bytes(v_cache));
     TORCH_CHECK(!failed, "paged_attention: unsupported shape (heads ", heads, ", kv heads ", kv_heads, ", head_dim ",
                 dim, ")");
     return out.view({batch, heads * dim}).to(q.scalar_type());
