@@ -3,13 +3,15 @@ only stable per-kernel figure on a noisy host (issues 9 and 16). A "step" runs e
 shapes of benchmarks/llm once (30 layers of qkv 576->960, o 576->576, SwiGLU gate_up 576->2x1536, down 1536->576), each
 layer with its own weights, so at few rows the weights come from DRAM as in a decode step.
 
-    .venv/bin/python benchmarks/micro/gemm_ab.py [--a REV] [--b REV] [--dtype float32,int8,int4] [--m 1,8,32,128,512]
+    .venv/bin/python benchmarks/micro/gemm_ab.py [--a REV] [--b REV] [--dtype float32,bfloat16,int8,int4]
+        [--m 1,8,32,128,512]
         [--threads 1] [--rounds 15]
 
 --a defaults to the kernels as committed (git HEAD), --b to the working tree's: edit gemm.c or a header, run this,
 and read b/a (below 1: b is faster). Each side's gemm.c and headers are compiled the way kernels/ops.cpp compiles
 them (C++, kernels/build.py's CXX_FLAGS) into a temporary library beside a small driver that runs a step's layers;
-ctypes calls the driver once per step. int8 and int4 run where the build has ladle's int8 GEMM (AVX2 builds).
+ctypes calls the driver once per step. bfloat16 runs where the build has it (AVX-512-BF16, on AMX tiles where the
+host has them, or AVX2); int8 and int4 where the build has ladle's int8 GEMM (AVX2 builds).
 """
 
 from __future__ import annotations
@@ -35,20 +37,21 @@ from ladle.llm.kernels.build import CXX_FLAGS  # noqa: E402
 LAYERS = 30
 # (in, out, swiglu) per layer: SmolLM-135M's qkv, o, gate_up (SwiGLU: 2 x 1536 packed columns), down
 SHAPES = ((576, 960, False), (576, 576, False), (576, 1536, True), (1536, 576, False))
-KINDS = {"float32": 0, "int8": 1, "int4": 2}
+KINDS = {"float32": 0, "int8": 1, "int4": 2, "bfloat16": 3}
 GROUP = 32  # int4 group size (ladle's default)
 P, I64 = ctypes.c_void_p, ctypes.c_int64
 
 DRIVER = """
 extern "C" {
 #include "gemm.c"
-/* one step: `count` matmuls, the i-th [m, k[i]] x its weights -> [m, n_out[i]] (kind: 0 float32, 1 int8, 2 int4) */
+/* one step: `count` matmuls, the i-th [m, k[i]] x its weights -> [m, n_out[i]] (kind: 0 float32, 1 int8, 2 int4,
+ * 3 bfloat16: x, weights and out bfloat16) */
 int step(int kind, const float *x, float *out, const void *const *w, const void *const *scales,
          const void *const *zeros, const int64_t *k, const int64_t *tiles, const int64_t *n_out, const int *epi,
          int count, int64_t m, int threads) {
     for (int i = 0; i < count; i++) {
-        int rc = kind == 0 ? gemm(x, k[i], w[i], NULL, NULL, 0, out, n_out[i], m, k[i], tiles[i], n_out[i], epi[i],
-                                  0, threads)
+        int rc = kind == 0 || kind == 3 ? gemm(x, k[i], w[i], NULL, NULL, 0, out, n_out[i], m, k[i], tiles[i],
+                                               n_out[i], epi[i], kind == 3, threads)
                  : kind == 1 ? gemm_q8(x, k[i], (const int8_t *)w[i], (const float *)scales[i], NULL, NULL, 0, out,
                                        n_out[i], m, k[i], tiles[i], n_out[i], epi[i], 0, threads)
                              : gemm_q4(x, k[i], (const uint8_t *)w[i], (const uint16_t *)scales[i],
@@ -118,6 +121,8 @@ class Weights:
     def _codes(kind: str, tiles: int, tile: int, k_len: int, rng: np.random.Generator) -> np.ndarray:
         if kind == "float32":
             return rng.standard_normal(tiles * tile * k_len, dtype=np.float32)
+        if kind == "bfloat16":  # random values in [1, 2) (any bits time the same; these stay finite)
+            return rng.integers(0x3F80, 0x4000, tiles * tile * k_len, dtype=np.uint16)
         if kind == "int8":
             return rng.integers(-127, 128, tiles * tile * (k_len + k_len % 2), dtype=np.int8)
         return rng.integers(0, 256, tiles * tile * k_len // 2, dtype=np.uint8)
@@ -144,7 +149,8 @@ def measure(libs: list[ctypes.CDLL], weights: dict[str, Weights], m: int, thread
     kinds = list(weights)
     x = np.random.default_rng(1).standard_normal(m * max(w.max_k for w in weights.values()), dtype=np.float32)
     out = np.empty(m * max(w.max_n for w in weights.values()), np.float32)
-    args = {kind: step_args(kind, w, x, out, m, threads) for kind, w in weights.items()}
+    x16 = np.full(x.size, 0x3F80, np.uint16)  # bfloat16 1.0 (out is big enough for either width)
+    args = {kind: step_args(kind, w, x16 if kind == "bfloat16" else x, out, m, threads) for kind, w in weights.items()}
     for lib in libs:
         lib.step.argtypes = [ctypes.c_int, P, P, P, P, P, P, P, P, P, ctypes.c_int, I64, ctypes.c_int]
         for kind in kinds:
@@ -176,7 +182,10 @@ def main() -> None:
         kinds = args.dtype.split(",")
         if not libs[0].gemm_q8_available():
             print("int8 / int4: not built here (ladle's int8/int4 GEMM runs on AVX2 builds)")
-            kinds = [kind for kind in kinds if kind == "float32"]
+            kinds = [kind for kind in kinds if kind in ("float32", "bfloat16")]
+        if "bfloat16" in kinds and not libs[0].gemm_available(1):
+            print("bfloat16: not built here")
+            kinds.remove("bfloat16")
         print("| dtype | M | a ms | b ms | b/a | a GFLOP/s | b GFLOP/s | b: float32 time / this |\n"
               "|---|---:|---:|---:|---:|---:|---:|---:|")
         weights = {kind: Weights(kind, libs[0].gemm_tile(), np.random.default_rng(0)) for kind in kinds}

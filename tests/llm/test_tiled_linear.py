@@ -92,6 +92,37 @@ def test_bfloat16_row_blocks_of_the_amx_path_match_torch(rows, k, swiglu, n) -> 
         torch.testing.assert_close(tiled.add(x, other).float(), want + other.float(), **TOLERANCE[torch.bfloat16])
 
 
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 33])
+@pytest.mark.parametrize(("n", "k", "swiglu"), [(64, 576, False), (560, 576, False), (960, 1536, False),
+                                                (200, 576, True)])
+def test_tiles_that_do_not_divide_over_the_threads_match_torch(threads, dtype, rows, n, k, swiglu) -> None:
+    """Where a layer's tiles do not divide over the threads, gemm.c deals them as slices of 32 k values and a tile cut
+    between threads is summed from its pieces (run_share): one tile over up to four threads (middle pieces), 9 and 15
+    tiles (o and qkv of SmolLM), SwiGLU's halves meeting in a summed tile; with AMX on and off."""
+    needs(dtype)
+    torch.manual_seed(rows + n + threads)
+    layer = linear(2 * n if swiglu else n, k, dtype, True, GateUpLinear if swiglu else Linear)
+    tiled = TiledLinear.of(layer)
+    x, other = torch.randn(rows, k).to(dtype), torch.randn(rows, n).to(dtype)
+    want = reference(x, layer)
+    if swiglu:
+        gate, up = want.chunk(2, dim=-1)
+        want = F.silu(gate) * up
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for amx in ([True, False] if dtype == torch.bfloat16 and gemm_amx() else [None]):
+            if amx is not None:
+                use_amx(amx)
+            got = tiled.swiglu(x) if swiglu else tiled.add(x, other)
+            torch.testing.assert_close(got.float(), want if swiglu else want + other.float(), **TOLERANCE[dtype])
+    finally:
+        torch.set_num_threads(before)
+        use_amx(True)
+
+
 def test_amx_is_used_where_the_cpu_has_it() -> None:
     needs(torch.bfloat16)
     if "amx_bf16" not in cpu_flags():

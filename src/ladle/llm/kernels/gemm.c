@@ -23,6 +23,7 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#include <omp.h>
 
 #define MR 6
 #define STREAM_AHEAD 4096 /* bytes of its own stream a tile's first chunk prefetches ahead (struct ahead) */
@@ -161,18 +162,100 @@ static struct ahead chunk_ahead(const char *tile, int64_t tile_bytes, int64_t c,
     return (struct ahead){tile + tile_bytes + lo * 64, hi - lo, 0};
 }
 
-/* Tile t of the job, chunk by chunk over its whole k, each chunk through the epilogue */
-static void tile_streamed(const struct gemm_job *j, int64_t t) {
+/* What runs one tile's rows over k values [k0, k0 + k_len) of it: through the epilogue when `sum` is NULL, else its
+ * float32 sums ([m_len][TILE]) into `sum` (a piece of a tile cut between threads, see run_share). `ctx`: the
+ * path's own per-thread state. */
+typedef void (*tile_fn)(const struct gemm_job *j, void *ctx, int64_t t, int64_t k0, int64_t k_len, float *sum);
+
+/* Tile t (or a piece of it) chunk by chunk, each chunk through the epilogue or into `sum` */
+static void tile_streamed(const struct gemm_job *j, void *ctx, int64_t t, int64_t k0, int64_t k_len, float *sum) {
+    (void)ctx;
     float acc[MR][TILE];
-    const char *wt = (const char *)j->w + t * j->tile_bytes;
+    const char *wt = (const char *)j->w + t * j->tile_bytes + k0 * TILE * (int64_t)j->elem;
+    const char *x = j->x + k0 * (int64_t)j->x_elem;
     int64_t m0 = 0;
     for (int64_t c = 0; c < j->chunks; c++) {
         const int rows = chunk_rows(j, c, m0);
-        const struct ahead pf = chunk_ahead(wt, j->tile_bytes, c, j->chunks, rows, t + 1 == j->tiles);
-        tile_rows(j->x + m0 * j->x_ld * j->x_elem, j->x_ld, wt, j->k_len, acc, rows, j->bf16, pf);
-        tile_epilogue(j, t, acc, rows, m0);
+        /* a piece's stream is part of a tile: it prefetches nothing (the next tile is another thread's) */
+        const struct ahead pf = sum ? (struct ahead){NULL, 0, 0}
+                                    : chunk_ahead(wt, j->tile_bytes, c, j->chunks, rows, t + 1 == j->tiles);
+        tile_rows(x + m0 * j->x_ld * j->x_elem, j->x_ld, wt, k_len, acc, rows, j->bf16, pf);
+        if (sum)
+            memcpy(sum + m0 * TILE, acc, sizeof(float) * TILE * rows);
+        else
+            tile_epilogue(j, t, acc, rows, m0);
         m0 += rows;
     }
+}
+
+/* Balance: a layer's tiles rarely divide evenly over the threads (SmolLM-135M's qkv is 15 tiles, o and down 9), and
+ * dealt whole, one thread runs an extra tile while the others wait at the end of the call. So where they do not
+ * divide, the work is dealt as tiles x slices of KSLICE k values, an equal run of slices per thread; a tile cut between
+ * threads is computed in pieces (partial sums over its k ranges), which the thread holding its first piece adds up
+ * and puts through the epilogue after a barrier. */
+#define KSLICE 32
+
+static int balanced(const struct gemm_job *j, int threads) {
+    return threads > 1 && j->tiles % threads && j->k_len % KSLICE == 0;
+}
+
+/* The pieces of a balanced job: per thread two slots, 0 for a tile begun by an earlier thread (its first tile), 1
+ * for a tile it begins but does not finish (its last); `tiles` says which tile each holds (-1: none) */
+struct pieces {
+    float *sums; /* [threads][2][m_len][TILE] */
+    int64_t *tiles;
+};
+
+static int pieces_alloc(struct pieces *p, const struct gemm_job *j, int threads) {
+    p->sums = (float *)malloc(sizeof(float) * 2 * threads * (size_t)j->m_len * TILE);
+    p->tiles = (int64_t *)malloc(sizeof(int64_t) * 2 * threads);
+    if (p->sums && p->tiles) return 1;
+    free(p->sums);
+    free(p->tiles);
+    return 0;
+}
+
+static void pieces_free(struct pieces *p) {
+    free(p->sums);
+    free(p->tiles);
+}
+
+/* This thread's share of the job through `fn`, inside the parallel region: whole tiles, an equal run of them, unless
+ * `p` (allocated for at least the team's threads) is given and the team's tiles do not divide: then balanced (above),
+ * ending with a barrier and the sums of the tiles whose first piece this thread holds */
+static inline __attribute__((always_inline)) void run_share(const struct gemm_job *j, struct pieces *p, tile_fn fn, void *ctx) {
+    const int threads = omp_get_num_threads(), tid = omp_get_thread_num();
+    if (!p || !balanced(j, threads)) {
+        /* as OpenMP's static schedule deals them: the first tiles % threads threads one more */
+        const int64_t q = j->tiles / threads, r = j->tiles % threads;
+        const int64_t first = tid * q + (tid < r ? tid : r), count = q + (tid < r);
+        for (int64_t t = first; t < first + count; t++) fn(j, ctx, t, 0, j->k_len, NULL);
+        return;
+    }
+    const int64_t steps = j->k_len / KSLICE, units = j->tiles * steps;
+    const int64_t lo = units * tid / threads, hi = units * (tid + 1) / threads;
+    const size_t floats = (size_t)j->m_len * TILE;
+    p->tiles[2 * tid] = p->tiles[2 * tid + 1] = -1;
+    for (int64_t t = lo / steps; t * steps < hi; t++) {
+        const int64_t a = (lo > t * steps ? lo : t * steps) - t * steps;
+        const int64_t b = (hi < (t + 1) * steps ? hi : (t + 1) * steps) - t * steps;
+        if (a == 0 && b == steps) {
+            fn(j, ctx, t, 0, j->k_len, NULL);
+            continue;
+        }
+        const int slot = 2 * tid + (a == 0);
+        p->tiles[slot] = t;
+        fn(j, ctx, t, a * KSLICE, (b - a) * KSLICE, p->sums + slot * floats);
+    }
+#pragma omp barrier
+    const int64_t t = p->tiles[2 * tid + 1];
+    if (t < 0) return;
+    float *sum = p->sums + (2 * tid + 1) * floats;
+    for (int u = tid + 1; u < threads && p->tiles[2 * u] == t; u++) { /* the later pieces of tile t */
+        const float *more = p->sums + 2 * u * floats;
+        for (size_t i = 0; i < floats; i++) sum[i] += more[i];
+    }
+    tile_epilogue(j, t, (float(*)[TILE])sum, (int)j->m_len, 0);
 }
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
@@ -209,8 +292,15 @@ static int gemm_run(const void *x, int64_t ldx, const void *w, const float *bias
         .k_len = k_len, .n_out = n_out, .tiles = tiles, .tile_bytes = k_len * TILE * (int64_t)elem,
         .chunks = (m_len + chunk - 1) / chunk, .chunk = chunk, .kind = kind, .bf16 = bf16};
     if (amx_runs(bf16, k_len)) return gemm_amx(&job, threads);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) tile_streamed(&job, t);
+    struct pieces pieces;
+    const int balance = balanced(&job, threads);
+    if (balance && !pieces_alloc(&pieces, &job, threads)) {
+        free(wide);
+        return 2;
+    }
+#pragma omp parallel num_threads(threads)
+    run_share(&job, balance ? &pieces : NULL, tile_streamed, NULL);
+    if (balance) pieces_free(&pieces);
     free(wide);
     return 0;
 }

@@ -129,13 +129,39 @@ static void amx_tile_rows32(const uint16_t *x, int64_t lda, const uint16_t *w, i
     }
 }
 
-/* gemm_run on AMX (amx_runs() said yes): tiles split over the threads as there, each tile's rows 16 at a time through
- * amx_tile_rows (32 at a time through amx_tile_rows32 from AMX_PAIRED_FROM rows) and the epilogue; under 16 rows all
- * at once, above them the last partial block from a zero-padded copy. Returns 2 when out of memory. */
+/* What gemm_amx's tiles share: the padded copy of a last partial row block, the weight
+ * prefetch distance */
+struct amx_ctx {
+    const uint16_t *padded;
+    int64_t ahead;
+    int small;
+};
+
+/* tile_fn on AMX (under AMX_PAIRED_FROM rows, see gemm_amx): tile t's rows over k
+ * [k0, k0 + k_len), 16 at a time (under 16 rows all at once, a last partial block from the padded copy) */
+static void amx_tile(const struct gemm_job *j, void *ctx, int64_t t, int64_t k0, int64_t k_len, float *sum) {
+    const struct amx_ctx *c = (const struct amx_ctx *)ctx;
+    float acc[AMX_ROWS][TILE] __attribute__((aligned(64)));
+    const uint16_t *wt = (const uint16_t *)((const char *)j->w + t * j->tile_bytes) + k0 * TILE;
+    for (int64_t m0 = 0; m0 < j->m_len; m0 += AMX_ROWS) {
+        const int rows = j->m_len - m0 < AMX_ROWS ? (int)(j->m_len - m0) : AMX_ROWS;
+        if (rows == AMX_ROWS || c->small)
+            amx_tile_rows((const uint16_t *)(j->x + (m0 * j->x_ld + k0) * 2), j->x_ld * 2, wt, k_len, acc, c->ahead);
+        else
+            amx_tile_rows(c->padded + k0, j->k_len * 2, wt, k_len, acc, c->ahead);
+        if (sum)
+            memcpy(sum + m0 * TILE, acc, sizeof(float) * TILE * rows);
+        else
+            tile_epilogue(j, t, acc, rows, m0);
+    }
+}
+
+/* gemm_run on AMX (amx_runs() said yes). Under AMX_PAIRED_FROM rows each thread runs its share through amx_tile
+ * (run_share: balanced where the tiles do not divide over the threads); from there every thread takes whole tiles,
+ * 32 rows at a time through amx_tile_rows32 and the last rows 16 at a time. Returns 2 when out of memory. */
 static int gemm_amx(const struct gemm_job *j, int threads) {
     if (j->m_len == 0) return 0; /* (a zero-row tile configuration is invalid) */
     const int64_t full = j->m_len / AMX_ROWS * AMX_ROWS, tail = j->m_len - full;
-    const int64_t ahead = j->m_len <= AMX_ROWS ? AMX_STREAM_AHEAD : 0;
     /* under 16 rows the accumulators and x's register have M rows (configured so): no padded copy, and the tile
      * multiplies cost M rows (0.92-0.95x the step's GEMM time at 1-8 rows) */
     const int small = j->m_len < AMX_ROWS;
@@ -146,25 +172,42 @@ static int gemm_amx(const struct gemm_job *j, int threads) {
         for (int64_t m = 0; m < tail; m++)
             memcpy(padded + m * j->k_len, j->x + (full + m) * j->x_ld * 2, (size_t)j->k_len * 2);
     }
+    const struct amx_ctx ctx = {padded, j->m_len <= AMX_ROWS ? AMX_STREAM_AHEAD : 0, small};
+    if (j->m_len < AMX_PAIRED_FROM) {
+        struct pieces pieces;
+        const int balance = balanced(j, threads);
+        if (balance && !pieces_alloc(&pieces, j, threads)) {
+            free(padded);
+            return 2;
+        }
+#pragma omp parallel num_threads(threads)
+        {
+            amx_configure(small ? (int)j->m_len : AMX_ROWS);
+            run_share(j, balance ? &pieces : NULL, amx_tile, (void *)&ctx);
+            _tile_release();
+        }
+        if (balance) pieces_free(&pieces);
+        free(padded);
+        return 0;
+    }
+    /* (whole tiles here: a balanced split measured no gain at 512 rows, and its own copy of the 32-row kernel made
+     * this loop 1.08x slower in one build, 1.00x in another — at these rows its speed depends on code layout) */
 #pragma omp parallel num_threads(threads)
     {
-        amx_configure(small ? (int)j->m_len : AMX_ROWS);
+        amx_configure(AMX_ROWS);
         float acc[2 * AMX_ROWS][TILE] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < j->tiles; t++) {
             const uint16_t *wt = (const uint16_t *)((const char *)j->w + t * j->tile_bytes);
             int64_t m0 = 0;
-            if (j->m_len >= AMX_PAIRED_FROM)
-                for (; m0 + 2 * AMX_ROWS <= j->m_len; m0 += 2 * AMX_ROWS) {
-                    amx_tile_rows32((const uint16_t *)(j->x + m0 * j->x_ld * 2), j->x_ld * 2, wt, j->k_len, acc);
-                    tile_epilogue(j, t, acc, 2 * AMX_ROWS, m0);
-                }
+            for (; m0 + 2 * AMX_ROWS <= j->m_len; m0 += 2 * AMX_ROWS) {
+                amx_tile_rows32((const uint16_t *)(j->x + m0 * j->x_ld * 2), j->x_ld * 2, wt, j->k_len, acc);
+                tile_epilogue(j, t, acc, 2 * AMX_ROWS, m0);
+            }
             for (; m0 < j->m_len; m0 += AMX_ROWS) {
                 const int rows = j->m_len - m0 < AMX_ROWS ? (int)(j->m_len - m0) : AMX_ROWS;
-                if (rows == AMX_ROWS || small)
-                    amx_tile_rows((const uint16_t *)(j->x + m0 * j->x_ld * 2), j->x_ld * 2, wt, j->k_len, acc, ahead);
-                else
-                    amx_tile_rows(padded, j->k_len * 2, wt, j->k_len, acc, ahead);
+                amx_tile_rows(rows == AMX_ROWS ? (const uint16_t *)(j->x + m0 * j->x_ld * 2) : padded,
+                              rows == AMX_ROWS ? j->x_ld * 2 : j->k_len * 2, wt, j->k_len, acc, 0);
                 tile_epilogue(j, t, acc, rows, m0);
             }
         }
