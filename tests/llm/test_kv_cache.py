@@ -200,6 +200,110 @@ def test_bad_sizes_are_rejected():
         BlockPool(2, 4).take(3)
 
 
+# --------------------------------------------------------------------------------- reservations
+
+
+def test_a_reservation_keeps_a_growing_table_consecutive_while_others_grow() -> None:
+    """Four requests decode in turns, a block each every block_size tokens: without reservations their tables
+    interleave block by block; with them each table stays one run (what the decode kernel reads fastest)."""
+    for reserve, consecutive in ((0, False), (8, True)):
+        pool = BlockPool(64, 4)
+        kv = KVCacheManager(pool, 256, reserve_ahead=reserve)
+        reqs = [Request(f"r{i}", [i] * 4, SamplingParams(max_tokens=20)) for i in range(4)]
+        for r in reqs:
+            compute(kv, r)
+        for step in range(20):
+            for r in reqs:
+                r.append_output_token(step)
+                compute(kv, r, 1)
+                kv.check_invariants()
+        tables = [kv.block_table(r.request_id) for r in reqs]
+        assert all(len(t) == 6 for t in tables)
+        runs = all(t == list(range(t[0], t[0] + 6)) for t in tables)
+        assert runs is consecutive, tables
+        assert pool.num_free_blocks == 64 - 24  # reserved blocks still count as free
+
+
+def test_reservations_are_bounded_by_max_tokens_and_reserve_ahead() -> None:
+    pool = BlockPool(32, 4)
+    kv = KVCacheManager(pool, 128, reserve_ahead=3)
+    short = Request("short", [1] * 5, SamplingParams(max_tokens=4))  # 9 tokens in all: 3 blocks, 2 held
+    long = Request("long", [2] * 4, SamplingParams(max_tokens=100))
+    compute(kv, short)
+    compute(kv, long)
+    assert kv.block_table("short") == [0, 1] and pool.reserved_for("short") == [2]
+    assert kv.block_table("long") == [3] and pool.reserved_for("long") == [4, 5, 6]
+    assert pool.num_reserved_blocks == 4 and pool.num_free_blocks == 32 - 3
+    assert pool.free_queue()[0] == 7
+    kv.free("long")
+    # the reservation back at the head in order; its full (cached) prompt block at the tail, still hittable
+    assert pool.reserved_for("long") == [] and pool.free_queue()[:4] == [4, 5, 6, 7] and pool.free_queue()[-1] == 3
+    kv.check_invariants()
+
+
+def test_reserved_blocks_are_taken_by_others_only_when_the_queue_is_empty() -> None:
+    pool = BlockPool(10, 2)
+    assert pool.take(2, "a", reserve=4) == [0, 1] and pool.reserved_for("a") == [2, 3, 4, 5]
+    assert pool.take(1, "b", reserve=2) == [6] and pool.reserved_for("b") == [7, 8]
+    assert pool.take(1, "c") == [9]  # the queue's last block
+    assert pool.take(2, "c") == [5, 4]  # then the largest reservation's tail
+    assert pool.reserved_for("a") == [2, 3] and pool.num_free_blocks == 4
+    assert pool.take(4, "d") == [3, 8, 2, 7] and pool.num_free_blocks == 0  # ties: the older reservation first
+    pool.check_invariants()
+    with pytest.raises(ValueError, match="only 0 are free"):
+        pool.take(1, "a")
+
+
+def test_a_reservation_stops_at_blocks_in_use_or_cached() -> None:
+    pool = BlockPool(8, 2)
+    pool.release(reversed(pool.take(3)))  # 0-2 back at the head, uncached
+    cached = pool.take(1)[0]  # block 0
+    pool.cache_block(cached, (ROOT_UID, (1, 2)))
+    pool.release([cached])  # to the tail, still hittable
+    held = pool.take(1)  # block 1
+    pool.take(1, "x", reserve=5)  # block 2: its run stops at 3..7 (the end of the pool)
+    assert held == [1] and pool.reserved_for("x") == [3, 4, 5, 6, 7]
+    other = BlockPool(8, 2)
+    mid = other.take(5)  # 0-4 in use
+    other.release([mid[3]])  # block 3 free again, at the head
+    assert other.take(1, "y", reserve=4) == [3] and other.reserved_for("y") == []  # 4 is in use
+    first = BlockPool(4, 2)
+    block = first.take(2)
+    first.cache_block(block[1], (ROOT_UID, (5, 6)))
+    first.release([block[1]])  # block 1: free and cached, at the tail
+    first.release([block[0]])  # block 0: free, uncached, at the head
+    assert first.take(1, "z", reserve=3) == [0] and first.reserved_for("z") == []  # 1 holds a cached prefix
+    assert first.lookup((ROOT_UID, (5, 6))) == 1
+    for p in (pool, other, first):
+        p.check_invariants()
+
+
+def test_truncating_returns_the_reservation_so_the_table_regrows_in_one_run() -> None:
+    pool = BlockPool(16, 2)
+    kv = KVCacheManager(pool, 32, reserve_ahead=4)
+    r = Request("r", [1, 2, 3], SamplingParams(max_tokens=20))
+    assert kv.allocate_slots(r, 3)  # blocks 0, 1; reserved 2-5
+    r.num_computed_tokens = 3
+    assert kv.allocate_slots(r, 4)  # draft tokens: blocks 2, 3 (from the reservation)
+    assert kv.block_table("r") == [0, 1, 2, 3] and pool.reserved_for("r") == [4, 5]
+    kv.truncate("r", 4)  # drafts rejected past token 4: blocks 2, 3 and the reservation go back
+    assert kv.block_table("r") == [0, 1] and pool.reserved_for("r") == []
+    assert pool.free_queue()[:4] == [2, 3, 4, 5]
+    assert kv.allocate_slots(r, 5)  # 8 tokens: 4 blocks, the run resumed, and reserved past it again
+    assert kv.block_table("r") == [0, 1, 2, 3] and pool.reserved_for("r") == [4, 5, 6, 7]
+    kv.check_invariants()
+
+
+def test_a_scheduler_built_by_the_factory_reserves() -> None:
+    from ladle.llm.kv_cache import RESERVE_AHEAD
+    from ladle.llm.scheduler import Scheduler
+
+    pool = BlockPool(64, 4)
+    scheduler = Scheduler(KVCacheManager(pool, 256, RESERVE_AHEAD), max_num_seqs=4, max_num_batched_tokens=64,
+                          max_model_len=256)
+    assert scheduler.fresh().kv.reserve_ahead == RESERVE_AHEAD > 0
+
+
 # --------------------------------------------------------------------------------- stateful
 
 SEED = 7
@@ -224,20 +328,23 @@ PREFIXES = [[0, 1, 0, 1, 0, 1, 0, 1, 2, 3], [1, 0, 1, 0, 1, 0, 1, 0, 2, 3], [0, 
 
 
 class KVCacheMachine(RuleBasedStateMachine):
-    @initialize(block_size=st.integers(1, 4), num_blocks=st.integers(1, 12), caching=st.booleans())
-    def setup(self, block_size: int, num_blocks: int, caching: bool) -> None:
+    @initialize(block_size=st.integers(1, 4), num_blocks=st.integers(1, 12), caching=st.booleans(),
+                reserve=st.integers(0, 4))
+    def setup(self, block_size: int, num_blocks: int, caching: bool, reserve: int) -> None:
         self.bs = block_size
         self.max_len = num_blocks * block_size
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching=caching)
-        self.kv = KVCacheManager(self.pool, self.max_len)
+        self.kv = KVCacheManager(self.pool, self.max_len, reserve_ahead=reserve)
         self.live: dict[str, Request] = {}
         self.slots: dict[tuple[int, int], int] = {}  # (block, offset) -> simulated K/V
         self.next_id = 0
 
     def _run(self, r: Request, n: int, hits: list[int], num_hit: int) -> bool:
-        snapshot = (list(self.pool.ref_cnt), self.pool.free_queue(), list(self.kv.block_table(r.request_id)))
+        snapshot = (list(self.pool.ref_cnt), self.pool.free_queue(), list(self.kv.block_table(r.request_id)),
+                    self.pool.reserved_for(r.request_id), self.pool.num_reserved_blocks)
         if not self.kv.allocate_slots(r, n, hits, num_hit):
-            after = (list(self.pool.ref_cnt), self.pool.free_queue(), list(self.kv.block_table(r.request_id)))
+            after = (list(self.pool.ref_cnt), self.pool.free_queue(), list(self.kv.block_table(r.request_id)),
+                     self.pool.reserved_for(r.request_id), self.pool.num_reserved_blocks)
             assert after == snapshot
             assert -(-(r.num_computed_tokens + num_hit + n) // self.bs) - len(snapshot[2]) > 0
             return False
@@ -282,7 +389,7 @@ class KVCacheMachine(RuleBasedStateMachine):
         rid = list(self.live)[pick % len(self.live)]
         del self.live[rid]
         self.kv.free(rid)
-        assert self.kv.block_table(rid) == []
+        assert self.kv.block_table(rid) == [] and self.pool.reserved_for(rid) == []
 
     @rule()
     def reset(self) -> None:

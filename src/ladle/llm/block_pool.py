@@ -1,12 +1,18 @@
-"""The paged KV cache's physical blocks: ref counts, an LRU free queue and the prefix-cache map.
+"""The paged KV cache's physical blocks: ref counts, an LRU free queue, reservations and the prefix-cache map.
 
-Invariant: every block is either in use (ref > 0) or in the free queue, never both; a free block keeps
-its prefix-cache key (still hittable) until it is taken for reuse, when the key is evicted.
+Invariant: every block is either in use (ref > 0), in the free queue, or reserved for one owner (free, uncached,
+out of the queue), never two of these; a free block keeps its prefix-cache key (still hittable) until it is taken
+for reuse, when the key is evicted.
+
+Reservations keep a growing sequence's blocks consecutive: the decode kernel reads each sequence's K/V block by block,
+and consecutive blocks are one long run in memory (runner.py lays each layer's cache out [kv_heads, blocks, block,
+head_dim]), which this host's memory reads ~1.2-1.3x faster than 2 KB blocks scattered over the cache
+(benchmarks/RESULTS.md). Reserved blocks still count as free: any request takes them when the queue runs dry.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 
 # A full block's prefix-cache key: (uid of the parent block's key, the block's token ids).
@@ -40,12 +46,22 @@ class BlockPool:
         # OrderedDict: O(1) pop from the head, append at either end, and delete from the middle
         # (a cache hit on a free block) -- all in C.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._reserved: dict[str, deque[int]] = {}  # owner -> the consecutive free blocks kept for it, in order
+        self._num_reserved = 0
         self._cached: dict[BlockKey, int] = {}
         self._next_uid = ROOT_UID + 1
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._free) + self._num_reserved
+
+    @property
+    def num_reserved_blocks(self) -> int:
+        return self._num_reserved
+
+    def reserved_for(self, owner: str) -> list[int]:
+        """The blocks reserved for `owner`, next-to-be-taken first (for tests and debugging)."""
+        return list(self._reserved.get(owner, ()))
 
     @property
     def num_cached_blocks(self) -> int:
@@ -59,20 +75,72 @@ class BlockPool:
         """Free block ids from next-to-be-taken to last (for tests and debugging)."""
         return list(self._free)
 
-    def take(self, n: int) -> list[int]:
-        """Take n blocks from the head of the free queue with ref 1, evicting any cached content."""
-        free = self._free
-        if n > len(free):
-            raise ValueError(f"asked for {n} blocks but only {len(free)} are free")
-        ref_cnt, block_key = self.ref_cnt, self.block_key
-        taken = []
-        for _ in range(n):
+    def take(self, n: int, owner: str | None = None, reserve: int = 0) -> list[int]:
+        """Take n blocks with ref 1: `owner`'s reserved blocks first, then the head of the free queue (evicting any
+        cached content), then, when the queue is empty, other owners' reservations (the largest one's tail). When
+        that used up `owner`'s reservation and `reserve` > 0, up to `reserve` free, uncached blocks right after the
+        last one taken are reserved for it (stopping at the first block that is not)."""
+        if n > self.num_free_blocks:
+            raise ValueError(f"asked for {n} blocks but only {self.num_free_blocks} are free")
+        taken = self._take_reserved(owner, n) if owner is not None else []
+        free, ref_cnt, block_key = self._free, self.ref_cnt, self.block_key
+        while len(taken) < n and free:
             block_id = free.popitem(last=False)[0]
             if block_key[block_id] is not None:
                 self._evict(block_id)
             ref_cnt[block_id] = 1
             taken.append(block_id)
+        while len(taken) < n:
+            taken.append(self._steal())
+        if reserve > 0 and owner is not None and taken and owner not in self._reserved:
+            self._reserve(owner, taken[-1] + 1, reserve)
         return taken
+
+    def unreserve(self, owner: str) -> None:
+        """Return `owner`'s reserved blocks to the head of the free queue, lowest id first (taken next, in order)."""
+        run = self._reserved.pop(owner, None)
+        if not run:
+            return
+        self._num_reserved -= len(run)
+        free = self._free
+        for block_id in reversed(run):
+            free[block_id] = None
+            free.move_to_end(block_id, last=False)
+
+    def _take_reserved(self, owner: str, n: int) -> list[int]:
+        run = self._reserved.get(owner)
+        if not run:
+            return []
+        taken = [run.popleft() for _ in range(min(n, len(run)))]
+        self._num_reserved -= len(taken)
+        if not run:
+            del self._reserved[owner]
+        for block_id in taken:
+            self.ref_cnt[block_id] = 1
+        return taken
+
+    def _steal(self) -> int:
+        owner = max(self._reserved, key=lambda o: len(self._reserved[o]))
+        run = self._reserved[owner]
+        block_id = run.pop()
+        self._num_reserved -= 1
+        if not run:
+            del self._reserved[owner]
+        self.ref_cnt[block_id] = 1
+        return block_id
+
+    def _reserve(self, owner: str, first: int, count: int) -> None:
+        free, block_key = self._free, self.block_key
+        run: deque[int] = deque()
+        block_id = first
+        # only uncached blocks: reserving a cached one would evict its content out of LRU order
+        while len(run) < count and block_id < self.num_blocks and block_id in free and block_key[block_id] is None:
+            del free[block_id]
+            run.append(block_id)
+            block_id += 1
+        if run:
+            self._reserved[owner] = run
+            self._num_reserved += len(run)
 
     def touch(self, block_ids: Iterable[int]) -> None:
         """Add a reference to each block (prefix-cache hits); a free one leaves the free queue."""
@@ -113,7 +181,7 @@ class BlockPool:
     def reset_prefix_cache(self) -> bool:
         """Forget all cached content. Refused (False) while any block is in use, as in vLLM: a running
         request's blocks would otherwise be half in and half out of the cache."""
-        if len(self._free) != self.num_blocks:
+        if self.num_free_blocks != self.num_blocks:
             return False
         self._cached.clear()
         self.block_key = [None] * self.num_blocks
@@ -131,7 +199,14 @@ class BlockPool:
         """Assert the pool's bookkeeping is consistent (O(num_blocks); for tests)."""
         assert all(r >= 0 for r in self.ref_cnt), "negative ref count"
         assert all(self.ref_cnt[b] == 0 for b in self._free), "a block in use is in the free queue"
-        assert len(self._free) == self.ref_cnt.count(0), "a free block is missing from the free queue"
+        reserved = [b for run in self._reserved.values() for b in run]
+        assert len(reserved) == self._num_reserved and all(self._reserved.values()), "reservation count is off"
+        assert len(set(reserved)) == len(reserved), "a block is reserved twice"
+        assert all(self.ref_cnt[b] == 0 and b not in self._free and self.block_key[b] is None for b in reserved), \
+            "a reserved block is in use, queued or cached"
+        for run in self._reserved.values():
+            assert all(b == run[0] + i for i, b in enumerate(run)), "a reservation is not consecutive"
+        assert len(self._free) + len(reserved) == self.ref_cnt.count(0), "a free block is neither queued nor reserved"
         for key, block_id in self._cached.items():
             assert self.block_key[block_id] == key, f"map key for block {block_id} is not its stored key"
         cached_ids = [b for b, k in enumerate(self.block_key) if k is not None]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ladle.config import LLMConfig, parse_bytes
 from ladle.extras import raise_missing_extra
-from ladle.llm.kv_cache import BlockPool, KVCacheManager
+from ladle.llm.kv_cache import RESERVE_AHEAD, BlockPool, KVCacheManager
 from ladle.llm.scheduler import Scheduler
 from ladle.metrics import LLMMetricFamilies, LLMMetrics
 from ladle.process import pin_torch_threads
@@ -119,7 +119,7 @@ def build_core(
     pool = BlockPool(runner.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
     background_max_seqs, background_max_tokens = background_caps(config)
     scheduler = Scheduler(
-        KVCacheManager(pool, max_model_len), max_num_seqs=config.max_num_seqs,
+        KVCacheManager(pool, max_model_len, RESERVE_AHEAD), max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
         enable_chunked_prefill=config.enable_chunked_prefill,
         background_max_seqs=background_max_seqs, background_max_tokens=background_max_tokens,

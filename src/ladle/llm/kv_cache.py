@@ -11,15 +11,20 @@ from collections.abc import Sequence
 from ladle.llm.block_pool import ROOT_UID, BlockKey, BlockPool
 from ladle.llm.request import Request
 
-__all__ = ["ROOT_UID", "BlockKey", "BlockPool", "KVCacheManager"]
+__all__ = ["RESERVE_AHEAD", "ROOT_UID", "BlockKey", "BlockPool", "KVCacheManager"]
 
 _NO_BLOCKS: tuple[int, ...] = ()
+# blocks reserved past a request's newest ones (KVCacheManager reserve_ahead): runs of up to 32 blocks (512 tokens;
+# 64 KB per KV head in bfloat16) read as fast as one sequential sweep here (benchmarks/micro/read_pattern.py)
+RESERVE_AHEAD = 32
 
 
 class KVCacheManager:
     """Owns request_id -> block table, and the uid chain of each request's registered full blocks."""
 
-    def __init__(self, pool: BlockPool, max_model_len: int) -> None:
+    def __init__(self, pool: BlockPool, max_model_len: int, reserve_ahead: int = 0) -> None:
+        """`reserve_ahead`: up to that many blocks past a request's newest ones are reserved for it (BlockPool.take),
+        as many as its max_tokens can still fill, so that its table stays one consecutive run (0: none)."""
         if pool.num_blocks * pool.block_size < max_model_len:
             raise ValueError(
                 f"the KV cache holds {pool.num_blocks} blocks x {pool.block_size} = "
@@ -29,6 +34,7 @@ class KVCacheManager:
         self.pool = pool
         self.block_size = pool.block_size
         self.max_model_len = max_model_len
+        self.reserve_ahead = reserve_ahead
         self._tables: dict[str, list[int]] = {}
         # uids of the request's leading full blocks already registered in (or found in) the cache,
         # so registering the next block needs only the last uid and the new block's tokens.
@@ -106,8 +112,15 @@ class KVCacheManager:
             table.extend(new_computed_blocks)
             self._chains[rid] = [pool.block_uid[b] for b in new_computed_blocks]
         if num_new_blocks > 0:
-            table.extend(pool.take(num_new_blocks))
+            table.extend(pool.take(num_new_blocks, rid, self._blocks_ahead(request, len(table) + num_new_blocks)))
         return True
+
+    def _blocks_ahead(self, request: Request, held: int) -> int:
+        """Blocks worth reserving past `held` ones: as many as the request can still fill, up to reserve_ahead."""
+        if not self.reserve_ahead:
+            return 0
+        final = min(request.num_prompt_tokens + request.sampling_params.max_tokens, self.max_model_len)
+        return max(0, min(self.reserve_ahead, -(-final // self.block_size) - held))
 
     def _count_prefix_query(self, request: Request, num_hit_tokens: int) -> None:
         if self.pool.enable_prefix_caching:
@@ -146,12 +159,15 @@ class KVCacheManager:
         assert len(self._chains.get(request_id, ())) <= keep, f"{request_id}: truncating registered blocks"
         surplus = table[keep:]
         del table[keep:]
+        # the reservation goes back too: the surplus and it return to the queue's head as one run, taken again next
+        self.pool.unreserve(request_id)
         self.pool.release(reversed(surplus))
 
     def free(self, request_id: str) -> None:
         """Drop the request's blocks. Released tail first, so that among its cached blocks the tail
         ones reach the free queue first and are evicted before its (more shareable) prefix."""
         self._chains.pop(request_id, None)
+        self.pool.unreserve(request_id)
         table = self._tables.pop(request_id, None)
         if table:
             self.pool.release(reversed(table))

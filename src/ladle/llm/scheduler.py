@@ -89,7 +89,7 @@ class Scheduler:
         failed step left this one's bookkeeping in an unknown state."""
         pool = self.kv.pool
         pool = BlockPool(pool.num_blocks, pool.block_size, pool.enable_prefix_caching)
-        kv = KVCacheManager(pool, self.kv.max_model_len)
+        kv = KVCacheManager(pool, self.kv.max_model_len, self.kv.reserve_ahead)
         return Scheduler(kv, self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len,
                          self.enable_chunked_prefill, self.long_prefill_token_threshold,
                          self.background_max_seqs, self.background_max_tokens, self.background_hold_s,
