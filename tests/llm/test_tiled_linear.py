@@ -95,12 +95,13 @@ def test_bfloat16_row_blocks_of_the_amx_path_match_torch(rows, k, swiglu, n) -> 
 @pytest.mark.parametrize("threads", [2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 33])
-@pytest.mark.parametrize(("n", "k", "swiglu"), [(64, 576, False), (560, 576, False), (960, 1536, False),
-                                                (200, 576, True)])
+@pytest.mark.parametrize(("n", "k", "swiglu"), [(64, 576, False), (64, 64, False), (560, 576, False),
+                                                (960, 1536, False), (200, 576, True)])
 def test_tiles_that_do_not_divide_over_the_threads_match_torch(threads, dtype, rows, n, k, swiglu) -> None:
     """Where a layer's tiles do not divide over the threads, gemm.c deals them as slices of 32 k values and a tile cut
-    between threads is summed from its pieces (run_share): one tile over up to four threads (middle pieces), 9 and 15
-    tiles (o and qkv of SmolLM), SwiGLU's halves meeting in a summed tile; with AMX on and off."""
+    between threads is summed from its pieces (run_share): one tile over up to four threads (middle pieces), one tile
+    of two slices over three or four (threads with no share between a tile's pieces), 9 and 15 tiles (o and qkv of
+    SmolLM), SwiGLU's halves meeting in a summed tile; with AMX on and off."""
     needs(dtype)
     torch.manual_seed(rows + n + threads)
     layer = linear(2 * n if swiglu else n, k, dtype, True, GateUpLinear if swiglu else Linear)

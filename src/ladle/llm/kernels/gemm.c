@@ -196,7 +196,7 @@ static void tile_streamed(const struct gemm_job *j, void *ctx, int64_t t, int64_
 #define KSLICE 32
 
 static int balanced(const struct gemm_job *j, int threads) {
-    return threads > 1 && j->tiles % threads && j->k_len % KSLICE == 0;
+    return threads > 1 && j->m_len > 0 && j->tiles % threads && j->k_len % KSLICE == 0;
 }
 
 /* The pieces of a balanced job: per thread two slots, 0 for a tile begun by an earlier thread (its first tile), 1
@@ -236,7 +236,7 @@ static inline __attribute__((always_inline)) void run_share(const struct gemm_jo
     const int64_t lo = units * tid / threads, hi = units * (tid + 1) / threads;
     const size_t floats = (size_t)j->m_len * TILE;
     p->tiles[2 * tid] = p->tiles[2 * tid + 1] = -1;
-    for (int64_t t = lo / steps; t * steps < hi; t++) {
+    for (int64_t t = lo / steps; lo < hi && t * steps < hi; t++) {
         const int64_t a = (lo > t * steps ? lo : t * steps) - t * steps;
         const int64_t b = (hi < (t + 1) * steps ? hi : (t + 1) * steps) - t * steps;
         if (a == 0 && b == steps) {
@@ -251,7 +251,9 @@ static inline __attribute__((always_inline)) void run_share(const struct gemm_jo
     const int64_t t = p->tiles[2 * tid + 1];
     if (t < 0) return;
     float *sum = p->sums + (2 * tid + 1) * floats;
-    for (int u = tid + 1; u < threads && p->tiles[2 * u] == t; u++) { /* the later pieces of tile t */
+    for (int u = tid + 1; u < threads; u++) { /* the later pieces of tile t */
+        if (units * u / threads == units * (u + 1) / threads) continue; /* no share (fewer slices than threads) */
+        if (p->tiles[2 * u] != t) break;
         const float *more = p->sums + 2 * u * floats;
         for (size_t i = 0; i < floats; i++) sum[i] += more[i];
     }
