@@ -174,3 +174,22 @@ def test_rows_round_into_an_8_bit_cache_as_torch_rounds_them(op, cache_dtype) ->
             attend(q, k.to(dtype), k.to(dtype), *caches[name], meta, 0.125)
         for got, want in zip(caches["op"], caches["torch"], strict=True):
             assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), dtype
+
+
+def test_subnormal_keys_and_values_are_flushed_in_the_kernel_only(op) -> None:
+    """Subnormal floats take a microcode assist per operation on x86 (a cache of them ran the decode kernel ~50x
+    slower): the kernel's threads flush them to zero (FTZ | DAZ) while they run, and restore their mode after."""
+    tiny = 1e-39  # below float32's (and bfloat16's) smallest normal, 1.18e-38
+    positions = np.array([40, 70]), np.array([0, 1])
+    table = np.arange(12, dtype=np.int64).reshape(2, 6)
+    for dtype in (torch.float32, torch.bfloat16):
+        step = build_attention_metadata(positions[0], positions[1], np.ones(2, np.int64), table, 2, (2, 12, BLOCK),
+                                        dtype, CPU, operator=True).packed
+        q = torch.randn(2, 8, 64).to(dtype)
+        k, v = (torch.full((2, 2, 64), tiny).to(dtype) for _ in range(2))
+        caches = [torch.full((2, 12, BLOCK, 64), tiny).to(dtype) for _ in range(2)]
+        assert (caches[0] != 0).all()  # subnormal, not zero, in the cache
+        out = op(q, k, v, *caches, step, 0.125)
+        # treated as zeros: uniform scores and a weighted sum of zero values; not the ~1e-39 an unflushed sum gives
+        assert torch.equal(out, torch.zeros_like(out))
+    assert (torch.tensor([tiny]) * 1.0).item() != 0.0  # the calling thread still keeps subnormals
