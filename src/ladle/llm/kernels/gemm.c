@@ -223,7 +223,8 @@ static void pieces_free(struct pieces *p) {
 /* This thread's share of the job through `fn`, inside the parallel region: whole tiles, an equal run of them, unless
  * `p` (allocated for at least the team's threads) is given and the team's tiles do not divide: then balanced (above),
  * ending with a barrier and the sums of the tiles whose first piece this thread holds */
-static inline __attribute__((always_inline)) void run_share(const struct gemm_job *j, struct pieces *p, tile_fn fn, void *ctx) {
+static inline __attribute__((always_inline)) void run_share(const struct gemm_job *j, struct pieces *p, tile_fn fn,
+                                                            void *ctx) {
     const int threads = omp_get_num_threads(), tid = omp_get_thread_num();
     if (!p || !balanced(j, threads)) {
         /* as OpenMP's static schedule deals them: the first tiles % threads threads one more */
