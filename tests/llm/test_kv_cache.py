@@ -286,12 +286,36 @@ def test_truncating_returns_the_reservation_so_the_table_regrows_in_one_run() ->
     r.num_computed_tokens = 3
     assert kv.allocate_slots(r, 4)  # draft tokens: blocks 2, 3 (from the reservation)
     assert kv.block_table("r") == [0, 1, 2, 3] and pool.reserved_for("r") == [4, 5]
-    kv.truncate("r", 4)  # drafts rejected past token 4: blocks 2, 3 and the reservation go back
-    assert kv.block_table("r") == [0, 1] and pool.reserved_for("r") == []
-    assert pool.free_queue()[:4] == [2, 3, 4, 5]
-    assert kv.allocate_slots(r, 5)  # 8 tokens: 4 blocks, the run resumed, and reserved past it again
-    assert kv.block_table("r") == [0, 1, 2, 3] and pool.reserved_for("r") == [4, 5, 6, 7]
+    kv.truncate("r", 4)  # drafts rejected past token 4: blocks 2 and 3 go back ahead of its reservation
+    assert kv.block_table("r") == [0, 1] and pool.reserved_for("r") == [2, 3, 4, 5]
+    assert pool.free_queue()[0] == 6 and pool.num_free_blocks == 14
+    other = Request("o", [7], SamplingParams(max_tokens=1))
+    assert kv.allocate_slots(other, 1) and kv.block_table("o") == [6]  # another request takes from the queue
+    assert kv.allocate_slots(r, 5)  # 8 tokens: 4 blocks, the run resumed
+    assert kv.block_table("r") == [0, 1, 2, 3] and pool.reserved_for("r") == [4, 5]
     kv.check_invariants()
+
+
+def test_released_blocks_rejoin_a_reservation_only_as_its_consecutive_uncached_head() -> None:
+    pool = BlockPool(12, 2)
+    table = pool.take(3, "a", reserve=2)  # [0, 1, 2], reserved [3, 4]
+    pool.release([table[2]])
+    pool.reserve_back("a", [table[2]])
+    assert pool.reserved_for("a") == [2, 3, 4]
+    lone = pool.take(1, "b")  # block 5 (the queue's head), no reservation
+    pool.release(lone)
+    pool.reserve_back("b", lone)  # no reservation to run into: it starts one
+    assert pool.reserved_for("b") == [5]
+    gap = pool.take(2)  # 6, 7
+    pool.release(reversed(gap))  # tail first, as a table is released
+    pool.reserve_back("a", gap)  # 7 + 1 is not the reservation's head (2): both stay queued
+    assert pool.reserved_for("a") == [2, 3, 4] and pool.free_queue()[:2] == [6, 7]
+    cached = pool.take(1)  # block 6
+    pool.cache_block(cached[0], (ROOT_UID, (9, 9)))
+    pool.release(cached)
+    pool.reserve_back("b", cached)  # cached content is never reserved
+    assert pool.reserved_for("b") == [5] and pool.lookup((ROOT_UID, (9, 9))) == 6
+    pool.check_invariants()
 
 
 def test_a_scheduler_built_by_the_factory_reserves() -> None:
@@ -382,6 +406,17 @@ class KVCacheMachine(RuleBasedStateMachine):
         remaining = r.num_tokens - r.num_computed_tokens
         if remaining:
             self._run(r, 1 + int(frac * (remaining - 1)), [], 0)
+
+    @precondition(lambda self: self.live)
+    @rule(pick=st.integers(0, 10**6), extra=st.integers(1, 6))
+    def reject_drafts(self, pick: int, extra: int) -> None:
+        """Slots for draft tokens past the computed ones, all rejected: the table shrinks back (speculation)."""
+        r = list(self.live.values())[pick % len(self.live)]
+        extra = min(extra, self.max_len - r.num_computed_tokens)
+        before = list(self.kv.block_table(r.request_id))
+        if extra and self.kv.allocate_slots(r, extra):
+            self.kv.truncate(r.request_id, r.num_computed_tokens)
+        assert self.kv.block_table(r.request_id) == before
 
     @precondition(lambda self: self.live)
     @rule(pick=st.integers(0, 10**6))

@@ -107,6 +107,23 @@ class BlockPool:
             free[block_id] = None
             free.move_to_end(block_id, last=False)
 
+    def reserve_back(self, owner: str, block_ids: list[int]) -> None:
+        """Keep `owner`'s just-released blocks (its table's old tail, in table order: rejected draft tokens) reserved
+        for it again, ahead of its reservation, as far as they are free, uncached and run consecutively into it; the
+        others stay in the free queue."""
+        run = self._reserved.get(owner)
+        after = run[0] if run else None
+        free, block_key = self._free, self.block_key
+        for block_id in reversed(block_ids):
+            if (after is not None and block_id != after - 1) or block_id not in free or block_key[block_id] is not None:
+                break
+            del free[block_id]
+            if run is None:
+                run = self._reserved[owner] = deque()
+            run.appendleft(block_id)
+            self._num_reserved += 1
+            after = block_id
+
     def _take_reserved(self, owner: str, n: int) -> list[int]:
         run = self._reserved.get(owner)
         if not run:

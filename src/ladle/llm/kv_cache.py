@@ -159,9 +159,8 @@ class KVCacheManager:
         assert len(self._chains.get(request_id, ())) <= keep, f"{request_id}: truncating registered blocks"
         surplus = table[keep:]
         del table[keep:]
-        # the reservation goes back too: the surplus and it return to the queue's head as one run, taken again next
-        self.pool.unreserve(request_id)
         self.pool.release(reversed(surplus))
+        self.pool.reserve_back(request_id, surplus)  # still this request's next blocks: its run goes on through them
 
     def free(self, request_id: str) -> None:
         """Drop the request's blocks. Released tail first, so that among its cached blocks the tail
