@@ -248,7 +248,8 @@ def test_reserved_blocks_are_taken_by_others_only_when_the_queue_is_empty() -> N
     assert pool.take(1, "c") == [9]  # the queue's last block
     assert pool.take(2, "c") == [5, 4]  # then the largest reservation's tail
     assert pool.reserved_for("a") == [2, 3] and pool.num_free_blocks == 4
-    assert pool.take(4, "d") == [3, 8, 2, 7] and pool.num_free_blocks == 0  # ties: the older reservation first
+    # the largest reservation (ties: the older) from its tail, then the next
+    assert pool.take(4, "d") == [3, 2, 8, 7] and pool.num_free_blocks == 0
     pool.check_invariants()
     with pytest.raises(ValueError, match="only 0 are free"):
         pool.take(1, "a")

@@ -90,8 +90,8 @@ class BlockPool:
                 self._evict(block_id)
             ref_cnt[block_id] = 1
             taken.append(block_id)
-        while len(taken) < n:
-            taken.append(self._steal())
+        if len(taken) < n:
+            taken.extend(self._steal(n - len(taken)))
         if reserve > 0 and owner is not None and taken and owner not in self._reserved:
             self._reserve(owner, taken[-1] + 1, reserve)
         return taken
@@ -136,15 +136,22 @@ class BlockPool:
             self.ref_cnt[block_id] = 1
         return taken
 
-    def _steal(self) -> int:
-        owner = max(self._reserved, key=lambda o: len(self._reserved[o]))
-        run = self._reserved[owner]
-        block_id = run.pop()
-        self._num_reserved -= 1
-        if not run:
-            del self._reserved[owner]
-        self.ref_cnt[block_id] = 1
-        return block_id
+    def _steal(self, n: int) -> list[int]:
+        """n reserved blocks for whoever asks (the free queue is empty): from the tail of the largest reservation,
+        then the next largest (one scan of the owners per reservation emptied, not per block)"""
+        stolen: list[int] = []
+        while len(stolen) < n:
+            owner = max(self._reserved, key=lambda o: len(self._reserved[o]))
+            run = self._reserved[owner]
+            keep = max(len(run) - (n - len(stolen)), 0)
+            while len(run) > keep:
+                stolen.append(run.pop())
+            if not run:
+                del self._reserved[owner]
+        self._num_reserved -= len(stolen)
+        for block_id in stolen:
+            self.ref_cnt[block_id] = 1
+        return stolen
 
     def _reserve(self, owner: str, first: int, count: int) -> None:
         free, block_key = self._free, self.block_key
