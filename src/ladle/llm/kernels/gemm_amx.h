@@ -129,16 +129,15 @@ static void amx_tile_rows32(const uint16_t *x, int64_t lda, const uint16_t *w, i
     }
 }
 
-/* What gemm_amx's tiles share: the padded copy of a last partial row block, the weight
- * prefetch distance */
+/* What gemm_amx's tiles share: the padded copy of a last partial row block, the weight prefetch distance */
 struct amx_ctx {
     const uint16_t *padded;
     int64_t ahead;
     int small;
 };
 
-/* tile_fn on AMX (under AMX_PAIRED_FROM rows, see gemm_amx): tile t's rows over k
- * [k0, k0 + k_len), 16 at a time (under 16 rows all at once, a last partial block from the padded copy) */
+/* tile_fn on AMX (under AMX_PAIRED_FROM rows, see gemm_amx): tile t's rows over k [k0, k0 + k_len), 16 at a time
+ * (under 16 rows all at once, a last partial block from the padded copy) */
 static void amx_tile(const struct gemm_job *j, void *ctx, int64_t t, int64_t k0, int64_t k_len, float *sum) {
     const struct amx_ctx *c = (const struct amx_ctx *)ctx;
     float acc[AMX_ROWS][TILE] __attribute__((aligned(64)));
@@ -190,8 +189,9 @@ static int gemm_amx(const struct gemm_job *j, int threads) {
         free(padded);
         return 0;
     }
-    /* (whole tiles here: a balanced split measured no gain at 512 rows, and its own copy of the 32-row kernel made
-     * this loop 1.08x slower in one build, 1.00x in another — at these rows its speed depends on code layout) */
+    /* (whole tiles here, not balanced: at these rows the 32-row kernel's speed depends on code layout — this loop ran
+     * 1.08x slower in one build only because a second copy of the kernel appeared in the file, 1.00x in another —
+     * so it keeps its one copy, unchanged) */
 #pragma omp parallel num_threads(threads)
     {
         amx_configure(AMX_ROWS);
