@@ -266,17 +266,30 @@ def test_a_reservation_stops_at_blocks_in_use_or_cached() -> None:
     assert held == [1] and pool.reserved_for("x") == [3, 4, 5, 6, 7]
     other = BlockPool(8, 2)
     mid = other.take(5)  # 0-4 in use
-    other.release([mid[3]])  # block 3 free again, at the head
-    assert other.take(1, "y", reserve=4) == [3] and other.reserved_for("y") == []  # 4 is in use
+    other.release([mid[3]])  # block 3 free again, at the head: a run of one (4 is in use)
+    assert other.take(1, "y", reserve=4) == [5] and other.reserved_for("y") == [6, 7]  # the run 5-7 instead
+    assert other.free_queue() == [3]
     first = BlockPool(4, 2)
     block = first.take(2)
     first.cache_block(block[1], (ROOT_UID, (5, 6)))
     first.release([block[1]])  # block 1: free and cached, at the tail
-    first.release([block[0]])  # block 0: free, uncached, at the head
-    assert first.take(1, "z", reserve=3) == [0] and first.reserved_for("z") == []  # 1 holds a cached prefix
-    assert first.lookup((ROOT_UID, (5, 6))) == 1
+    first.release([block[0]])  # block 0: free, uncached, at the head; its run ends at the cached block 1
+    assert first.take(1, "z", reserve=3) == [2] and first.reserved_for("z") == [3]
+    assert first.lookup((ROOT_UID, (5, 6))) == 1 and first.free_queue() == [0, 1]
     for p in (pool, other, first):
         p.check_invariants()
+
+
+def test_a_new_table_starts_at_a_run_of_free_blocks_not_wherever_the_queue_head_is() -> None:
+    pool = BlockPool(16, 2)
+    pool.take(16)
+    pool.release([7])
+    pool.release(reversed([10, 11, 12, 13]))
+    pool.release([2])  # the queue: 2, 10, 11, 12, 13, 7 — a fragmented head
+    assert pool.free_queue() == [2, 10, 11, 12, 13, 7]
+    assert pool.take(2, "n", reserve=2) == [10, 11] and pool.reserved_for("n") == [12, 13]
+    assert pool.take(2) == [2, 7]  # without an owner: the head, as before
+    pool.check_invariants()
 
 
 def test_truncating_returns_the_reservation_so_the_table_regrows_in_one_run() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Iterable
+from itertools import islice
 
 # A full block's prefix-cache key: (uid of the parent block's key, the block's token ids).
 #
@@ -27,6 +28,7 @@ from collections.abc import Iterable
 BlockKey = tuple[int, tuple[int, ...]]
 
 ROOT_UID = 0  # the parent uid of a sequence's first block
+RUN_SCAN = 32  # free-queue entries a new reservation's start is looked for among (BlockPool._take_run)
 
 
 class BlockPool:
@@ -76,13 +78,16 @@ class BlockPool:
         return list(self._free)
 
     def take(self, n: int, owner: str | None = None, reserve: int = 0) -> list[int]:
-        """Take n blocks with ref 1: `owner`'s reserved blocks first, then the head of the free queue (evicting any
-        cached content), then, when the queue is empty, other owners' reservations (the largest one's tail). When
-        that used up `owner`'s reservation and `reserve` > 0, up to `reserve` free, uncached blocks right after the
-        last one taken are reserved for it (stopping at the first block that is not)."""
+        """Take n blocks with ref 1: `owner`'s reserved blocks first (with none and `reserve` > 0: from the start of
+        a run of free blocks near the queue's head, _take_run), then the head of the free queue (evicting any cached
+        content), then, when the queue is empty, other owners' reservations (the largest one's tail). When `owner`
+        has no reservation left and `reserve` > 0, up to `reserve` free, uncached blocks right after the last one
+        taken are reserved for it (stopping at the first block that is not)."""
         if n > self.num_free_blocks:
             raise ValueError(f"asked for {n} blocks but only {self.num_free_blocks} are free")
         taken = self._take_reserved(owner, n) if owner is not None else []
+        if not taken and reserve > 0 and owner is not None:
+            taken = self._take_run(n, n + reserve)
         free, ref_cnt, block_key = self._free, self.ref_cnt, self.block_key
         while len(taken) < n and free:
             block_id = free.popitem(last=False)[0]
@@ -133,6 +138,32 @@ class BlockPool:
         if not run:
             del self._reserved[owner]
         for block_id in taken:
+            self.ref_cnt[block_id] = 1
+        return taken
+
+    def _take_run(self, n: int, want: int) -> list[int]:
+        """Up to n blocks from the start of the longest run of free, uncached blocks (up to `want` long) beginning
+        among the first RUN_SCAN blocks of the free queue, so that a new table and its reservation start in one run
+        rather than at the head wherever it is (a fragmented head would split them); [] when no run is longer than
+        one block (the caller takes the head)."""
+        free, block_key = self._free, self.block_key
+        best, best_len = -1, 1
+        for start in islice(free, RUN_SCAN):
+            if block_key[start] is not None:
+                continue
+            length = 1
+            while length < want and start + length < self.num_blocks and start + length in free \
+                    and block_key[start + length] is None:
+                length += 1
+            if length > best_len:
+                best, best_len = start, length
+                if length == want:
+                    break
+        if best < 0:
+            return []
+        taken = list(range(best, best + min(n, best_len)))
+        for block_id in taken:
+            del free[block_id]
             self.ref_cnt[block_id] = 1
         return taken
 
