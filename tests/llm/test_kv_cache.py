@@ -332,7 +332,9 @@ def test_released_blocks_rejoin_a_reservation_only_as_its_consecutive_uncached_h
     pool.check_invariants()
 
 
-def test_a_scheduler_built_by_the_factory_reserves() -> None:
+def test_a_fresh_scheduler_keeps_the_reservation_size() -> None:
+    """Scheduler.fresh (after a failed step) rebuilds the pool: its KV manager reserves as the old one did (the
+    factory's own setting is checked in test_kv_runs.py)."""
     from ladle.llm.kv_cache import RESERVE_AHEAD
     from ladle.llm.scheduler import Scheduler
 
