@@ -160,7 +160,8 @@ class KVCacheManager:
         surplus = table[keep:]
         del table[keep:]
         self.pool.release(reversed(surplus))
-        self.pool.reserve_back(request_id, surplus)  # still this request's next blocks: its run goes on through them
+        if self.reserve_ahead:  # still this request's next blocks: its run goes on through them
+            self.pool.reserve_back(request_id, surplus)
 
     def free(self, request_id: str) -> None:
         """Drop the request's blocks. Released tail first, so that among its cached blocks the tail
