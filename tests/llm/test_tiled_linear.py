@@ -203,3 +203,16 @@ def test_the_fastest_packing_is_chosen_at_load() -> None:
     # bfloat16 pairs k: an odd K stays on oneDNN, or unpacked where oneDNN has no bfloat16 either
     odd = packed_linear(torch.randn(64, 33).to(torch.bfloat16))
     assert isinstance(odd, PackedLinear) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else odd is None
+
+
+def test_subnormal_activations_are_flushed_in_the_kernel_only() -> None:
+    """Subnormal floats take a microcode assist per operation on x86 (float32 activations of them ran the GEMM ~60x
+    slower): its threads flush them to zero (FTZ | DAZ) while they run, and restore their mode after."""
+    needs(torch.float32)
+    torch.manual_seed(4)
+    tiled = TiledLinear.of(linear(200, 96, torch.float32, False))
+    tiny = torch.full((5, 96), 1e-39)  # below float32's smallest normal, 1.18e-38
+    assert (tiny != 0).all()
+    # treated as zeros: exact zeros out, not the ~1e-39 sums an unflushed kernel computes
+    assert torch.equal(tiled(tiny), torch.zeros(5, 200))
+    assert (torch.tensor([1e-39]) * 1.0).item() != 0.0  # the calling thread still keeps subnormals

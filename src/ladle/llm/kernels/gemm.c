@@ -25,6 +25,8 @@
 #endif
 #include <omp.h>
 
+#include "fpmode.h"
+
 #define MR 6
 #define STREAM_AHEAD 4096 /* bytes of its own stream a tile's first chunk prefetches ahead (struct ahead) */
 /* row chunks up to which tiles prefetch (decode-sized steps, up to 36 rows): measured faster there; at 256-512 rows
@@ -223,8 +225,8 @@ static void pieces_free(struct pieces *p) {
 /* This thread's share of the job through `fn`, inside the parallel region: whole tiles, an equal run of them, unless
  * `p` (allocated for at least the team's threads) is given and the team's tiles do not divide: then balanced (above),
  * ending with a barrier and the sums of the tiles whose first piece this thread holds */
-static inline __attribute__((always_inline)) void run_share(const struct gemm_job *j, struct pieces *p, tile_fn fn,
-                                                            void *ctx) {
+static inline __attribute__((always_inline)) void share_of(const struct gemm_job *j, struct pieces *p, tile_fn fn,
+                                                           void *ctx) {
     const int threads = omp_get_num_threads(), tid = omp_get_thread_num();
     if (!p || !balanced(j, threads)) {
         /* as OpenMP's static schedule deals them: the first tiles % threads threads one more */
@@ -259,6 +261,15 @@ static inline __attribute__((always_inline)) void run_share(const struct gemm_jo
         for (size_t i = 0; i < floats; i++) sum[i] += more[i];
     }
     tile_epilogue(j, t, (float(*)[TILE])sum, (int)j->m_len, 0);
+}
+
+/* share_of with subnormals flushed in this thread meanwhile (fpmode.h: float32 activations of them ran the GEMM ~60x
+ * slower) */
+static inline __attribute__((always_inline)) void run_share(const struct gemm_job *j, struct pieces *p, tile_fn fn,
+                                                            void *ctx) {
+    const unsigned mode = flush_subnormals();
+    share_of(j, p, fn, ctx);
+    restore_mode(mode);
 }
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)

@@ -18,9 +18,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__SSE__)
-#include <xmmintrin.h>
-#endif
+
+#include "fpmode.h"
 
 #define MAX_GROUP 64
 #define MAX_HEAD_DIM 256
@@ -398,26 +397,9 @@ static inline __attribute__((always_inline)) void unit_span(const struct decode_
     s->len = end > lo * j->block_size ? end - lo * j->block_size : 0;
 }
 
-/* Subnormal floats (below 1.2e-38) in the cache, or products of probabilities and values that fall there, take a
- * microcode assist per operation on x86: a bfloat16 cache of them ran the kernel ~50x slower (a layer's call at 8
- * sequences of 256 tokens: 6-7 ms instead of 0.11-0.14). So each thread flushes them to zero (MXCSR's FTZ and DAZ)
- * while it runs units, and restores its mode after: the rest of the process computes as it did. */
-#if defined(__SSE__)
-#define FLUSH_SUBNORMALS 0x8040u /* FTZ | DAZ */
-static inline unsigned flush_subnormals(void) {
-    const unsigned mode = _mm_getcsr();
-    _mm_setcsr(mode | FLUSH_SUBNORMALS);
-    return mode;
-}
-static inline void restore_mode(unsigned mode) { _mm_setcsr(mode); }
-#else
-static inline unsigned flush_subnormals(void) { return 0; }
-static inline void restore_mode(unsigned mode) { (void)mode; }
-#endif
-
 /* One thread's share: units claimed one ahead (to prefetch the next one's first blocks) until none are left */
 static inline __attribute__((always_inline)) void run_units(const struct decode_job *j, int *claimed, const int kind) {
-    const unsigned mode = flush_subnormals();
+    const unsigned mode = flush_subnormals(); /* fpmode.h: subnormal K/V ran this ~50x slower */
 #ifdef _OPENMP
     extern int omp_get_thread_num(void);
     float *scores = j->scratch + (int64_t)omp_get_thread_num() * j->group * j->max_len;
