@@ -147,15 +147,9 @@ class BlockPool:
         among the first RUN_SCAN blocks of the free queue, so that a new table and its reservation start in one run
         rather than at the head wherever it is (a fragmented head would split them); [] when no run is longer than
         one block (the caller takes the head)."""
-        free, block_key = self._free, self.block_key
         best, best_len, budget = -1, 1, RUN_SCAN_STEPS
-        for start in islice(free, RUN_SCAN):
-            if block_key[start] is not None:
-                continue
-            length = 1
-            while length < want and start + length < self.num_blocks and start + length in free \
-                    and block_key[start + length] is None:
-                length += 1
+        for start in islice(self._free, RUN_SCAN):
+            length = self._free_run(start, want)  # 0 for a cached block
             if length > best_len:
                 best, best_len = start, length
             budget -= length
@@ -165,7 +159,7 @@ class BlockPool:
             return []
         taken = list(range(best, best + min(n, best_len)))
         for block_id in taken:
-            del free[block_id]
+            del self._free[block_id]
             self.ref_cnt[block_id] = 1
         return taken
 
@@ -186,18 +180,24 @@ class BlockPool:
             self.ref_cnt[block_id] = 1
         return stolen
 
-    def _reserve(self, owner: str, first: int, count: int) -> None:
-        free, block_key = self._free, self.block_key
-        run: deque[int] = deque()
+    def _free_run(self, first: int, limit: int) -> int:
+        """How many blocks from `first` on (up to `limit`) are free in the queue and uncached: what a reservation may
+        hold (reserving a cached block would evict its content out of LRU order)."""
+        free, block_key, end = self._free, self.block_key, min(first + limit, self.num_blocks)
         block_id = first
-        # only uncached blocks: reserving a cached one would evict its content out of LRU order
-        while len(run) < count and block_id < self.num_blocks and block_id in free and block_key[block_id] is None:
-            del free[block_id]
-            run.append(block_id)
+        while block_id < end and block_id in free and block_key[block_id] is None:
             block_id += 1
-        if run:
-            self._reserved[owner] = run
-            self._num_reserved += len(run)
+        return block_id - first
+
+    def _reserve(self, owner: str, first: int, count: int) -> None:
+        length = self._free_run(first, count)
+        if not length:
+            return
+        run = deque(range(first, first + length))
+        for block_id in run:
+            del self._free[block_id]
+        self._reserved[owner] = run
+        self._num_reserved += length
 
     def touch(self, block_ids: Iterable[int]) -> None:
         """Add a reference to each block (prefix-cache hits); a free one leaves the free queue."""
